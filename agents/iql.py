@@ -1,0 +1,113 @@
+"""IQL: Implicit Q-Learning (Kostrikov, Nair & Levine, 2022), following the official JAX update order.
+
+With Qbar = min_i Q_i_targ and L2_tau(u) = |tau - 1[u < 0]| * u^2:
+  (1) value:  L_V  = E L2_tau( Qbar(s,a) - V(s) )                                  expectile regression
+  (2) actor:  L_pi = -E[ min(exp(beta * (Qbar(s,a) - V(s))), 100) * log pi(a|s) ]  AWR, V after (1)
+  (3) Q:      L_Q  = mean_i E ( Q_i(s,a) - (r + gamma * (1-d) * V(s')) )^2         V after (1)
+  (4) soft-update Q_targ with tau.
+The actor's learning rate follows a cosine decay over `max_steps` offline (official IQL).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from orl.agent import Agent, register
+from orl.buffer import Batch
+from orl.nn import Critic, GaussianActor, ValueNet, make_optimizer, soft_update
+
+
+@dataclass
+class IQLConfig:
+    hidden: tuple[int, ...] = (256, 256)
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    value_lr: float = 3e-4
+    discount: float = 0.99
+    tau: float = 0.005
+    expectile: float = 0.7
+    beta: float = 3.0  # inverse temperature of the advantage weight
+    max_weight: float = 100.0
+    actor_dropout: float = 0.0
+    cosine_actor_lr: bool = True
+    max_steps: int = 1_000_000  # horizon of the cosine schedule (configs set it to the run's steps)
+
+
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """E |tau - 1[u < 0]| * u^2 for u = target - prediction."""
+    weight = torch.where(diff < 0, 1.0 - expectile, expectile)
+    return (weight * diff.pow(2)).mean()
+
+
+def awr_weights(advantage: torch.Tensor, beta: float | torch.Tensor, max_weight: float) -> torch.Tensor:
+    """min(exp(beta * A), max_weight): the exponentiated-advantage weight of AWR/IQL/AWAC."""
+    return torch.exp(beta * advantage).clamp(max=max_weight)
+
+
+@register("iql")
+class IQL(Agent):
+    Config = IQLConfig
+
+    def __init__(self, obs_space, action_space, cfg: IQLConfig, device="cpu"):
+        super().__init__(obs_space, action_space, cfg, device)
+        self.nets["actor"] = GaussianActor(self.obs_dim, self.action_dim, cfg.hidden, self.max_action, cfg.actor_dropout).to(self.device)
+        self.nets["critic"] = Critic(self.obs_dim, self.action_dim, 2, cfg.hidden).to(self.device)
+        self.nets["critic_target"] = copy.deepcopy(self.nets["critic"]).requires_grad_(False)
+        self.nets["value"] = ValueNet(self.obs_dim, cfg.hidden).to(self.device)
+        self.optimizers["actor"] = make_optimizer(self.nets["actor"].parameters(), cfg.actor_lr)
+        self.optimizers["critic"] = make_optimizer(self.nets["critic"].parameters(), cfg.critic_lr)
+        self.optimizers["value"] = make_optimizer(self.nets["value"].parameters(), cfg.value_lr)
+        if cfg.cosine_actor_lr:
+            self.schedulers["actor"] = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizers["actor"], max(cfg.max_steps, 1))
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        cfg, nets = self.cfg, self.nets
+        self.step += 1
+        with torch.no_grad():
+            target_q = nets["critic_target"](batch.obs, batch.actions).min(0).values
+
+        # (1) Value: expectile regression toward the target critic.
+        value = nets["value"](batch.obs)
+        value_loss = expectile_loss(target_q - value, cfg.expectile)
+        self.optimizers["value"].zero_grad(set_to_none=True)
+        value_loss.backward()
+        self.optimizers["value"].step()
+
+        with torch.no_grad():
+            new_value = nets["value"](batch.obs)
+            next_value = nets["value"](batch.next_obs)
+            advantage = target_q - new_value
+            weights = awr_weights(advantage, cfg.beta, cfg.max_weight)
+
+        # (2) Actor: advantage-weighted log-likelihood of dataset actions.
+        log_prob = nets["actor"].log_prob(batch.obs, batch.actions)
+        actor_loss = -(weights * log_prob).mean()
+        self.optimizers["actor"].zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.optimizers["actor"].step()
+        if "actor" in self.schedulers:
+            self.schedulers["actor"].step()
+
+        # (3) Q: regress onto r + gamma * (1 - d) * V(s').
+        target = batch.rewards + cfg.discount * (1.0 - batch.terminals) * next_value
+        q = nets["critic"](batch.obs, batch.actions)
+        critic_loss = (q - target).pow(2).mean()
+        self.optimizers["critic"].zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.optimizers["critic"].step()
+
+        # (4) Target critic.
+        soft_update(nets["critic_target"], nets["critic"], cfg.tau)
+        return {
+            "value_loss": value_loss.detach(),
+            "actor_loss": actor_loss.detach(),
+            "critic_loss": critic_loss.detach(),
+            "q_mean": q.detach().mean(),
+            "advantage_mean": advantage.mean(),
+            "weight_clipped_frac": (weights >= cfg.max_weight).float().mean(),
+        }
+
+    def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        return self.nets["actor"](obs, deterministic)

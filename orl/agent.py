@@ -1,0 +1,174 @@
+"""The one agent interface and the registry that maps names to agent classes.
+
+An agent turns a `Batch` into gradient steps (`update`) and an observation into an action (`act`).
+Networks live in `self.nets` (an `nn.ModuleDict`), optimizers in `self.optimizers`; `state_dict`
+captures both plus the observation statistics, so a loaded agent acts on raw observations.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Callable, Mapping
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from orl.buffer import Batch
+
+AGENTS: dict[str, type["Agent"]] = {}
+
+
+def register(name: str) -> Callable[[type["Agent"]], type["Agent"]]:
+    def decorator(cls: type["Agent"]) -> type["Agent"]:
+        if name in AGENTS and AGENTS[name] is not cls:
+            raise ValueError(f"agent name {name!r} is already registered by {AGENTS[name].__module__}")
+        AGENTS[name] = cls
+        cls.name = name
+        return cls
+
+    return decorator
+
+
+class Agent(abc.ABC):
+    """Base class. Subclasses define `Config` (a dataclass), build `self.nets` / `self.optimizers`
+    in `__init__`, and implement `update` and `_act`."""
+
+    name: str = "agent"
+    Config: type = object
+
+    def __init__(self, obs_space: gym.spaces.Box, action_space: gym.spaces.Space, cfg: Any, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.obs_dim = int(np.prod(obs_space.shape))
+        if isinstance(action_space, gym.spaces.Box):
+            self.action_dim = int(np.prod(action_space.shape))
+            high = np.asarray(action_space.high, dtype=np.float32)
+            if not np.allclose(high, high.flat[0]) or not np.allclose(action_space.low, -high):
+                raise ValueError(
+                    f"{type(self).__name__} needs a symmetric action box with one bound, got low={action_space.low} high={high}; "
+                    "wrap the env with gymnasium.wrappers.RescaleAction(env, -1, 1)"
+                )
+            self.max_action = float(high.flat[0])
+        else:
+            self.action_dim = 0
+            self.max_action = 1.0
+        self.nets = nn.ModuleDict()
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self.obs_mean = torch.zeros(self.obs_dim, device=self.device)
+        self.obs_std = torch.ones(self.obs_dim, device=self.device)
+        self.step = 0
+
+    # --- interface -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One gradient step (or one group of steps). Returns detached scalar tensors; the trainer
+        converts them to floats only when it logs, so no device sync happens on other steps."""
+
+    @abc.abstractmethod
+    def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        """Action for a batch of *normalized* observations on the agent's device."""
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray | torch.Tensor, deterministic: bool = True) -> np.ndarray:
+        """Action(s) for raw (unnormalized) observation(s); accepts (obs_dim,) or (n, obs_dim)."""
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        single = obs_t.dim() == 1
+        if single:
+            obs_t = obs_t.unsqueeze(0)
+        obs_t = (obs_t - self.obs_mean) / self.obs_std
+        was_training = self.nets.training
+        self.nets.eval()
+        action = self._act(obs_t, deterministic)
+        self.nets.train(was_training)
+        out = action.cpu().numpy()
+        return out[0] if single else out
+
+    def set_obs_normalizer(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.obs_mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
+        self.obs_std = torch.as_tensor(std, dtype=torch.float32, device=self.device)
+
+    # Online-phase hooks; agents override what they need.
+    def on_online_start(self, **context: Any) -> None:
+        """Called once when the trainer switches from offline data to environment interaction."""
+
+    def on_episode_end(self, **context: Any) -> None:
+        """Called after each finished online episode."""
+
+    # --- state ---------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "config": dataclasses.asdict(self.cfg) if dataclasses.is_dataclass(self.cfg) else dict(self.cfg),
+            "nets": self.nets.state_dict(),
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+            "schedulers": {k: sch.state_dict() for k, sch in self.schedulers.items()},
+            "obs_mean": self.obs_mean.cpu(),
+            "obs_std": self.obs_std.cpu(),
+            "step": self.step,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, load_optimizers: bool = True) -> None:
+        if state.get("name", self.name) != self.name:
+            raise ValueError(f"checkpoint holds a {state['name']!r} agent, not {self.name!r}")
+        self.nets.load_state_dict(state["nets"], strict=strict)
+        if load_optimizers:
+            for key, opt_state in state.get("optimizers", {}).items():
+                if key in self.optimizers:
+                    self.optimizers[key].load_state_dict(opt_state)
+            for key, sch_state in state.get("schedulers", {}).items():
+                if key in self.schedulers:
+                    self.schedulers[key].load_state_dict(sch_state)
+        self.set_obs_normalizer(state["obs_mean"], state["obs_std"])
+        self.step = int(state.get("step", 0))
+        self.load_extra_state(state.get("extra", {}))
+
+
+def _import_agents() -> None:
+    import agents  # noqa: F401  (the package whose modules register themselves)
+
+    for module in pkgutil.iter_modules(agents.__path__):
+        importlib.import_module(f"agents.{module.name}")
+
+
+def build_config(cls: type[Agent], cfg: Mapping[str, Any] | Any | None) -> Any:
+    """Turn a mapping (e.g. a hydra node) into the agent's Config dataclass, rejecting unknown keys."""
+    if cfg is None:
+        return cls.Config()
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return cfg
+    values = {k: v for k, v in dict(cfg).items() if k != "name"}
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for agent {cls.name!r}; valid options: {sorted(known)}")
+    for f in dataclasses.fields(cls.Config):
+        if f.name in values and isinstance(values[f.name], list):
+            values[f.name] = tuple(values[f.name])
+    return cls.Config(**values)
+
+
+def make_agent(
+    name: str,
+    obs_space: gym.spaces.Space,
+    action_space: gym.spaces.Space,
+    cfg: Mapping[str, Any] | Any | None = None,
+    device: torch.device | str = "cpu",
+) -> Agent:
+    """Build a registered agent by name, e.g. ``make_agent("iql", env.observation_space, env.action_space)``."""
+    _import_agents()
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; available: {sorted(AGENTS)}")
+    cls = AGENTS[name]
+    return cls(obs_space, action_space, build_config(cls, cfg), device)

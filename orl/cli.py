@@ -1,0 +1,132 @@
+"""Command-line entry points (hydra). `orl-train --help` lists the config groups and options."""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from orl.agent import make_agent
+from orl.buffer import TransitionBuffer
+from orl.checkpoint import seed_everything
+from orl.data import DataConfig, check_env_compatible, make_dataset, prepare
+from orl.trainer import Trainer, TrainerConfig
+
+
+def setup_torch(device: str, threads: int | None) -> torch.device:
+    """Resolve `auto` to CUDA when present; on CPU default to one thread.
+
+    Two torch threads on a small shared machine can run ~40x slower than one when the other core is
+    busy, and these networks are too small to gain from intra-op parallelism anyway.
+    """
+    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    elif resolved.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    return resolved
+
+
+def _slug(spec: str) -> str:
+    path = Path(spec)
+    name = path.stem if path.suffix in (".npz", ".hdf5", ".h5") else spec
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+
+
+def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
+    """runs/<dataset>/<agent>/seed<k>-<time>; with resume=true, the newest matching run that has a checkpoint."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    parent = Path(cfg.runs_root) / _slug(str(cfg.dataset)) / agent_name
+    if cfg.resume:
+        candidates = sorted(parent.glob(f"seed{cfg.seed}-*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+        if candidates:
+            return candidates[-1].parent
+    return parent / f"seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    return TrainerConfig(
+        offline_steps=int(cfg.steps),
+        online_steps=int(cfg.get("online", {}).get("steps", 0)) if cfg.get("online") else 0,
+        batch_size=int(cfg.batch_size),
+        seed=int(cfg.seed),
+        eval_every=int(cfg.eval.every),
+        eval_episodes=int(cfg.eval.episodes),
+        eval_seed_offset=int(cfg.eval.seed_offset),
+        log_every=int(cfg.log.every),
+        checkpoint_every=int(cfg.checkpoint.every),
+        progress=bool(cfg.log.progress),
+        tensorboard=bool(cfg.log.tensorboard),
+        **{k: v for k, v in (OmegaConf.to_container(cfg.online) if cfg.get("online") else {}).items() if k != "steps"},
+    )
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one agent on one dataset as `cfg` describes; returns the final evaluation summary."""
+    from envs import make_env
+
+    device = setup_torch(cfg.device, cfg.threads)
+    seed_everything(int(cfg.seed))
+    dataset = load_or_collect(cfg)
+    if dataset.env_id is None:
+        raise ValueError(f"dataset {cfg.dataset} does not say which environment it comes from; pass env=<gymnasium id>")
+    env_id = dataset.env_id
+    probe_env = make_env(env_id)
+    check_env_compatible(dataset, probe_env)
+    data_cfg = DataConfig(**OmegaConf.to_container(cfg.data))
+    prepared = prepare(dataset, data_cfg)
+    agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
+    agent_name = agent_cfg.pop("name")
+    agent = make_agent(agent_name, probe_env.observation_space, probe_env.action_space, agent_cfg, device)
+    probe_env.close()
+    agent.set_obs_normalizer(prepared.obs_mean, prepared.obs_std)
+    discount = getattr(agent.cfg, "discount", 0.99)
+    returns_to_go = prepared.dataset.returns_to_go(discount) if getattr(agent, "needs_returns_to_go", False) else None
+    buffer = TransitionBuffer.from_dataset(prepared.dataset, device, returns_to_go)
+
+    run_dir = resolve_run_dir(cfg, agent_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    ref = (dataset.ref_min_score, dataset.ref_max_score) if dataset.ref_min_score is not None and dataset.ref_max_score is not None else None
+    print(f"[orl] {agent_name} on {cfg.dataset} ({len(dataset)} transitions, env {env_id}, device {device}) -> {run_dir}")
+    trainer = Trainer(agent, run_dir, trainer_config(cfg), buffer, lambda: make_env(env_id), ref)
+    result = trainer.train(resume=bool(cfg.resume))
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    if result is not None:
+        summary.update(result.metrics(prefix=""))
+        score = f"normalized score {result.mean_normalized:.1f} ± {result.normalized.std():.1f}" if result.normalized is not None else "(no reference scores)"
+        print(f"[orl] final evaluation over {len(result.returns)} episodes: return {result.mean_return:.1f}, {score}")
+    print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    return summary
+
+
+def load_or_collect(cfg: DictConfig):
+    """Load `cfg.dataset`; the embedded default is collected locally on first use."""
+    collect_cfg = cfg.get("embedded")
+    if collect_cfg is not None and str(cfg.dataset) == str(collect_cfg.dataset_id):
+        from orl.collect import ensure_embedded_dataset
+
+        ensure_embedded_dataset(collect_cfg)
+    return make_dataset(str(cfg.dataset), cfg.env, cfg.ref_min_score, cfg.ref_max_score)
+
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> None:
+    run_train(cfg)
+
+
+def train_main() -> None:
+    _train()
+
+
+if __name__ == "__main__":
+    train_main()

@@ -1,0 +1,399 @@
+"""The dataset layer: load, validate and transform offline data, whatever its source.
+
+`make_dataset(spec)` accepts
+  * a path to a D4RL-keyed ``.hdf5``/``.h5`` or ``.npz`` file,
+  * a D4RL name (``hopper-medium-v2``), resolved to its HDF5 file under ``$D4RL_DATASET_DIR`` or
+    ``~/.d4rl/datasets/``,
+  * a Minari dataset id (``mujoco/hopper/medium-v0`` or a locally collected ``orl/...`` id).
+
+Every source ends up as one `OfflineDataset` of flat transition arrays plus metadata (env id,
+reference scores). Timeouts are kept apart from terminals: a timeout ends a trajectory but does not
+zero the bootstrap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
+
+# D4RL gym-mujoco v2 reference scores (d4rl/infos.py), used for the normalized score.
+D4RL_REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+D4RL_ENVS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+_D4RL_NAME = re.compile(
+    r"^(?P<env>halfcheetah|hopper|walker2d|ant)-(?P<level>random|medium|medium-replay|medium-expert|expert|full-replay)-v(?P<version>[0-2])$"
+)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class OfflineDataset:
+    """Flat (s, a, r, s', terminal, timeout) arrays plus what is known about their origin."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_observations: np.ndarray
+    terminals: np.ndarray
+    timeouts: np.ndarray
+    env_id: str | None = None
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+    source: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.observations.shape[1])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.actions.shape[1])
+
+    def normalized_score(self, returns: np.ndarray | float) -> np.ndarray | float:
+        """D4RL normalized score: 100 * (R - ref_min) / (ref_max - ref_min)."""
+        if self.ref_min_score is None or self.ref_max_score is None:
+            raise DatasetError(
+                f"dataset {self.source!r} has no reference scores; pass ref_min_score and ref_max_score "
+                "(CLI: dataset.ref_min_score=... dataset.ref_max_score=...)"
+            )
+        return 100.0 * (np.asarray(returns) - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+    # --- trajectory structure -------------------------------------------------------------
+    def episode_ends(self) -> np.ndarray:
+        """Boolean mask: True where a trajectory ends (terminal, timeout, or a break in s' -> s)."""
+        ends = (self.terminals > 0) | (self.timeouts > 0)
+        if len(self) > 1:
+            discontinuity = np.any(self.next_observations[:-1] != self.observations[1:], axis=1)
+            ends[:-1] |= discontinuity
+        ends[-1] = True
+        return ends
+
+    def episode_returns(self) -> np.ndarray:
+        ends = self.episode_ends()
+        episode_id = np.concatenate([[0], np.cumsum(ends[:-1])])
+        return np.bincount(episode_id, weights=self.rewards.astype(np.float64))
+
+    def returns_to_go(self, discount: float) -> np.ndarray:
+        """Discounted Monte-Carlo return-to-go of each transition within its trajectory.
+
+        A terminal or timeout ends the sum (no bootstrap beyond the data), as Cal-QL's official code does.
+        """
+        ends = self.episode_ends()
+        out = np.empty(len(self), dtype=np.float64)
+        running = 0.0
+        rewards = self.rewards.astype(np.float64)
+        for t in range(len(self) - 1, -1, -1):
+            if ends[t]:
+                running = 0.0
+            running = rewards[t] + discount * running
+            out[t] = running
+        return out.astype(np.float32)
+
+    # --- I/O ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a D4RL-keyed `.npz` or `.hdf5` file (with env id and reference scores when known)."""
+        arrays = {
+            "observations": self.observations,
+            "actions": self.actions,
+            "rewards": self.rewards,
+            "next_observations": self.next_observations,
+            "terminals": self.terminals,
+            "timeouts": self.timeouts,
+        }
+        meta = {k: v for k, v in [("env_id", self.env_id), ("ref_min_score", self.ref_min_score), ("ref_max_score", self.ref_max_score)] if v is not None}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        if path.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays, **{k: np.asarray(v) for k, v in meta.items()})
+        elif path.suffix in (".hdf5", ".h5"):
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                for k, v in arrays.items():
+                    f.create_dataset(k, data=v)
+                for k, v in meta.items():
+                    f.attrs[k] = v
+        else:
+            raise DatasetError(f"cannot save to {path}: use a .npz, .hdf5 or .h5 suffix")
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def make_dataset(
+    spec: str | os.PathLike,
+    env_id: str | None = None,
+    ref_min_score: float | None = None,
+    ref_max_score: float | None = None,
+    download: bool = True,
+) -> OfflineDataset:
+    """Load a dataset from a file path, a D4RL name or a Minari id, and validate it.
+
+    `env_id`, `ref_min_score` and `ref_max_score` override what the source says about itself.
+    """
+    spec_str = str(spec)
+    path = Path(os.path.expanduser(spec_str))
+    if path.suffix in (".npz", ".hdf5", ".h5"):
+        if not path.exists():
+            raise FileNotFoundError(f"dataset file {path} does not exist")
+        dataset = _load_npz(path) if path.suffix == ".npz" else _load_hdf5(path)
+    elif (match := _D4RL_NAME.match(spec_str)) is not None:
+        dataset = _load_d4rl(match)
+    else:
+        dataset = _load_minari(spec_str, download)
+    if env_id is not None:
+        dataset.env_id = env_id
+    if ref_min_score is not None:
+        dataset.ref_min_score = float(ref_min_score)
+    if ref_max_score is not None:
+        dataset.ref_max_score = float(ref_max_score)
+    return dataset
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], source: str, meta: dict[str, Any]) -> OfflineDataset:
+    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    if missing:
+        raise DatasetError(
+            f"{source}: missing key(s) {missing}; a D4RL-style file needs {list(REQUIRED_KEYS)} "
+            "and optionally 'timeouts' and 'next_observations'"
+        )
+    obs = np.asarray(arrays["observations"], dtype=np.float32)
+    actions = np.asarray(arrays["actions"], dtype=np.float32)
+    rewards = np.asarray(arrays["rewards"], dtype=np.float32).reshape(-1)
+    terminals = np.asarray(arrays["terminals"]).astype(np.float32).reshape(-1)
+    n = len(obs)
+    timeouts = np.asarray(arrays["timeouts"]).astype(np.float32).reshape(-1) if "timeouts" in arrays else np.zeros(n, np.float32)
+    if obs.ndim == 1:
+        obs = obs[:, None]
+    if actions.ndim == 1:
+        actions = actions[:, None]
+    lengths = {"observations": n, "actions": len(actions), "rewards": len(rewards), "terminals": len(terminals), "timeouts": len(timeouts)}
+    if "next_observations" in arrays:
+        lengths["next_observations"] = len(arrays["next_observations"])
+    if len(set(lengths.values())) != 1:
+        raise DatasetError(f"{source}: arrays have mismatched lengths {lengths}; every key needs one entry per transition")
+    if n == 0:
+        raise DatasetError(f"{source}: the dataset is empty")
+
+    if "next_observations" in arrays:
+        next_obs = np.asarray(arrays["next_observations"], dtype=np.float32).reshape(obs.shape)
+    else:
+        # d4rl.qlearning_dataset: s' = s[t+1]; the last step of each timeout (and of the file) has no
+        # valid successor and is dropped.
+        keep = np.flatnonzero(timeouts[:-1] == 0)
+        next_obs = obs[keep + 1]
+        obs, actions, rewards, terminals, timeouts = obs[keep], actions[keep], rewards[keep], terminals[keep], timeouts[keep]
+    dataset = OfflineDataset(obs, actions, rewards, next_obs, terminals, timeouts, source=source)
+    if "env_id" in meta:
+        dataset.env_id = str(meta["env_id"])
+    for key in ("ref_min_score", "ref_max_score"):
+        if key in meta:
+            setattr(dataset, key, float(meta[key]))
+    validate(dataset)
+    return dataset
+
+
+def _scalar(value: Any) -> Any:
+    value = np.asarray(value)
+    item = value.item() if value.size == 1 else value
+    return item.decode() if isinstance(item, bytes) else item
+
+
+def _load_npz(path: Path) -> OfflineDataset:
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = {k: _scalar(arrays.pop(k)) for k in ("env_id", "ref_min_score", "ref_max_score") if k in arrays}
+    return _from_arrays(arrays, str(path), meta)
+
+
+def _load_hdf5(path: Path) -> OfflineDataset:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        arrays = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+        meta = {k: _scalar(v) for k, v in f.attrs.items()}
+    meta.update({k: _scalar(arrays.pop(k)) for k in ("env_id", "ref_min_score", "ref_max_score") if k in arrays})
+    return _from_arrays(arrays, str(path), meta)
+
+
+def _d4rl_dir() -> Path:
+    return Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")).expanduser()
+
+
+def _load_d4rl(match: re.Match) -> OfflineDataset:
+    env, level, version = match["env"], match["level"], match["version"]
+    filename = f"{env}_{level.replace('-', '_')}-v{version}.hdf5"
+    path = _d4rl_dir() / filename
+    if not path.exists():
+        raise FileNotFoundError(
+            f"D4RL dataset {match.string!r} expected at {path}. Download it from the D4RL dataset host "
+            f"(gym_mujoco_v{version}/{filename}) into that folder, or set D4RL_DATASET_DIR."
+        )
+    dataset = _load_hdf5(path)
+    dataset.env_id = dataset.env_id or D4RL_ENVS[env]
+    dataset.ref_min_score, dataset.ref_max_score = D4RL_REF_SCORES[env]
+    dataset.source = match.string
+    warnings.warn(
+        f"{match.string} was recorded on the D4RL (mujoco-py, v{version}) dynamics; it is evaluated on "
+        f"{dataset.env_id}, whose dynamics differ slightly, so scores are close to but not equal to D4RL's.",
+        stacklevel=3,
+    )
+    return dataset
+
+
+def _load_minari(dataset_id: str, download: bool) -> OfflineDataset:
+    import minari
+
+    try:
+        ds = minari.load_dataset(dataset_id, download=download)
+    except Exception as exc:  # minari raises several types for "not local and not reachable"
+        local = sorted(minari.list_local_datasets().keys())
+        raise DatasetError(
+            f"could not load Minari dataset {dataset_id!r} ({type(exc).__name__}: {exc}). "
+            f"If it is on the Minari hub, run `minari download {dataset_id}` on a machine with internet. "
+            f"Local datasets: {local or 'none'}. For a file, give a path ending in .npz/.hdf5."
+        ) from exc
+    obs, next_obs, actions, rewards, terminals, timeouts = [], [], [], [], [], []
+    for episode in ds.iterate_episodes():
+        episode_obs = np.asarray(episode.observations, dtype=np.float32)
+        if episode_obs.ndim != 2:
+            raise DatasetError(f"{dataset_id}: only flat Box observations are supported, got shape {episode_obs.shape[1:]}")
+        obs.append(episode_obs[:-1])
+        next_obs.append(episode_obs[1:])
+        actions.append(np.asarray(episode.actions, dtype=np.float32).reshape(len(episode_obs) - 1, -1))
+        rewards.append(np.asarray(episode.rewards, dtype=np.float32))
+        terminals.append(np.asarray(episode.terminations, dtype=np.float32))
+        timeouts.append(np.asarray(episode.truncations, dtype=np.float32))
+    arrays = {
+        "observations": np.concatenate(obs),
+        "next_observations": np.concatenate(next_obs),
+        "actions": np.concatenate(actions),
+        "rewards": np.concatenate(rewards),
+        "terminals": np.concatenate(terminals),
+        "timeouts": np.concatenate(timeouts),
+    }
+    meta = {k: v for k, v in ds.storage.metadata.items() if k in ("ref_min_score", "ref_max_score") and v is not None}
+    env_spec = ds.spec.env_spec if ds.spec is not None else None
+    if env_spec is not None:
+        meta["env_id"] = env_spec.id
+    return _from_arrays(arrays, dataset_id, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+def validate(dataset: OfflineDataset) -> None:
+    """Reject data that would silently poison training."""
+    for name in ("observations", "actions", "rewards", "next_observations"):
+        array = getattr(dataset, name)
+        bad = ~np.isfinite(array)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])
+            raise DatasetError(
+                f"{dataset.source}: {name} has {bad.sum()} NaN/inf value(s), first at transition(s) {rows[:5].tolist()}; "
+                "clean or drop those transitions before training"
+            )
+    for name in ("terminals", "timeouts"):
+        values = np.unique(getattr(dataset, name))
+        if not np.isin(values, (0.0, 1.0)).all():
+            raise DatasetError(f"{dataset.source}: {name} must be 0/1 flags, found values {values[:5].tolist()}")
+
+
+def check_env_compatible(dataset: OfflineDataset, env: Any, action_tolerance: float = 1e-3) -> None:
+    """Raise if the dataset's observation/action shapes or action range do not fit the env."""
+    obs_space, action_space = env.observation_space, env.action_space
+    name = getattr(getattr(env, "spec", None), "id", None) or dataset.env_id
+    if obs_space.shape != (dataset.obs_dim,):
+        raise DatasetError(
+            f"{dataset.source}: observations have shape ({dataset.obs_dim},) but env {name} observes {obs_space.shape}; "
+            "the dataset was recorded on another environment (check dataset.env_id / env=...)"
+        )
+    if action_space.shape != (dataset.action_dim,):
+        raise DatasetError(
+            f"{dataset.source}: actions have shape ({dataset.action_dim},) but env {name} takes {action_space.shape}; "
+            "the dataset was recorded on another environment (check dataset.env_id / env=...)"
+        )
+    low, high = action_space.low, action_space.high
+    over = (dataset.actions < low - action_tolerance) | (dataset.actions > high + action_tolerance)
+    if over.any():
+        raise DatasetError(
+            f"{dataset.source}: {int(over.any(axis=1).sum())} action(s) lie outside env {name}'s bounds "
+            f"[{low.min():g}, {high.max():g}] (extreme values {dataset.actions.min():g}, {dataset.actions.max():g}); "
+            "set data.clip_actions=<bound> to clip them, or check that the dataset matches the env"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms (per-algorithm conventions are config, not code)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    normalize_obs: bool = True
+    obs_std_eps: float = 1e-3
+    reward: str = "raw"  # raw | scale_shift | iql_locomotion
+    reward_scale: float = 1.0
+    reward_shift: float = 0.0
+    clip_actions: float | None = None  # e.g. 0.99999 for tanh log-probs of dataset actions
+
+
+@dataclass
+class PreparedData:
+    dataset: OfflineDataset
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+
+
+def prepare(dataset: OfflineDataset, cfg: DataConfig) -> PreparedData:
+    """Apply reward/action/observation transforms; returns a new dataset and the obs statistics."""
+    if cfg.reward not in ("raw", "scale_shift", "iql_locomotion"):
+        raise DatasetError(f"data.reward must be raw, scale_shift or iql_locomotion, got {cfg.reward!r}")
+    rewards = dataset.rewards.copy()
+    if cfg.reward == "iql_locomotion":
+        # IQL (locomotion): r * 1000 / (max trajectory return - min trajectory return).
+        returns = dataset.episode_returns()
+        spread = float(returns.max() - returns.min())
+        if spread <= 0:
+            raise DatasetError(f"{dataset.source}: all trajectories have the same return; iql_locomotion reward scaling is undefined")
+        rewards = rewards * (1000.0 / spread)
+    rewards = rewards * cfg.reward_scale + cfg.reward_shift
+    actions = dataset.actions
+    if cfg.clip_actions is not None:
+        actions = np.clip(actions, -cfg.clip_actions, cfg.clip_actions)
+    obs_mean = np.zeros(dataset.obs_dim, np.float32)
+    obs_std = np.ones(dataset.obs_dim, np.float32)
+    observations, next_observations = dataset.observations, dataset.next_observations
+    if cfg.normalize_obs:
+        obs_mean = dataset.observations.mean(0).astype(np.float32)
+        obs_std = (dataset.observations.std(0) + cfg.obs_std_eps).astype(np.float32)
+        observations = (observations - obs_mean) / obs_std
+        next_observations = (next_observations - obs_mean) / obs_std
+    out = dataclasses.replace(
+        dataset,
+        observations=observations.astype(np.float32),
+        next_observations=next_observations.astype(np.float32),
+        actions=actions.astype(np.float32),
+        rewards=rewards.astype(np.float32),
+    )
+    return PreparedData(out, obs_mean, obs_std)

@@ -1,0 +1,296 @@
+"""Network building blocks shared by every agent.
+
+Agents never define their own MLP, ensemble or target-update code: they compose these. The critic
+ensemble is one module with stacked weights, so N members cost one batched matmul per layer instead of
+N Python-level forwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def mlp(
+    in_dim: int,
+    out_dim: int,
+    hidden: Sequence[int] = (256, 256),
+    activation: str = "relu",
+    layer_norm: bool = False,
+    dropout: float = 0.0,
+    output_activation: nn.Module | None = None,
+) -> nn.Sequential:
+    """Plain MLP: Linear -> [LayerNorm] -> act -> [Dropout] per hidden layer, then a Linear head."""
+    layers: list[nn.Module] = []
+    last = in_dim
+    for width in hidden:
+        layers.append(nn.Linear(last, width))
+        if layer_norm:
+            layers.append(nn.LayerNorm(width))
+        layers.append(ACTIVATIONS[activation]())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        last = width
+    layers.append(nn.Linear(last, out_dim))
+    if output_activation is not None:
+        layers.append(output_activation)
+    return nn.Sequential(*layers)
+
+
+def scale_last_layer(net: nn.Module, scale: float) -> None:
+    """Shrink the final Linear's init (WSRL / Cal-QL "final-layer init scale 1e-2")."""
+    last = [m for m in net.modules() if isinstance(m, (nn.Linear, EnsembleLinear))][-1]
+    with torch.no_grad():
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+
+
+class EnsembleLinear(nn.Module):
+    """`ensemble_size` independent Linear layers evaluated with one batched matmul.
+
+    Input (B, in) is shared by all members; input (E, B, in) gives each member its own batch.
+    Output is always (E, B, out).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_dim))
+        # Same init as nn.Linear, member by member.
+        bound = 1.0 / math.sqrt(in_dim)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return torch.matmul(x, self.weight) + self.bias
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleMLP(nn.Module):
+    """N MLPs with identical shapes, vectorized. forward: (B, in) or (E, B, in) -> (E, B, out)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        ensemble_size: int,
+        hidden: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        layer_norm: bool = False,
+    ):
+        super().__init__()
+        self.ensemble_size = ensemble_size
+        layers: list[nn.Module] = []
+        last = in_dim
+        for width in hidden:
+            layers.append(EnsembleLinear(last, width, ensemble_size))
+            if layer_norm:
+                # LayerNorm normalizes the last dim; its affine params are shared across members,
+                # which matches a per-member LN up to the (identical) initialization.
+                layers.append(_EnsembleLayerNorm(width, ensemble_size))
+            layers.append(ACTIVATIONS[activation]())
+            last = width
+        layers.append(EnsembleLinear(last, out_dim, ensemble_size))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _EnsembleLayerNorm(nn.Module):
+    """LayerNorm with separate affine parameters per ensemble member."""
+
+    def __init__(self, width: int, ensemble_size: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.ones(ensemble_size, 1, width))
+        self.bias = nn.Parameter(torch.zeros(ensemble_size, 1, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.width,)) * self.weight + self.bias
+
+
+class Critic(nn.Module):
+    """Q(s, a) ensemble. Returns (E, B) Q-values in one forward pass."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        ensemble_size: int = 2,
+        hidden: Sequence[int] = (256, 256),
+        layer_norm: bool = False,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        self.ensemble_size = ensemble_size
+        self.net = EnsembleMLP(obs_dim + action_dim, 1, ensemble_size, hidden, activation, layer_norm)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+
+
+class ValueNet(nn.Module):
+    """V(s): a single MLP returning (B,)."""
+
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (256, 256), layer_norm: bool = False):
+        super().__init__()
+        self.net = mlp(obs_dim, 1, hidden, layer_norm=layer_norm)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class DeterministicActor(nn.Module):
+    """a = max_action * tanh(f(s)) (TD3, TD3+BC, A2PR, BC)."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (256, 256),
+        max_action: float = 1.0,
+        dropout: float = 0.0,
+        layer_norm: bool = False,
+    ):
+        super().__init__()
+        self.max_action = max_action
+        self.net = mlp(obs_dim, action_dim, hidden, dropout=dropout, layer_norm=layer_norm)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.max_action * torch.tanh(self.net(obs))
+
+
+class GaussianActor(nn.Module):
+    """Unsquashed Gaussian with tanh-bounded mean and a state-independent log-std (IQL, AWAC-style).
+
+    log pi(a|s) is summed over action dimensions.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (256, 256),
+        max_action: float = 1.0,
+        dropout: float = 0.0,
+        log_std_bounds: tuple[float, float] = (-20.0, 2.0),
+    ):
+        super().__init__()
+        self.max_action = max_action
+        self.net = mlp(obs_dim, action_dim, hidden, dropout=dropout)
+        self.log_std = nn.Parameter(torch.zeros(action_dim))
+        self.log_std_bounds = log_std_bounds
+
+    def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        mean = self.max_action * torch.tanh(self.net(obs))
+        std = self.log_std.clamp(*self.log_std_bounds).exp().expand_as(mean)
+        return torch.distributions.Normal(mean, std)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.distribution(obs).log_prob(action).sum(-1)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        dist = self.distribution(obs)
+        action = dist.mean if deterministic else dist.sample()
+        return action.clamp(-self.max_action, self.max_action)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC-style tanh-squashed Gaussian with state-dependent log-std.
+
+    `sample` returns a reparameterized action and its log-probability (summed over action dims,
+    with the tanh change-of-variables correction).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (256, 256),
+        max_action: float = 1.0,
+        layer_norm: bool = False,
+        log_std_bounds: tuple[float, float] = (-5.0, 2.0),
+    ):
+        super().__init__()
+        self.max_action = max_action
+        self.action_dim = action_dim
+        self.net = mlp(obs_dim, 2 * action_dim, hidden, layer_norm=layer_norm)
+        self.log_std_bounds = log_std_bounds
+
+    def _mean_log_std(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(*self.log_std_bounds)
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self._mean_log_std(obs)
+        std = log_std.exp()
+        pre_tanh = mean + std * torch.randn_like(mean)
+        log_prob = _normal_log_prob(pre_tanh, mean, log_std) - _tanh_log_det(pre_tanh)
+        return self.max_action * torch.tanh(pre_tanh), log_prob.sum(-1)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        mean, log_std = self._mean_log_std(obs)
+        unit = (action / self.max_action).clamp(-1 + eps, 1 - eps)
+        pre_tanh = torch.atanh(unit)
+        return (_normal_log_prob(pre_tanh, mean, log_std) - _tanh_log_det(pre_tanh)).sum(-1)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        if deterministic:
+            mean, _ = self._mean_log_std(obs)
+            return self.max_action * torch.tanh(mean)
+        return self.sample(obs)[0]
+
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _normal_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    return -0.5 * ((x - mean) / log_std.exp()).pow(2) - log_std - _LOG_SQRT_2PI
+
+
+def _tanh_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:
+    # log(1 - tanh(x)^2), written stably: 2 * (log 2 - x - softplus(-2x)).
+    return 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) * target + tau * source, as one fused foreach op."""
+    target_params = list(target.parameters())
+    source_params = list(source.parameters())
+    torch._foreach_lerp_(target_params, source_params, tau)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Let gradients flow through a module's *inputs* without accumulating into its parameters.
+
+    Used wherever a loss must differentiate through a network it must not update (Q(s, pi(s)) in
+    actor losses, FamO2O's balance loss through pi_u, A2PR's VAE target).
+    """
+    params = [p for m in modules for p in m.parameters()]
+    states = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, state in zip(params, states):
+            p.requires_grad_(state)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam with the fastest implementation the device supports (fused on CPU and CUDA)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)

@@ -1,0 +1,267 @@
+"""One Trainer for every agent: an offline phase of gradient steps on a dataset, then an optional
+online phase of environment steps with a device-resident replay buffer.
+
+Steps are counted globally: offline gradient steps [0, offline_steps), then online environment steps
+[offline_steps, offline_steps + online_steps), the bookkeeping WSRL's schedule is written in.
+
+Exact resume: a checkpoint holds the agent (networks, optimizers, schedulers), every RNG (python,
+numpy, torch, the batch sampler's generator, the environment's and its action space's), the replay
+buffer and the step. Online checkpoints are taken at episode boundaries, where the environment's whole
+state is its RNG, so a resumed run repeats an uninterrupted one exactly on CPU.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from orl.agent import Agent
+from orl.buffer import Batch, TransitionBuffer
+from orl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from orl.evaluation import EvalResult, evaluate
+from orl.logger import Logger, to_float
+
+BUFFER_MODES = ("none", "seed", "mix")
+
+
+@dataclass
+class TrainerConfig:
+    offline_steps: int = 100_000
+    online_steps: int = 0
+    batch_size: int = 256
+    seed: int = 0
+    eval_every: int = 5000
+    eval_episodes: int = 10
+    eval_seed_offset: int = 100  # evaluation episode i uses env seed seed + offset + i (A2PR: seed + 100)
+    log_every: int = 1000
+    checkpoint_every: int = 10_000
+    progress: bool = True
+    tensorboard: bool = True
+    # Online phase.
+    buffer_mode: str = "none"  # none: online data only (WSRL) | seed: offline data preloaded (IQL, FamO2O) | mix: fixed ratio (Cal-QL)
+    offline_ratio: float = 0.5  # fraction of each batch drawn from offline data in `mix` mode
+    online_capacity: int = 1_000_000
+    random_steps: int = 0  # uniform-random actions at the start (SAC from scratch)
+    warmup_steps: int = 0  # actions from the current (pre-trained) policy, no updates (WSRL)
+    learning_starts: int = 0  # no updates before this many online steps
+    utd: int = 1  # agent.update calls per environment step
+
+
+class Trainer:
+    def __init__(
+        self,
+        agent: Agent,
+        run_dir: str | Path,
+        cfg: TrainerConfig,
+        offline: TransitionBuffer | None = None,
+        env_fn: Callable[[], gym.Env] | None = None,
+        ref_scores: tuple[float, float] | None = None,
+    ):
+        if cfg.buffer_mode not in BUFFER_MODES:
+            raise ValueError(f"buffer_mode must be one of {BUFFER_MODES}, got {cfg.buffer_mode!r}")
+        if cfg.offline_steps > 0 and offline is None:
+            raise ValueError("offline_steps > 0 needs an offline dataset")
+        if cfg.online_steps > 0 and env_fn is None:
+            raise ValueError("online_steps > 0 needs an environment")
+        if cfg.buffer_mode in ("seed", "mix") and cfg.online_steps > 0 and offline is None:
+            raise ValueError(f"buffer_mode={cfg.buffer_mode} needs an offline dataset")
+        self.agent, self.cfg, self.offline, self.env_fn, self.ref_scores = agent, cfg, offline, env_fn, ref_scores
+        self.run_dir = Path(run_dir)
+        self.checkpoint_path = self.run_dir / "checkpoint.pt"
+        self.device = agent.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed)
+        self.step = 0
+        self.online: TransitionBuffer | None = None
+        self.env: gym.Env | None = None
+        self.last_eval: EvalResult | None = None
+        self.episode_returns: list[float] = []
+        self.logger: Logger | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.offline_steps + self.cfg.online_steps
+
+    # ------------------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> EvalResult | None:
+        resume_step = self._resume() if resume else None
+        self.logger = Logger(self.run_dir, self.cfg.tensorboard, resume_step)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True, unit="step")
+        self._bar = bar
+        try:
+            while self.step < self.cfg.offline_steps:
+                self._offline_step()
+            if self.cfg.online_steps > 0:
+                self._online_phase()
+        finally:
+            bar.close()
+            self.logger.close()
+        return self.last_eval
+
+    # --- offline ---------------------------------------------------------------------------
+    def _offline_step(self) -> None:
+        metrics = self.agent.update(self.offline.sample(self.cfg.batch_size, self.generator))
+        self.step += 1
+        self._bar.update(1)
+        self._periodic(metrics, prefix="train/")
+        if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.offline_steps:
+            self.save()
+
+    def _periodic(self, metrics: dict[str, Any], prefix: str) -> None:
+        if self.step % self.cfg.log_every == 0:
+            self.logger.log(self.step, metrics, prefix)
+        if self.cfg.eval_every > 0 and (self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
+            self.run_evaluation()
+
+    def run_evaluation(self) -> EvalResult | None:
+        if self.env_fn is None or self.cfg.eval_episodes <= 0:
+            return None
+        result = evaluate(self.agent, self.env_fn, self.cfg.eval_episodes, self.cfg.seed + self.cfg.eval_seed_offset, ref_scores=self.ref_scores)
+        self.last_eval = result
+        self.logger.log(self.step, result.metrics())
+        score = result.mean_normalized if result.mean_normalized is not None else result.mean_return
+        self._bar.set_postfix_str(f"eval {'score' if result.normalized is not None else 'return'} {score:.1f}")
+        return result
+
+    # --- online ----------------------------------------------------------------------------
+    def _setup_online(self) -> None:
+        cfg = self.cfg
+        if self.online is None:
+            capacity = cfg.online_capacity + (len(self.offline) if cfg.buffer_mode == "seed" else 0)
+            self.online = TransitionBuffer(capacity, self.agent.obs_dim, self.agent.action_dim, self.device)
+            if cfg.buffer_mode == "seed":
+                # Preload the whole offline dataset; online transitions are appended after it.
+                storage = self.offline.storage
+                self.online.add_batch(**{k: storage[k][: len(self.offline)] for k in self.online.storage})
+        self.env = self.env_fn()
+        self._episode_return, self._episode_length = 0.0, 0
+
+    def _online_phase(self) -> None:
+        cfg = self.cfg
+        first_entry = self.online is None
+        self._setup_online()
+        if first_entry:
+            self.agent.on_online_start(trainer=self)
+            self._obs, _ = self.env.reset(seed=cfg.seed)
+            self.env.action_space.seed(cfg.seed)
+        else:
+            self._obs = self._restore_env()
+        mean, std = self.agent.obs_mean.cpu().numpy(), self.agent.obs_std.cpu().numpy()
+        metrics: dict[str, Any] = {}
+        while self.step < self.total_steps:
+            online_step = self.step - cfg.offline_steps
+            if online_step < cfg.random_steps:
+                action = self.env.action_space.sample()
+            else:
+                action = self.agent.act(self._obs, deterministic=False)
+            next_obs, reward, terminated, truncated, _ = self.env.step(action)
+            self.online.add_batch(
+                obs=((self._obs - mean) / std)[None],
+                actions=np.asarray(action, np.float32)[None],
+                rewards=np.asarray([reward], np.float32),
+                next_obs=((next_obs - mean) / std)[None],
+                terminals=np.asarray([float(terminated)], np.float32),
+            )
+            self._episode_return += float(reward)
+            self._episode_length += 1
+            self._obs = next_obs
+            self.step += 1
+            self._bar.update(1)
+            online_step += 1
+            updating = online_step >= max(cfg.learning_starts, cfg.warmup_steps, 1)
+            if updating:
+                for _ in range(cfg.utd):
+                    metrics = self.agent.update(self._online_batch())
+            episode_end = terminated or truncated
+            if episode_end:
+                self._end_episode()
+            if self.step % cfg.log_every == 0:
+                self.logger.log(self.step, {**metrics, "online_step": online_step, "buffer_size": len(self.online), "updating": float(updating)}, "train/")
+            if cfg.eval_every > 0 and (online_step % cfg.eval_every == 0 or self.step == self.total_steps):
+                self.run_evaluation()
+            if episode_end:
+                # Checkpoint only at episode boundaries, where the env's state is just its RNG.
+                due = self.step - getattr(self, "_last_checkpoint_step", 0) >= cfg.checkpoint_every
+                if due or self.step == self.total_steps:
+                    self.save()
+                self._obs = self._reset_env()
+        if not getattr(self, "_saved_final", False):
+            self.save()
+
+    def _online_batch(self) -> Batch:
+        cfg = self.cfg
+        if cfg.buffer_mode != "mix":
+            return self.online.sample(cfg.batch_size, self.generator)
+        n_offline = int(round(cfg.offline_ratio * cfg.batch_size))
+        parts = [self.offline.sample(n_offline, self.generator), self.online.sample(cfg.batch_size - n_offline, self.generator)]
+        return Batch.cat(parts)
+
+    def _end_episode(self) -> None:
+        self.episode_returns.append(self._episode_return)
+        row = {"episode_return": self._episode_return, "episode_length": self._episode_length}
+        if self.ref_scores is not None:
+            low, high = self.ref_scores
+            row["episode_normalized"] = 100.0 * (self._episode_return - low) / (high - low)
+        self.logger.log(self.step, row, "online/")
+        self.agent.on_episode_end(trainer=self, episode_return=self._episode_return, episode_length=self._episode_length)
+        self._episode_return, self._episode_length = 0.0, 0
+
+    def _reset_env(self) -> np.ndarray:
+        obs, _ = self.env.reset()
+        return obs
+
+    def _restore_env(self) -> np.ndarray:
+        # Resume happens right after an episode ended: restore the RNGs that the next reset consumes.
+        self.env.reset(seed=self.cfg.seed)
+        self.env.unwrapped.np_random.bit_generator.state = self._env_rng["env"]
+        self.env.action_space.np_random.bit_generator.state = self._env_rng["action_space"]
+        return self._reset_env()
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save(self) -> None:
+        state = {
+            "agent": self.agent.state_dict(),
+            "step": self.step,
+            "rng": rng_state(),
+            "sampler": self.generator.get_state(),
+            "episode_returns": self.episode_returns,
+            "time": time.time(),
+        }
+        if self.online is not None:
+            state["online_buffer"] = self.online.state_dict()
+            state["env_rng"] = {
+                "env": self.env.unwrapped.np_random.bit_generator.state,
+                "action_space": self.env.action_space.np_random.bit_generator.state,
+            }
+        save_checkpoint(state, self.checkpoint_path)
+        self._last_checkpoint_step = self.step
+        self._saved_final = self.step == self.total_steps
+
+    def _resume(self) -> int | None:
+        if not self.checkpoint_path.exists():
+            return None
+        state = load_checkpoint(self.checkpoint_path, map_location="cpu")
+        self.agent.load_state_dict(state["agent"])
+        self.step = int(state["step"])
+        set_rng_state(state["rng"])
+        self.generator.set_state(state["sampler"])
+        self.episode_returns = list(state.get("episode_returns", []))
+        if "online_buffer" in state:
+            self._setup_online_buffer_only()
+            self.online.load_state_dict(state["online_buffer"])
+            self._env_rng = state["env_rng"]
+        self._last_checkpoint_step = self.step
+        return self.step
+
+    def _setup_online_buffer_only(self) -> None:
+        capacity = self.cfg.online_capacity + (len(self.offline) if self.cfg.buffer_mode == "seed" else 0)
+        self.online = TransitionBuffer(capacity, self.agent.obs_dim, self.agent.action_dim, self.device)
+
+
+__all__ = ["Trainer", "TrainerConfig", "to_float"]
