@@ -76,8 +76,8 @@ class IQL(Agent):
         self.optimizers["value"].step()
 
         with torch.no_grad():
-            new_value = nets["value"](batch.obs)
-            next_value = nets["value"](batch.next_obs)
+            # V(s) after step (1) and V(s') in one forward pass.
+            new_value, next_value = nets["value"](torch.cat([batch.obs, batch.next_obs])).chunk(2)
             advantage = target_q - new_value
             weights = awr_weights(advantage, cfg.beta, cfg.max_weight)
 

@@ -77,7 +77,7 @@ class TD3BC(Agent):
         if self.step % cfg.policy_freq == 0:
             pi = nets["actor"](batch.obs)
             with frozen(nets["critic"]):
-                q_pi = nets["critic"](batch.obs, pi)[0]
+                q_pi = nets["critic"].q_member(batch.obs, pi, 0)
             lam = td3bc_lambda(q_pi, cfg.alpha)
             bc_loss = F.mse_loss(pi, batch.actions)
             actor_loss = -lam * q_pi.mean() + bc_loss

@@ -43,6 +43,9 @@ class Batch:
         return Batch(**out)
 
 
+_BATCH_FIELDS = {f.name for f in fields(Batch)}
+
+
 def _slice(tensor: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     return None if tensor is None else tensor[start:stop]
 
@@ -63,6 +66,7 @@ class TransitionBuffer:
             "rewards": zeros(self.capacity),
             "next_obs": zeros(self.capacity, obs_dim),
             "terminals": zeros(self.capacity),
+            "timeouts": zeros(self.capacity),  # kept for trajectory structure (MC returns, exports), not batched
         }
         if with_returns:
             self.storage["returns_to_go"] = zeros(self.capacity)
@@ -83,6 +87,7 @@ class TransitionBuffer:
             "rewards": dataset.rewards,
             "next_obs": dataset.next_observations,
             "terminals": dataset.terminals,
+            "timeouts": dataset.timeouts,
         }
         if returns_to_go is not None:
             arrays["returns_to_go"] = returns_to_go
@@ -96,6 +101,9 @@ class TransitionBuffer:
             raise ValueError(f"cannot add {n} transitions to a buffer of capacity {self.capacity}")
         index = (torch.arange(n, device=self.device) + self.pointer) % self.capacity
         for key, tensor in self.storage.items():
+            if key == "timeouts" and key not in arrays:
+                tensor[index] = 0.0
+                continue
             value = torch.as_tensor(arrays[key], dtype=torch.float32).to(self.device)
             tensor[index] = value.reshape(n, *tensor.shape[1:])
         self.pointer = (self.pointer + n) % self.capacity
@@ -108,7 +116,7 @@ class TransitionBuffer:
         return self.gather(index)
 
     def gather(self, index: torch.Tensor) -> Batch:
-        return Batch(**{key: tensor[index] for key, tensor in self.storage.items()})
+        return Batch(**{key: tensor[index] for key, tensor in self.storage.items() if key in _BATCH_FIELDS})
 
     def state_dict(self) -> dict:
         return {"storage": {k: v[: self.size].cpu() for k, v in self.storage.items()}, "size": self.size, "pointer": self.pointer}

@@ -128,5 +128,21 @@ def train_main() -> None:
     _train()
 
 
+@hydra.main(config_path=CONFIG_DIR, config_name="collect", version_base="1.3")
+def _collect(cfg: DictConfig) -> None:
+    from orl.collect import CollectConfig, collect
+
+    setup_torch("cpu", cfg.threads)
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("threads")
+    values["levels"] = tuple(values["levels"])
+    ids = collect(CollectConfig(**values))
+    print("[orl-collect] datasets:", ", ".join(ids.values()))
+
+
+def collect_main() -> None:
+    _collect()
+
+
 if __name__ == "__main__":
     train_main()

@@ -83,6 +83,9 @@ class Trainer:
         self.last_eval: EvalResult | None = None
         self.episode_returns: list[float] = []
         self.logger: Logger | None = None
+        # Called as fn(trainer, result) after every evaluation (the collection pipeline saves
+        # behaviour-policy snapshots this way).
+        self.eval_callbacks: list[Callable[["Trainer", EvalResult], None]] = []
 
     @property
     def total_steps(self) -> int:
@@ -127,6 +130,8 @@ class Trainer:
         self.logger.log(self.step, result.metrics())
         score = result.mean_normalized if result.mean_normalized is not None else result.mean_return
         self._bar.set_postfix_str(f"eval {'score' if result.normalized is not None else 'return'} {score:.1f}")
+        for callback in self.eval_callbacks:
+            callback(self, result)
         return result
 
     # --- online ----------------------------------------------------------------------------
@@ -138,7 +143,7 @@ class Trainer:
             if cfg.buffer_mode == "seed":
                 # Preload the whole offline dataset; online transitions are appended after it.
                 storage = self.offline.storage
-                self.online.add_batch(**{k: storage[k][: len(self.offline)] for k in self.online.storage})
+                self.online.add_batch(**{k: storage[k][: len(self.offline)] for k in self.online.storage if k in storage})
         self.env = self.env_fn()
         self._episode_return, self._episode_length = 0.0, 0
 
@@ -167,6 +172,7 @@ class Trainer:
                 rewards=np.asarray([reward], np.float32),
                 next_obs=((next_obs - mean) / std)[None],
                 terminals=np.asarray([float(terminated)], np.float32),
+                timeouts=np.asarray([float(truncated and not terminated)], np.float32),
             )
             self._episode_return += float(reward)
             self._episode_length += 1

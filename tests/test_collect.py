@@ -1,0 +1,98 @@
+"""The collection pipeline (issue 3): SAC behaviour policies -> five D4RL-style Minari levels."""
+import json
+import os
+
+import minari
+import numpy as np
+import pytest
+import torch
+
+import orl.collect as collect_module
+from orl.collect import CollectConfig, collect
+from orl.data import make_dataset
+from orl.trainer import Trainer
+
+
+@pytest.fixture
+def collected_env(pendulum_collection, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", pendulum_collection["minari_root"])
+    return pendulum_collection
+
+
+def test_sac_learns_pendulum(collected_env):
+    returns = {int(k): v for k, v in json.loads((collected_env["work"] / "snapshot_returns.json").read_text()).items()}
+    refs = json.loads((collected_env["work"] / "reference_scores.json").read_text())
+    assert refs["ref_min_score"] < -900  # uniform random
+    assert returns[max(returns)] > -400, returns  # a solved swing-up scores about -150
+    assert refs["ref_max_score"] > -400
+
+
+def test_all_levels_load_with_reference_scores(collected_env):
+    ids = collected_env["ids"]
+    assert set(ids) == {"random", "medium", "medium-replay", "expert", "medium-expert"}
+    sizes = {}
+    for level, ds_id in ids.items():
+        raw = minari.load_dataset(ds_id)
+        assert raw.storage.metadata["ref_min_score"] < raw.storage.metadata["ref_max_score"]
+        ds = make_dataset(ds_id, download=False)
+        assert ds.env_id == "Pendulum-v1" and ds.ref_min_score is not None
+        assert ds.timeouts.sum() > 0 and ds.terminals.sum() == 0  # Pendulum only truncates
+        sizes[level] = len(ds)
+    size = collected_env["cfg"].size
+    assert sizes["random"] == sizes["medium"] == sizes["expert"] == size
+    assert sizes["medium-expert"] == 2 * size
+    # Behaviour quality is ordered as the level names promise.
+    mean_reward = {level: make_dataset(ds_id, download=False).rewards.mean() for level, ds_id in ids.items()}
+    assert mean_reward["random"] < mean_reward["medium"] < mean_reward["expert"]
+
+
+def test_medium_replay_ends_where_medium_policy_was_saved(collected_env):
+    levels = json.loads((collected_env["work"] / "levels.json").read_text())
+    ds = make_dataset(collected_env["ids"]["medium-replay"], download=False)
+    assert len(ds) == levels["medium_step"]
+    replay = np.load(collected_env["work"] / "replay.npz")
+    np.testing.assert_array_equal(ds.observations, replay["obs"][: levels["medium_step"]])
+    saved = torch.load(collected_env["work"] / "behaviour" / "medium.pt", weights_only=False)
+    snapshot = torch.load(collected_env["work"] / "policies" / f"step{levels['medium_step']:09d}.pt", weights_only=False)
+    for key, value in saved["nets"].items():
+        torch.testing.assert_close(value, snapshot["nets"][key])
+
+
+def test_interrupted_collection_resumes_to_identical_datasets(pendulum_collection, tmp_path, monkeypatch):
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    cfg = CollectConfig(**{**pendulum_collection["cfg"].__dict__, "work_dir": str(tmp_path / "work")})
+
+    # First interruption: during SAC training, after a checkpoint.
+    original_eval = Trainer.run_evaluation
+    def crash_during_sac(self):
+        if self.step == 2500:
+            raise KeyboardInterrupt
+        return original_eval(self)
+    monkeypatch.setattr(Trainer, "run_evaluation", crash_during_sac)
+    with pytest.raises(KeyboardInterrupt):
+        collect(cfg)
+    monkeypatch.setattr(Trainer, "run_evaluation", original_eval)
+
+    # Second interruption: while writing the levels, after the first one.
+    original_write = collect_module.write_minari
+    calls = []
+    def crash_after_first(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[0])
+        return original_write(*args, **kwargs)
+    monkeypatch.setattr(collect_module, "write_minari", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        collect(cfg)
+    monkeypatch.setattr(collect_module, "write_minari", original_write)
+
+    ids = collect(cfg)
+    for level, ds_id in ids.items():
+        resumed = make_dataset(ds_id, download=False)
+        monkeypatch.setenv("MINARI_DATASETS_PATH", pendulum_collection["minari_root"])
+        reference = make_dataset(ds_id, download=False)
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+        for field in ("observations", "actions", "rewards", "terminals", "timeouts"):
+            np.testing.assert_array_equal(getattr(resumed, field), getattr(reference, field), err_msg=f"{level}.{field}")
+        assert resumed.ref_min_score == reference.ref_min_score
