@@ -1,0 +1,27 @@
+# Two targets a newcomer needs: `make run` (main job on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test bench baselines clean
+
+# torch is pinned before the project is installed: on a CPU-only machine `torch==2.13.0` resolves to
+# the CPU build, and the project's `torch>=2.4` is then already satisfied (no CUDA download).
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(BIN)/orl-train
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python scripts/bench_updates.py --out results/bench_updates.json
+
+clean:
+	rm -rf $(VENV) runs data
