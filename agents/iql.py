@@ -63,51 +63,57 @@ class IQL(Agent):
             self.schedulers["actor"] = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizers["actor"], max(cfg.max_steps, 1))
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        cfg, nets = self.cfg, self.nets
         self.step += 1
-        with torch.no_grad():
-            target_q = nets["critic_target"](batch.obs, batch.actions).min(0).values
+        target_q, new_value, next_value, metrics = self.value_step(batch)
+        advantage = target_q - new_value
+        metrics.update(self.actor_step(batch.obs, batch.actions, advantage, self.cfg.beta))
+        metrics.update(self.critic_step(batch, next_value))
+        soft_update(self.nets["critic_target"], self.nets["critic"], self.cfg.tau)
+        return metrics
 
-        # (1) Value: expectile regression toward the target critic.
-        value = nets["value"](batch.obs)
-        value_loss = expectile_loss(target_q - value, cfg.expectile)
+    # The steps are separate methods so FamO2O can wrap IQL and insert its balance model.
+    def value_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(1) Expectile regression of V toward min_i Q_i_targ; returns Qbar(s,a), V_new(s), V_new(s')."""
+        with torch.no_grad():
+            target_q = self.nets["critic_target"](batch.obs, batch.actions).min(0).values
+        value = self.nets["value"](batch.obs)
+        value_loss = expectile_loss(target_q - value, self.cfg.expectile)
         self.optimizers["value"].zero_grad(set_to_none=True)
         value_loss.backward()
         self.optimizers["value"].step()
-
         with torch.no_grad():
-            # V(s) after step (1) and V(s') in one forward pass.
-            new_value, next_value = nets["value"](torch.cat([batch.obs, batch.next_obs])).chunk(2)
-            advantage = target_q - new_value
-            weights = awr_weights(advantage, cfg.beta, cfg.max_weight)
+            # V(s) after the step and V(s') in one forward pass.
+            new_value, next_value = self.nets["value"](torch.cat([batch.obs, batch.next_obs])).chunk(2)
+        return target_q, new_value, next_value, {"value_loss": value_loss.detach()}
 
-        # (2) Actor: advantage-weighted log-likelihood of dataset actions.
-        log_prob = nets["actor"].log_prob(batch.obs, batch.actions)
-        actor_loss = -(weights * log_prob).mean()
+    def actor_loss(self, actor_obs: torch.Tensor, actions: torch.Tensor, advantage: torch.Tensor, beta: float | torch.Tensor):
+        """(2) -E[min(exp(beta * A), 100) * log pi(a|s)]; `beta` may be a per-sample tensor (FamO2O)."""
+        weights = awr_weights(advantage, beta, self.cfg.max_weight)
+        log_prob = self.nets["actor"].log_prob(actor_obs, actions)
+        return -(weights * log_prob).mean(), weights
+
+    def actor_step(self, actor_obs: torch.Tensor, actions: torch.Tensor, advantage: torch.Tensor, beta: float | torch.Tensor) -> dict[str, torch.Tensor]:
+        actor_loss, weights = self.actor_loss(actor_obs, actions, advantage.detach(), beta)
         self.optimizers["actor"].zero_grad(set_to_none=True)
         actor_loss.backward()
         self.optimizers["actor"].step()
         if "actor" in self.schedulers:
             self.schedulers["actor"].step()
+        return {
+            "actor_loss": actor_loss.detach(),
+            "advantage_mean": advantage.detach().mean(),
+            "weight_clipped_frac": (weights.detach() >= self.cfg.max_weight).float().mean(),
+        }
 
-        # (3) Q: regress onto r + gamma * (1 - d) * V(s').
-        target = batch.rewards + cfg.discount * (1.0 - batch.terminals) * next_value
-        q = nets["critic"](batch.obs, batch.actions)
+    def critic_step(self, batch: Batch, next_value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(3) Q regression onto r + gamma * (1 - d) * V(s')."""
+        target = batch.rewards + self.cfg.discount * (1.0 - batch.terminals) * next_value
+        q = self.nets["critic"](batch.obs, batch.actions)
         critic_loss = (q - target).pow(2).mean()
         self.optimizers["critic"].zero_grad(set_to_none=True)
         critic_loss.backward()
         self.optimizers["critic"].step()
-
-        # (4) Target critic.
-        soft_update(nets["critic_target"], nets["critic"], cfg.tau)
-        return {
-            "value_loss": value_loss.detach(),
-            "actor_loss": actor_loss.detach(),
-            "critic_loss": critic_loss.detach(),
-            "q_mean": q.detach().mean(),
-            "advantage_mean": advantage.mean(),
-            "weight_clipped_frac": (weights >= cfg.max_weight).float().mean(),
-        }
+        return {"critic_loss": critic_loss.detach(), "q_mean": q.detach().mean()}
 
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
         return self.nets["actor"](obs, deterministic)

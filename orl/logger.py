@@ -38,7 +38,11 @@ class Logger:
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step + 1 if resume_step is not None else None)
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-        row = {f"{prefix}{k}": to_float(v) for k, v in metrics.items()}
+        # Keys under "hist/" hold tensors of values (e.g. FamO2O's betas): tensorboard histograms only.
+        for key, value in metrics.items():
+            if key.startswith("hist/"):
+                self.histogram(step, f"{prefix}{key[5:]}", torch.as_tensor(value))
+        row = {f"{prefix}{k}": to_float(v) for k, v in metrics.items() if not k.startswith("hist/")}
         for key, value in row.items():
             if not math.isfinite(value):
                 raise FloatingPointError(

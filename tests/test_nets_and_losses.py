@@ -89,7 +89,7 @@ def test_tanh_gaussian_log_prob_matches_sample():
     torch.testing.assert_close(actor.log_prob(obs, actions), log_prob, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["bc", "td3bc", "iql", "sac"])
+@pytest.mark.parametrize("name", ["bc", "td3bc", "iql", "sac", "a2pr", "famo2o_iql"])
 def test_agents_update_act_and_roundtrip_state(name):
     torch.manual_seed(0)
     agent = orl.make_agent(name, OBS, ACT)

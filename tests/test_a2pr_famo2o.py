@@ -1,0 +1,136 @@
+"""The seed methods' specified behaviours (algorithms.md 7.5 and issue 5)."""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import orl
+from agents.a2pr import imitation_target
+from agents.famo2o import sinusoidal_embedding
+from tests.test_nets_and_losses import make_batch
+
+OBS = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
+ACT = gym.spaces.Box(-1, 1, (2,), np.float32)
+
+
+def test_a2pr_target_swaps_to_vae_action_exactly_when_its_advantage_is_not_lower():
+    data = torch.tensor([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3], [0.4, 0.4]])
+    vae = -data
+    value = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    q_data = torch.tensor([2.0, 2.0, 0.5, 3.0])
+    q_vae = torch.tensor([3.0, 2.0, 0.0, 2.5])  # A_vae >  A_data, ==, <, <
+    target, weight = imitation_target(data, vae, q_data, q_vae, value, mask=0.5)
+    torch.testing.assert_close(target, torch.stack([vae[0], vae[1], data[2], data[3]]))
+    # w = mask * (1[Q(s,a~) >= V] + 1[Q(s,a) > V])
+    torch.testing.assert_close(weight, torch.tensor([1.0, 1.0, 0.0, 1.0]))
+
+
+def test_a2pr_gate_is_off_for_negative_advantage():
+    data, vae = torch.zeros(3, 2), torch.ones(3, 2)
+    value = torch.tensor([5.0, 5.0, 5.0])
+    _, weight = imitation_target(data, vae, torch.tensor([1.0, 4.9, 5.0]), torch.tensor([0.0, 4.0, 4.99]), value, mask=2.0)
+    assert torch.equal(weight, torch.zeros(3))
+    _, weight = imitation_target(data, vae, torch.tensor([6.0]), torch.tensor([5.0]), torch.tensor([5.0]), mask=2.0)
+    assert weight.item() == 4.0  # both indicators on: 2 * mask
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a2pr_vae_target_gradient_flag(detach):
+    torch.manual_seed(0)
+    agent = orl.make_agent("a2pr", OBS, ACT, {"detach_vae_target": detach, "policy_freq": 1, "vae_hidden": [32, 32],
+                                              "actor_hidden": [32], "critic_hidden": [32], "value_hidden": [32]})
+    decoded = []
+    original = agent.nets["vae"].decode
+    agent.nets["vae"].decode = lambda obs, z: decoded.append(original(obs, z)) or decoded[-1]
+    vae_before = [p.clone() for p in agent.nets["vae"].parameters()]
+    batch = make_batch()
+    q1 = agent.nets["critic"].q_member(batch.obs, batch.actions, 0).detach()
+    agent.actor_step(batch, q1, q1 - 1.0)  # all advantages positive: the BC term is on
+    actor_target = decoded[-1]
+    # Undetached (official): the VAE's output is part of the actor's graph; detached: it is a constant.
+    assert actor_target.requires_grad is (not detach)
+    # Either way the actor loss never changes or accumulates into the VAE's parameters.
+    assert all(p.grad is None for p in agent.nets["vae"].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(vae_before, agent.nets["vae"].parameters()))
+
+
+def test_a2pr_update_runs_and_targets_move_only_on_actor_steps():
+    torch.manual_seed(0)
+    agent = orl.make_agent("a2pr", OBS, ACT, {"vae_hidden": [32, 32]})
+    target = [p.clone() for p in agent.nets["actor_target"].parameters()]
+    metrics = agent.update(make_batch())
+    assert "actor_loss" not in metrics
+    assert all(torch.equal(a, b) for a, b in zip(target, agent.nets["actor_target"].parameters()))
+    metrics = agent.update(make_batch())
+    assert "actor_loss" in metrics and all(torch.isfinite(torch.as_tensor(v)) for v in metrics.values())
+    assert not all(torch.equal(a, b) for a, b in zip(target, agent.nets["actor_target"].parameters()))
+
+
+def test_sinusoidal_embedding_values():
+    emb = sinusoidal_embedding(torch.tensor([2.0]), dim=6, base=10000.0)
+    expected = [np.sin(2.0), np.cos(2.0), np.sin(2.0 / 10000 ** (2 / 6)), np.cos(2.0 / 10000 ** (2 / 6)),
+                np.sin(2.0 / 10000 ** (4 / 6)), np.cos(2.0 / 10000 ** (4 / 6))]
+    np.testing.assert_allclose(emb[0].numpy(), expected, rtol=1e-6)
+
+
+def famo2o(**overrides):
+    torch.manual_seed(0)
+    return orl.make_agent("famo2o_iql", OBS, ACT, {"beta_lo": 1.0, "beta_hi": 5.0, **overrides})
+
+
+def test_famo2o_awr_loss_depends_on_beta():
+    agent = famo2o()
+    batch = make_batch()
+    beta = torch.full((len(batch),), 3.0, requires_grad=True)
+    advantage = torch.linspace(-1, 1, len(batch))
+    loss, _ = agent.base.actor_loss(agent.embed(batch.obs, beta.detach()), batch.actions, advantage, beta)
+    (grad,) = torch.autograd.grad(loss, beta)
+    assert grad.abs().sum() > 0  # beta enters the weight exp(beta * A), not only the input features
+
+
+def test_famo2o_balance_step_updates_only_the_balance_model():
+    agent = famo2o()
+    frozen_nets = {k: [p.clone() for p in agent.nets[k].parameters()] for k in ("actor", "critic", "critic_target", "value")}
+    balance_before = [p.clone() for p in agent.nets["balance"].parameters()]
+    agent.balance_step(make_batch())
+    for key, before in frozen_nets.items():
+        assert all(torch.equal(a, b) for a, b in zip(before, agent.nets[key].parameters())), key
+        assert all(p.grad is None for p in agent.nets[key].parameters()), key
+    assert not all(torch.equal(a, b) for a, b in zip(balance_before, agent.nets["balance"].parameters()))
+
+
+def test_famo2o_balance_gradient_reaches_balance_model_through_pi_u_and_q():
+    agent = famo2o(init_temperature=1e-8)  # isolate the Q term
+    loss, _ = agent.balance_loss(make_batch())
+    grads = torch.autograd.grad(loss, list(agent.nets["balance"].mean.parameters()))
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_famo2o_beta_range_and_uniform_offline_sampling(monkeypatch):
+    agent = famo2o(beta_lo=8.0, beta_hi=14.0)
+    obs = torch.randn(5000, 4) * 10
+    beta, _ = agent.nets["balance"].sample(obs)
+    assert beta.min() >= 8.0 and beta.max() <= 14.0
+    det = agent.nets["balance"].deterministic(obs)
+    assert det.min() >= 8.0 and det.max() <= 14.0
+    seen = []
+    original = agent.base.actor_step
+    monkeypatch.setattr(agent.base, "actor_step", lambda o, a, adv, b: seen.append(b.clone()) or original(o, a, adv, b))
+    for seed in range(10):
+        agent.update(make_batch(n=256, seed=seed))
+    offline = torch.cat(seen)
+    assert offline.min() >= 8.0 and offline.max() <= 14.0
+    counts = torch.histc(offline, bins=6, min=8.0, max=14.0)
+    expected = len(offline) / 6
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 20.5  # chi-square, 5 dof, p = 0.001
+
+
+def test_famo2o_online_uses_balance_model_betas():
+    agent = famo2o()
+    agent.on_online_start()
+    metrics = agent.update(make_batch())
+    assert "hist/beta" in metrics
+    restored = famo2o()
+    restored.load_state_dict(agent.state_dict())
+    assert restored.online and torch.equal(restored.log_temperature, agent.log_temperature)
