@@ -109,10 +109,12 @@ class TransitionBuffer:
         self.pointer = (self.pointer + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
-        if self.size == 0:
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, limit: int | None = None) -> Batch:
+        """Uniform batch over the first `limit` (default: all) stored transitions."""
+        high = self.size if limit is None else min(limit, self.size)
+        if high == 0:
             raise RuntimeError("cannot sample from an empty buffer")
-        index = torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
+        index = torch.randint(0, high, (batch_size,), device=self.device, generator=generator)
         return self.gather(index)
 
     def gather(self, index: torch.Tensor) -> Batch:

@@ -50,10 +50,10 @@ def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
     return parent / f"seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def trainer_config(cfg: DictConfig) -> TrainerConfig:
+def trainer_config(cfg: DictConfig, offline_steps: int) -> TrainerConfig:
     return TrainerConfig(
-        offline_steps=int(cfg.steps),
-        online_steps=int(cfg.get("online", {}).get("steps", 0)) if cfg.get("online") else 0,
+        offline_steps=offline_steps,
+        online_steps=int(cfg.online.steps) if cfg.get("online") else 0,
         batch_size=int(cfg.batch_size),
         seed=int(cfg.seed),
         eval_every=int(cfg.eval.every),
@@ -95,7 +95,23 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ref = (dataset.ref_min_score, dataset.ref_max_score) if dataset.ref_min_score is not None and dataset.ref_max_score is not None else None
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(dataset)} transitions, env {env_id}, device {device}) -> {run_dir}")
-    trainer = Trainer(agent, run_dir, trainer_config(cfg), buffer, lambda: make_env(env_id), ref)
+    offline_steps = int(cfg.steps)
+    initial_state = None
+    if cfg.get("init_from"):
+        from orl.checkpoint import load_checkpoint
+
+        path = Path(cfg.init_from)
+        initial_state = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
+        offline_steps = int(initial_state["step"])  # the online phase continues the step count (WSRL bookkeeping)
+    trainer = Trainer(agent, run_dir, trainer_config(cfg, offline_steps), buffer, lambda: make_env(env_id), ref)
+    if initial_state is not None and not (cfg.resume and trainer.checkpoint_path.exists()):
+        try:
+            agent.load_state_dict(initial_state["agent"])  # networks, targets, temperature, optimizer moments, step
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ValueError(f"checkpoint {cfg.init_from} does not fit agent {agent_name} as configured "
+                             f"(ensemble size, LayerNorm and hidden sizes must match pre-training): {exc}") from exc
+        trainer.step = offline_steps
+        print(f"[orl] starting from {cfg.init_from} at step {offline_steps}")
     result = trainer.train(resume=bool(cfg.resume))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if result is not None:
@@ -142,6 +158,15 @@ def _collect(cfg: DictConfig) -> None:
 
 def collect_main() -> None:
     _collect()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="finetune", version_base="1.3")
+def _finetune(cfg: DictConfig) -> None:
+    run_train(cfg)
+
+
+def finetune_main() -> None:
+    _finetune()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ class TrainerConfig:
     warmup_steps: int = 0  # actions from the current (pre-trained) policy, no updates (WSRL)
     learning_starts: int = 0  # no updates before this many online steps
     utd: int = 1  # agent.update calls per environment step
+    online_batch_size: int | None = None  # e.g. WSRL's 1024 (split into critic minibatches by the agent)
+    switch_log_window: int = 5000  # log 10x more often for this many online steps (Q around the switch)
 
 
 class Trainer:
@@ -138,14 +140,14 @@ class Trainer:
     def _setup_online(self) -> None:
         cfg = self.cfg
         if self.online is None:
-            capacity = cfg.online_capacity + (len(self.offline) if cfg.buffer_mode == "seed" else 0)
-            self.online = TransitionBuffer(capacity, self.agent.obs_dim, self.agent.action_dim, self.device)
+            self._setup_online_buffer_only()
             if cfg.buffer_mode == "seed":
                 # Preload the whole offline dataset; online transitions are appended after it.
                 storage = self.offline.storage
                 self.online.add_batch(**{k: storage[k][: len(self.offline)] for k in self.online.storage if k in storage})
         self.env = self.env_fn()
         self._episode_return, self._episode_length = 0.0, 0
+        self._episode_start = self._completed = self.online.size
 
     def _online_phase(self) -> None:
         cfg = self.cfg
@@ -180,15 +182,18 @@ class Trainer:
             self.step += 1
             self._bar.update(1)
             online_step += 1
-            updating = online_step >= max(cfg.learning_starts, cfg.warmup_steps, 1)
+            updating = online_step >= max(cfg.learning_starts, cfg.warmup_steps, 1) and (not self.needs_returns or self._completed > 0)
             if updating:
                 for _ in range(cfg.utd):
                     metrics = self.agent.update(self._online_batch())
             episode_end = terminated or truncated
             if episode_end:
                 self._end_episode()
-            if self.step % cfg.log_every == 0:
-                self.logger.log(self.step, {**metrics, "online_step": online_step, "buffer_size": len(self.online), "updating": float(updating)}, "train/")
+            log_every = max(cfg.log_every // 10, 1) if online_step <= cfg.switch_log_window else cfg.log_every
+            if self.step % log_every == 0:
+                warmup_left = max(cfg.warmup_steps - online_step, 0)
+                self.logger.log(self.step, {**metrics, "online_step": online_step, "buffer_size": len(self.online),
+                                            "updating": float(updating), "warmup_remaining": warmup_left}, "train/")
             if cfg.eval_every > 0 and (online_step % cfg.eval_every == 0 or self.step == self.total_steps):
                 self.run_evaluation()
             if episode_end:
@@ -202,21 +207,42 @@ class Trainer:
 
     def _online_batch(self) -> Batch:
         cfg = self.cfg
+        batch_size = cfg.online_batch_size or cfg.batch_size
+        # Agents that need Monte-Carlo returns (Cal-QL) only see transitions of finished episodes.
+        limit = self._completed if self.needs_returns else None
         if cfg.buffer_mode != "mix":
-            return self.online.sample(cfg.batch_size, self.generator)
-        n_offline = int(round(cfg.offline_ratio * cfg.batch_size))
-        parts = [self.offline.sample(n_offline, self.generator), self.online.sample(cfg.batch_size - n_offline, self.generator)]
+            return self.online.sample(batch_size, self.generator, limit)
+        n_offline = int(round(cfg.offline_ratio * batch_size))
+        parts = [self.offline.sample(n_offline, self.generator), self.online.sample(batch_size - n_offline, self.generator, limit)]
         return Batch.cat(parts)
 
     def _end_episode(self) -> None:
         self.episode_returns.append(self._episode_return)
+        if self.needs_returns:
+            self._write_episode_returns_to_go()
+        self._completed = self.online.size
         row = {"episode_return": self._episode_return, "episode_length": self._episode_length}
         if self.ref_scores is not None:
             low, high = self.ref_scores
             row["episode_normalized"] = 100.0 * (self._episode_return - low) / (high - low)
+            # Cumulative regret (Cal-QL's definition): mean over online episodes of 1 - normalized/100.
+            normalized = 100.0 * (np.asarray(self.episode_returns) - low) / (high - low)
+            row["cumulative_regret"] = float(np.mean(1.0 - normalized / 100.0))
         self.logger.log(self.step, row, "online/")
         self.agent.on_episode_end(trainer=self, episode_return=self._episode_return, episode_length=self._episode_length)
         self._episode_return, self._episode_length = 0.0, 0
+
+    def _write_episode_returns_to_go(self) -> None:
+        """Discounted Monte-Carlo returns for the episode that just ended (Cal-QL's online V_mu)."""
+        start, end = self._episode_start, self.online.size
+        storage = self.online.storage
+        rewards = storage["rewards"][start:end]
+        discount = float(getattr(self.agent.cfg, "discount", 0.99))
+        powers = discount ** torch.arange(end - start, device=self.device, dtype=torch.float64)
+        # G_t = sum_k gamma^k r_{t+k}: a reversed cumulative sum of gamma^t r_t, divided by gamma^t.
+        discounted = torch.flip(torch.cumsum(torch.flip(powers * rewards.double(), [0]), 0), [0]) / powers
+        storage["returns_to_go"][start:end] = discounted.float()
+        self._episode_start = end
 
     def _reset_env(self) -> np.ndarray:
         obs, _ = self.env.reset()
@@ -262,12 +288,21 @@ class Trainer:
             self._setup_online_buffer_only()
             self.online.load_state_dict(state["online_buffer"])
             self._env_rng = state["env_rng"]
+            self._completed = self._episode_start = self.online.size  # checkpoints sit at episode boundaries
         self._last_checkpoint_step = self.step
         return self.step
 
     def _setup_online_buffer_only(self) -> None:
         capacity = self.cfg.online_capacity + (len(self.offline) if self.cfg.buffer_mode == "seed" else 0)
-        self.online = TransitionBuffer(capacity, self.agent.obs_dim, self.agent.action_dim, self.device)
+        if self.needs_returns and self.cfg.online_capacity < self.cfg.online_steps:
+            raise ValueError("agents that need Monte-Carlo returns (Cal-QL) need online_capacity >= online_steps (no buffer wrap-around)")
+        self.online = TransitionBuffer(capacity, self.agent.obs_dim, self.agent.action_dim, self.device, with_returns=self.needs_returns)
+        self._episode_start = self.online.size
+        self._completed = self.online.size
+
+    @property
+    def needs_returns(self) -> bool:
+        return bool(getattr(self.agent, "needs_returns_to_go", False))
 
 
 __all__ = ["Trainer", "TrainerConfig", "to_float"]

@@ -1,0 +1,157 @@
+"""CQL(H) with importance sampling (Kumar et al., 2020) and Cal-QL (Nakamoto et al., 2023), on SAC.
+
+Critic, for each ensemble member Q_i (algorithms.md section 6.2), with N samples each of
+  a_u ~ U[-1, 1]^|A| (log-density |A| log 0.5),  a_s ~ pi(.|s),  a_s' ~ pi(.|s'),  all evaluated at s:
+  LSE_i(s) = T * logsumexp_k ( (Q_i(s, a_k) - log density_k) / T )          over the 3N samples
+  L_Qi     = E (Q_i(s,a) - y)^2 + alpha_cql * E( LSE_i(s) - Q_i(s,a) )
+  y        = r + gamma (1-d) min_j Q_j_targ(s', a'),  a' ~ pi(.|s')  (max over N a' with max-target-backup)
+Cal-QL replaces Q_i(s, a_s) and Q_i(s, a_s') by max(Q_i, V_mu(s)) before the logsumexp, where V_mu is
+the discounted Monte-Carlo return-to-go of s's trajectory; uniform actions are not bounded.
+Lagrange variant: alpha_cql = exp(log_alpha') is tuned so that E(LSE - Q) ~= target_action_gap.
+Actor and temperature: SAC's (agents/sac.py).
+
+Online, `online_cql=False` turns the regularizer off, leaving SAC: WSRL's fine-tuning agent when the
+critic is a 10-member LayerNorm ensemble with a 2-member target subsample.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from agents.sac import SAC, SACConfig
+from orl.agent import register
+from orl.buffer import Batch
+from orl.nn import make_optimizer, soft_update
+
+
+@dataclass
+class CQLConfig(SACConfig):
+    actor_lr: float = 1e-4
+    backup_entropy: bool = False
+    cql_alpha: float = 5.0
+    cql_n_actions: int = 10
+    cql_temperature: float = 1.0
+    cql_lagrange: bool = False
+    target_action_gap: float = 0.8
+    cql_alpha_lr: float = 3e-4
+    max_target_backup: bool = False
+    online_cql: bool = True  # False: plain SAC after the switch (WSRL)
+    calibrated: bool = False  # Cal-QL
+    calibrate_online: bool = True  # official Cal-QL keeps calibration on; CORL switches it off
+
+
+@register("cql")
+class CQL(SAC):
+    Config = CQLConfig
+    needs_returns_to_go = False
+
+    def __init__(self, obs_space, action_space, cfg: CQLConfig, device="cpu"):
+        super().__init__(obs_space, action_space, cfg, device)
+        self.log_cql_alpha = nn.Parameter(torch.tensor(math.log(max(cfg.cql_alpha, 1e-8)), device=self.device))
+        if cfg.cql_lagrange:
+            self.optimizers["cql_alpha"] = make_optimizer([self.log_cql_alpha], cfg.cql_alpha_lr)
+        self.regularize = True
+        self.calibrate = cfg.calibrated
+
+    def on_online_start(self, **context: Any) -> None:
+        self.regularize = self.cfg.online_cql
+        self.calibrate = self.cfg.calibrated and self.cfg.calibrate_online
+
+    def td_target(self, batch: Batch) -> torch.Tensor:
+        cfg = self.cfg
+        if not cfg.max_target_backup:
+            return super().td_target(batch)
+        with torch.no_grad():
+            n, size = cfg.cql_n_actions, len(batch)
+            next_obs = batch.next_obs.repeat(n, 1)
+            next_actions, next_log_prob = self.nets["actor"].sample(next_obs)
+            target_q = self.nets["critic_target"](next_obs, next_actions)  # (E, n*B)
+            if cfg.target_subsample is not None:
+                target_q = target_q[torch.randint(0, cfg.ensemble_size, (cfg.target_subsample,), device=self.device)]
+            target_q = target_q.min(0).values.view(n, size)
+            best = target_q.argmax(0)
+            target_q = target_q.gather(0, best[None]).squeeze(0)
+            if cfg.backup_entropy:
+                target_q = target_q - self.alpha * next_log_prob.view(n, size).gather(0, best[None]).squeeze(0)
+            return batch.rewards + cfg.discount * (1.0 - batch.terminals) * target_q
+
+    def conservative_penalty(self, batch: Batch, q_data: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """E(LSE_i(s) - Q_i(s,a)) per member, (E,), with Cal-QL's bound on policy actions when calibrating."""
+        cfg, size, n = self.cfg, len(batch), self.cfg.cql_n_actions
+        obs = batch.obs.repeat(n, 1)
+        with torch.no_grad():
+            random_actions = torch.empty(n * size, self.action_dim, device=self.device).uniform_(-self.max_action, self.max_action)
+            policy_actions, policy_log_prob = self.nets["actor"].sample(obs)
+            next_actions, next_log_prob = self.nets["actor"].sample(batch.next_obs.repeat(n, 1))
+        # One critic pass over all 3N samples (evaluated at s).
+        q_samples = self.nets["critic"](obs.repeat(3, 1), torch.cat([random_actions, policy_actions, next_actions]))
+        q_random, q_policy, q_next = q_samples.view(-1, 3, n, size).unbind(1)  # each (E, n, B)
+        metrics: dict[str, torch.Tensor] = {}
+        if self.calibrate:
+            bound = batch.returns_to_go.view(1, 1, size)
+            metrics["calql_bound_frac"] = (q_policy < bound).float().mean().detach()
+            q_policy = torch.maximum(q_policy, bound)
+            q_next = torch.maximum(q_next, bound)
+        random_log_density = self.action_dim * math.log(0.5 / self.max_action)
+        stacked = torch.cat([
+            q_random - random_log_density,
+            q_policy - policy_log_prob.view(1, n, size),
+            q_next - next_log_prob.view(1, n, size),
+        ], dim=1)  # (E, 3n, B)
+        lse = cfg.cql_temperature * torch.logsumexp(stacked / cfg.cql_temperature, dim=1)  # (E, B)
+        gap = (lse - q_data).mean(1)  # (E,)
+        metrics["cql_gap"] = gap.detach().mean()
+        return gap, metrics
+
+    def critic_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        target = self.td_target(batch)
+        q = self.nets["critic"](batch.obs, batch.actions)  # (E, B)
+        td_loss = (q - target).pow(2).mean(1)  # (E,)
+        metrics: dict[str, torch.Tensor] = {"q_mean": q.detach().mean(), "td_loss": td_loss.detach().mean()}
+        loss = td_loss.sum()
+        if self.regularize:
+            gap, penalty_metrics = self.conservative_penalty(batch, q)
+            metrics.update(penalty_metrics)
+            if cfg.cql_lagrange:
+                cql_alpha = self.log_cql_alpha.exp().clamp(0.0, 1e6)
+                loss = loss + (cql_alpha.detach() * (gap - cfg.target_action_gap)).sum()
+                alpha_loss = -(cql_alpha * (gap.detach() - cfg.target_action_gap)).mean()
+                self.optimizers["cql_alpha"].zero_grad(set_to_none=True)
+                alpha_loss.backward()
+                self.optimizers["cql_alpha"].step()
+                metrics["cql_alpha"] = cql_alpha.detach()
+            else:
+                loss = loss + cfg.cql_alpha * gap.sum()
+        self.optimizers["critic"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizers["critic"].step()
+        soft_update(self.nets["critic_target"], self.nets["critic"], cfg.tau)
+        metrics["critic_loss"] = loss.detach()
+        return metrics
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "log_cql_alpha": self.log_cql_alpha.detach().cpu(), "regularize": self.regularize, "calibrate": self.calibrate}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if "log_cql_alpha" in state:
+            with torch.no_grad():
+                self.log_cql_alpha.copy_(state["log_cql_alpha"].to(self.device))
+        self.regularize = bool(state.get("regularize", True))
+        self.calibrate = bool(state.get("calibrate", self.cfg.calibrated))
+
+
+@register("calql")
+class CalQL(CQL):
+    """Cal-QL: CQL whose penalty cannot push policy-action Q below the behaviour value V_mu(s)."""
+
+    needs_returns_to_go = True
+
+    def __init__(self, obs_space, action_space, cfg: CQLConfig, device="cpu"):
+        cfg.calibrated = True
+        super().__init__(obs_space, action_space, cfg, device)

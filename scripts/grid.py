@@ -1,0 +1,143 @@
+"""Run a grid of `orl-train` jobs (agents x datasets x seeds) and report it as a table and a plot.
+
+    # run (resumable: finished runs are skipped), 2 jobs at a time
+    python scripts/grid.py run --name baselines --agents bc td3bc iql \
+        --datasets orl/halfcheetah/medium-v0 orl/hopper/medium-replay-v0 --seeds 0 1 2 --steps 20000 --jobs 2
+    # aggregate: results/<name>/table.md (mean ± std of the final normalized score) and curves.png
+    python scripts/grid.py report --name baselines
+
+Each finished run leaves results/<name>/runs/<dataset>__<agent>__seed<k>.json with its evaluation
+curve, so later sessions extend a grid instead of redoing it. Extra hydra overrides go after `--`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_key(dataset: str, agent: str, seed: int) -> str:
+    return f"{dataset.replace('/', '-')}__{agent}__seed{seed}"
+
+
+def run_one(args: argparse.Namespace, dataset: str, agent: str, seed: int) -> str:
+    out_dir = ROOT / "results" / args.name / "runs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_path = out_dir / f"{run_key(dataset, agent, seed)}.json"
+    if result_path.exists():
+        return f"skip {result_path.name}"
+    run_dir = ROOT / "runs" / "grid" / args.name / run_key(dataset, agent, seed)
+    cmd = [
+        sys.executable, "-m", "orl.cli", f"agent={agent}", f"dataset={dataset}", f"seed={seed}", f"steps={args.steps}",
+        f"eval.every={args.eval_every}", f"eval.episodes={args.eval_episodes}", f"run_dir={run_dir}", "log.progress=false",
+        "resume=true", *args.overrides,
+    ]
+    cmd += [o for o in args.agent_overrides.get(agent, [])]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        return f"FAILED {run_key(dataset, agent, seed)}:\n{proc.stderr[-3000:]}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["eval/normalized_mean"]) for r in rows if "eval/normalized_mean" in r]
+    online = [(r["step"], r["online/episode_normalized"]) for r in rows if "online/episode_normalized" in r]
+    result = {"dataset": dataset, "agent": agent, "seed": seed, "steps": args.steps, "curve": curve, "online_episodes": online,
+              "final": curve[-1][1] if curve else None, "seconds": round(time.time() - start, 1), "command": " ".join(cmd[3:])}
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(result_path)
+    return f"done {result_path.name}: final {result['final']:.1f} ({result['seconds']:.0f}s)"
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    args.agent_overrides = {}
+    for item in args.agent_override or []:
+        agent, _, override = item.partition(":")
+        args.agent_overrides.setdefault(agent, []).append(override)
+    jobs = [(d, a, s) for d in args.datasets for s in args.seeds for a in args.agents]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for message in pool.map(lambda job: run_one(args, *job), jobs):
+            print(message, flush=True)
+
+
+def load_results(name: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((ROOT / "results" / name / "runs").glob("*.json"))]
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = load_results(args.name)
+    if not results:
+        sys.exit(f"no results under results/{args.name}/runs")
+    datasets = sorted({r["dataset"] for r in results})
+    agents = [a for a in args.order if any(r["agent"] == a for r in results)] + sorted({r["agent"] for r in results} - set(args.order))
+    key = "online_final" if args.online else "final"
+    lines = ["| dataset | " + " | ".join(agents) + " |", "|---|" + "---:|" * len(agents)]
+    for dataset in datasets:
+        cells = []
+        for agent in agents:
+            scores = [r["final"] for r in results if r["dataset"] == dataset and r["agent"] == agent and r["final"] is not None]
+            cells.append(f"{np.mean(scores):.1f} ± {np.std(scores):.1f} (n={len(scores)})" if scores else "-")
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    steps = sorted({r["steps"] for r in results})
+    table = "\n".join(lines) + f"\n\nFinal D4RL-normalized score (mean ± std over seeds), {steps} gradient steps.\n"
+    out = ROOT / "results" / args.name
+    (out / "table.md").write_text(table)
+    print(table)
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for agent in agents:
+            curves = [r["curve"] for r in results if r["dataset"] == dataset and r["agent"] == agent and r["curve"]]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            x = np.array([p[0] for p in curves[0][:length]])
+            y = np.array([[p[1] for p in c[:length]] for c in curves])
+            ax.plot(x, y.mean(0), label=agent)
+            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+        ax.set_title(dataset, fontsize=9)
+        ax.set_xlabel("gradient step" if not args.online else "step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("normalized score")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    print(f"wrote {out / 'table.md'} and {out / 'curves.png'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the grid (skips finished runs)")
+    run.add_argument("--name", required=True)
+    run.add_argument("--agents", nargs="+", required=True)
+    run.add_argument("--datasets", nargs="+", required=True)
+    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    run.add_argument("--steps", type=int, default=20000)
+    run.add_argument("--eval-every", type=int, default=2000)
+    run.add_argument("--eval-episodes", type=int, default=10)
+    run.add_argument("--jobs", type=int, default=1)
+    run.add_argument("--agent-override", action="append", help="AGENT:override applied to one agent only, e.g. iql:data.reward=iql_locomotion")
+    run.add_argument("overrides", nargs="*", help="hydra overrides for every run (after --)")
+    report = sub.add_parser("report", help="write table.md and curves.png")
+    report.add_argument("--name", required=True)
+    report.add_argument("--order", nargs="+", default=["bc", "td3bc", "iql", "a2pr", "famo2o_iql"])
+    report.add_argument("--online", action="store_true")
+    args = parser.parse_args()
+    cmd_run(args) if args.command == "run" else cmd_report(args)
+
+
+if __name__ == "__main__":
+    main()
