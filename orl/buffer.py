@@ -101,8 +101,8 @@ class TransitionBuffer:
             raise ValueError(f"cannot add {n} transitions to a buffer of capacity {self.capacity}")
         index = (torch.arange(n, device=self.device) + self.pointer) % self.capacity
         for key, tensor in self.storage.items():
-            if key == "timeouts" and key not in arrays:
-                tensor[index] = 0.0
+            if key in ("timeouts", "returns_to_go") and key not in arrays:
+                tensor[index] = 0.0  # online returns-to-go are written when the episode ends
                 continue
             value = torch.as_tensor(arrays[key], dtype=torch.float32).to(self.device)
             tensor[index] = value.reshape(n, *tensor.shape[1:])

@@ -182,7 +182,7 @@ class Trainer:
             self.step += 1
             self._bar.update(1)
             online_step += 1
-            updating = online_step >= max(cfg.learning_starts, cfg.warmup_steps, 1) and (not self.needs_returns or self._completed > 0)
+            updating = online_step > max(cfg.learning_starts, cfg.warmup_steps) and (not self.needs_returns or self._completed > 0)
             if updating:
                 for _ in range(cfg.utd):
                     metrics = self.agent.update(self._online_batch())
