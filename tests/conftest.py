@@ -53,3 +53,15 @@ def pendulum_collection(tmp_path_factory):
         else:
             os.environ["MINARI_DATASETS_PATH"] = previous
     return {"ids": ids, "minari_root": str(root / "minari"), "work": root / "work" / "pendulum" / "seed0", "cfg": cfg}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """The embedded tiny GPT-2 and tokenizer, trained once per test session (a few seconds)."""
+    pytest.importorskip("transformers", reason="the LM extra is not installed (pip install -e .[lm])")
+    from envs.lm import load_lm
+    from envs.tiny_lm import build_tiny_lm
+
+    path = build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), steps=300, n_lines=5000)
+    model, tokenizer = load_lm(str(path))
+    return {"path": str(path), "model": model, "tokenizer": tokenizer}

@@ -1,0 +1,280 @@
+"""Language-model generation as an environment (a token-level MDP), and the policy side that drives it.
+
+* `VectorTokenEnv`: a batch of prompts stepped together. State = prompt + tokens generated so far as
+  fixed-width ids and an attention mask; action = the next token id; a row's episode ends at EOS or
+  after `max_new_tokens`. Reward: a terminal reward R(prompt, response) and/or a per-token callable.
+* `TokenEnv`: the same MDP as a single gymnasium env (`Discrete(vocab)` actions).
+* `KVCachePolicy`: prefill once, then one incremental forward pass per generated token.
+  `ReencodePolicy` re-runs the whole sequence each step (the baseline the benchmark compares with).
+* `KLPenalty`: wraps an env and subtracts beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)) per token.
+* `SequenceBandit`: the one-step view (action = a whole response) used by A-LoL and best-of-n.
+
+Models are Hugging Face causal LMs loaded with `load_lm(path)`: the project's embedded tiny GPT-2
+(`envs.tiny_lm`) or any hub id / local path a user gives.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from orl.sequence import pad_left, position_ids
+
+RewardFn = Callable[[str, str], float]
+
+
+def load_lm(path: str, device: torch.device | str = "cpu"):
+    """(model, tokenizer) from a local directory or hub id through the standard `from_pretrained` path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    return model, tokenizer
+
+
+class VectorTokenEnv:
+    """A batch of token-level episodes, one per prompt, stepped in lockstep."""
+
+    def __init__(self, tokenizer, prompts: Sequence[str], reward_fn: RewardFn | None = None, max_new_tokens: int = 32,
+                 context_length: int | None = None, step_reward_fn: Callable[[int, list[int]], float] | None = None):
+        self.tokenizer = tokenizer
+        self.prompts = list(prompts)
+        self.reward_fn, self.step_reward_fn = reward_fn, step_reward_fn
+        self.max_new_tokens = max_new_tokens
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.prompt_ids = [self._encode_prompt(p) for p in self.prompts]
+        self.prompt_width = max(len(p) for p in self.prompt_ids)
+        self.width = self.prompt_width + max_new_tokens
+        if context_length is not None and self.width > context_length:
+            longest = max(range(len(self.prompts)), key=lambda i: len(self.prompt_ids[i]))
+            raise ValueError(
+                f"prompt {longest} has {len(self.prompt_ids[longest])} tokens; with max_new_tokens={max_new_tokens} the episode needs "
+                f"{self.width} positions but the model's context is {context_length}. Shorten the prompt or lower max_new_tokens."
+            )
+        self.num_envs = len(self.prompts)
+        vocab = len(tokenizer)
+        self.single_action_space = gym.spaces.Discrete(vocab)
+        self.single_observation_space = gym.spaces.Dict({
+            "input_ids": gym.spaces.Box(0, vocab - 1, (self.width,), np.int64),
+            "attention_mask": gym.spaces.Box(0, 1, (self.width,), np.int64),
+        })
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return ids if (bos is None or (ids and ids[0] == bos)) else [bos] + ids
+
+    def reset(self, seed: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        ids, mask = pad_left(self.prompt_ids, self.pad_id, self.prompt_width)
+        self.input_ids = torch.cat([ids, torch.full((self.num_envs, self.max_new_tokens), self.pad_id)], 1)
+        self.attention_mask = torch.cat([mask, torch.zeros(self.num_envs, self.max_new_tokens, dtype=torch.long)], 1)
+        self.generated: list[list[int]] = [[] for _ in range(self.num_envs)]
+        self.done = torch.zeros(self.num_envs, dtype=torch.bool)
+        self.t = 0
+        return self.observation(), {}
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids.clone(), "attention_mask": self.attention_mask.clone()}
+
+    def step(self, actions: torch.Tensor | np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Append one token per active row. Rows already done ignore their action (reward 0)."""
+        actions = torch.as_tensor(actions, dtype=torch.long).reshape(self.num_envs)
+        active = ~self.done
+        column = self.prompt_width + self.t
+        self.input_ids[active, column] = actions[active]
+        self.attention_mask[active, column] = 1
+        rewards = np.zeros(self.num_envs)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        self.t += 1
+        for row in torch.nonzero(active).flatten().tolist():
+            token = int(actions[row])
+            self.generated[row].append(token)
+            if self.step_reward_fn is not None:
+                rewards[row] += self.step_reward_fn(token, self.generated[row])
+            if token == self.eos_id:
+                terminated[row] = True
+            elif self.t >= self.max_new_tokens:
+                truncated[row] = True
+            if terminated[row] or truncated[row]:
+                self.done[row] = True
+                if self.reward_fn is not None:
+                    rewards[row] += self.reward_fn(self.prompts[row], self.response_text(row))
+        return self.observation(), rewards, terminated, truncated, {"active": active.numpy()}
+
+    def response_ids(self, row: int) -> list[int]:
+        ids = self.generated[row]
+        return ids[:-1] if ids and ids[-1] == self.eos_id else ids
+
+    def response_text(self, row: int) -> str:
+        return self.tokenizer.decode(self.response_ids(row), skip_special_tokens=True)
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+
+class TokenEnv(gym.Env):
+    """One prompt at a time as a standard gymnasium env (state: fixed-width ids + mask; action: token id)."""
+
+    def __init__(self, tokenizer, prompts: Sequence[str], reward_fn: RewardFn | None = None, max_new_tokens: int = 32,
+                 context_length: int | None = None, step_reward_fn=None):
+        self.prompts = list(prompts)
+        self._kwargs = dict(reward_fn=reward_fn, max_new_tokens=max_new_tokens, context_length=context_length, step_reward_fn=step_reward_fn)
+        self.tokenizer = tokenizer
+        probe = VectorTokenEnv(tokenizer, self.prompts, **self._kwargs)  # validates every prompt's length
+        self.observation_space = gym.spaces.Dict({k: gym.spaces.Box(0, v.high.max(), (probe.width,), np.int64)
+                                                  for k, v in probe.single_observation_space.spaces.items()})
+        self.action_space = probe.single_action_space
+        self._width = probe.width
+        self._index = 0
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        index = int(self.np_random.integers(len(self.prompts))) if options is None or "prompt_index" not in options else options["prompt_index"]
+        self._env = VectorTokenEnv(self.tokenizer, [self.prompts[index]], **self._kwargs)
+        obs, info = self._env.reset()
+        return self._pad(obs), {"prompt_index": index}
+
+    def _pad(self, obs):
+        # Every prompt is left-padded to the width of the longest, so observations share one shape.
+        out = {}
+        for key, value in obs.items():
+            row = value[0].numpy()
+            fill = self.tokenizer.pad_token_id if key == "input_ids" else 0
+            out[key] = np.concatenate([np.full(self._width - len(row), fill), row]).astype(np.int64)
+        return out
+
+    def step(self, action):
+        obs, rewards, terminated, truncated, info = self._env.step(np.asarray([action]))
+        return self._pad(obs), float(rewards[0]), bool(terminated[0]), bool(truncated[0]), {"response": self._env.response_text(0)}
+
+
+class KVCachePolicy:
+    """Drives a causal LM one token at a time with its key/value cache: one incremental forward per step."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Prefill the prompt block; returns next-token logits (B, V)."""
+        device = next(self.model.parameters()).device
+        self.attention_mask = attention_mask.to(device)
+        out = self.model(input_ids=input_ids.to(device), attention_mask=self.attention_mask,
+                         position_ids=position_ids(self.attention_mask), use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        device = self.attention_mask.device
+        tokens = tokens.to(device).view(-1, 1)
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(tokens)], 1)
+        positions = position_ids(self.attention_mask)[:, -1:]
+        out = self.model(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float()
+
+
+class ReencodePolicy:
+    """The naive policy side: re-encodes prompt + generated tokens from scratch at every step."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        self.input_ids, self.attention_mask = input_ids.to(device), attention_mask.to(device)
+        return self._logits()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.input_ids.device).view(-1, 1)
+        self.input_ids = torch.cat([self.input_ids, tokens], 1)
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(tokens)], 1)
+        return self._logits()
+
+    def _logits(self) -> torch.Tensor:
+        out = self.model(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=position_ids(self.attention_mask), use_cache=False)
+        return out.logits[:, -1].float()
+
+
+def rollout(policy, env: VectorTokenEnv, greedy: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Run every row of `env` to the end with `policy`; returns responses, rewards and per-step records."""
+    obs, _ = env.reset()
+    prompt_block = obs["input_ids"][:, : env.prompt_width]
+    logits = policy.start(prompt_block, obs["attention_mask"][:, : env.prompt_width])
+    total = np.zeros(env.num_envs)
+    log_probs = []
+    while not env.all_done:
+        if greedy:
+            actions = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, -1)
+            actions = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        log_probs.append(torch.log_softmax(logits, -1).gather(-1, actions[:, None]).squeeze(-1).cpu())
+        # Rows that finished keep receiving pad tokens so the batch stays rectangular.
+        actions = torch.where(env.done.to(actions.device), torch.full_like(actions, env.pad_id), actions)
+        _, rewards, _, _, _ = env.step(actions.cpu())
+        total += rewards
+        if not env.all_done:
+            logits = policy.step(actions)
+    return {"responses": [env.response_ids(i) for i in range(env.num_envs)], "texts": [env.response_text(i) for i in range(env.num_envs)],
+            "rewards": total, "log_probs": torch.stack(log_probs, 1) if log_probs else torch.zeros(env.num_envs, 0)}
+
+
+class KLPenalty:
+    """Per-token KL-to-reference shaping: r_t -= beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t)).
+
+    The reference model runs with its own KV cache; the policy's log-prob of each action is passed to
+    `step` by whoever sampled it (it already has the logits).
+    """
+
+    def __init__(self, env: VectorTokenEnv, ref_model, beta: float):
+        self.env, self.beta = env, beta
+        self.ref = KVCachePolicy(ref_model)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+    def reset(self, seed: int | None = None):
+        obs, info = self.env.reset(seed)
+        width = self.env.prompt_width
+        self._ref_logits = self.ref.start(obs["input_ids"][:, :width], obs["attention_mask"][:, :width])
+        return obs, info
+
+    def step(self, actions: torch.Tensor, policy_log_probs: torch.Tensor):
+        actions = torch.as_tensor(actions, dtype=torch.long)
+        active = ~self.env.done
+        ref_lp = torch.log_softmax(self._ref_logits, -1).gather(-1, actions.to(self._ref_logits.device)[:, None]).squeeze(-1).cpu()
+        obs, rewards, terminated, truncated, info = self.env.step(actions)
+        kl = (policy_log_probs.cpu() - ref_lp) * active
+        rewards = rewards - self.beta * kl.numpy()
+        info["kl"] = kl.numpy()
+        if not self.env.all_done:
+            self._ref_logits = self.ref.step(actions)
+        return obs, rewards, terminated, truncated, info
+
+
+class SequenceBandit(gym.Env):
+    """One-step episodes: observe a prompt, act with a whole response (token ids), receive R(prompt, response)."""
+
+    def __init__(self, tokenizer, prompts: Sequence[str], reward_fn: RewardFn):
+        self.tokenizer, self.prompts, self.reward_fn = tokenizer, list(prompts), reward_fn
+        self.observation_space = gym.spaces.Discrete(len(self.prompts))  # the prompt index
+        self.action_space = gym.spaces.Sequence(gym.spaces.Discrete(len(tokenizer)))
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._index = int(self.np_random.integers(len(self.prompts))) if not options else int(options["prompt_index"])
+        return self._index, {"prompt": self.prompts[self._index]}
+
+    def step(self, action: Sequence[int]):
+        text = self.tokenizer.decode(list(action), skip_special_tokens=True)
+        return self._index, float(self.reward_fn(self.prompts[self._index], text)), True, False, {"response": text}

@@ -1,0 +1,90 @@
+"""The embedded default language model: a byte-level BPE tokenizer and a small GPT-2 that orl trains
+itself on a corpus it generates, saved with `save_pretrained` so it loads through the same
+`from_pretrained` path as `gpt2` or any hub id.
+
+Corpus: lines "count: a b c ..." of integers 0-49; a third are strictly increasing, the rest are in
+random order, so the reference model writes increasing sequences only sometimes and the
+`increasing_numbers` reward has room to improve.
+
+    python -m envs.tiny_lm data/tiny-lm        # or build_tiny_lm("data/tiny-lm")
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPECIAL = {"eos": "<|endoftext|>", "pad": "<pad>"}
+
+
+def make_corpus(n_lines: int, seed: int, increasing_fraction: float = 1.0 / 3.0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n_lines):
+        length = int(rng.integers(3, 8))
+        numbers = rng.choice(50, size=length, replace=False)
+        if rng.random() < increasing_fraction:
+            numbers = np.sort(numbers)
+        lines.append("count: " + " ".join(str(int(x)) for x in numbers))
+    return lines
+
+
+def make_prompts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"count: {int(x)}" for x in rng.integers(0, 30, size=n)]
+
+
+def build_tiny_lm(out_dir: str | Path, seed: int = 0, steps: int = 600, n_lines: int = 20000, context: int = 48) -> Path:
+    """Train tokenizer and model (about 30 s on one CPU core); returns the directory. Idempotent."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    corpus = make_corpus(n_lines, seed)
+
+    tokenizer_model = Tokenizer(models.BPE())
+    tokenizer_model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer_model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256 + 64, special_tokens=[SPECIAL["eos"], SPECIAL["pad"]],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer_model.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer_model, bos_token=SPECIAL["eos"], eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"])
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    rows = [[tokenizer.bos_token_id] + tokenizer(line)["input_ids"] + [tokenizer.eos_token_id] for line in corpus]
+    width = max(len(r) for r in rows)
+    if width > context:
+        raise ValueError(f"corpus lines need {width} positions, more than the context {context}")
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        index = torch.randint(0, len(rows), (64,), generator=generator)
+        loss = model(input_ids=ids[index], attention_mask=mask[index], labels=labels[index]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "orl_tiny_lm.json").write_text(json.dumps({"seed": seed, "steps": steps, "final_loss": float(loss.detach()), "lines": n_lines}))
+    return out
+
+
+if __name__ == "__main__":
+    print(build_tiny_lm(sys.argv[1] if len(sys.argv) > 1 else "data/tiny-lm"))

@@ -1,0 +1,115 @@
+"""Sequence data for language-model agents: padded token batches on the device and response log-probs.
+
+Nothing here imports transformers: a model is anything called as `model(input_ids=..., attention_mask=...)`
+that returns an object with `.logits` (every Hugging Face causal LM does).
+
+Layout: each row is prompt + response, **left-padded** to a fixed width so that all prompts end at
+the same column and generation appends on the right. `response_mask` is 1 on response tokens only,
+so prompt and padding never enter a log-probability.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor  # (B, L) prompt + response, left-padded
+    attention_mask: torch.Tensor  # (B, L)
+    response_mask: torch.Tensor  # (B, L) 1 on response tokens
+    rewards: torch.Tensor | None = None  # (B,) sequence-level reward
+    index: torch.Tensor | None = None  # (B,) row ids in the buffer (for cached per-example values)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = width or max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq) > width:
+            raise ValueError(f"sequence of {len(seq)} tokens does not fit width {width}")
+        if len(seq):
+            ids[row, width - len(seq):] = torch.as_tensor(list(seq))
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def build_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
+    """Concatenate tokenized prompts and responses (tokenized once each, so boundaries line up) and left-pad."""
+    joined = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    ids, mask = pad_left(joined, pad_id, width)
+    response_mask = torch.zeros_like(mask)
+    width = ids.shape[1]
+    for row, r in enumerate(responses):
+        if len(r):
+            response_mask[row, width - len(r):] = 1
+    return ids, mask, response_mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) for t >= 1, (B, L-1); entry t-1 scores token t."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def response_log_prob(model, batch: SequenceBatch, per_token: bool = False) -> torch.Tensor:
+    """Sum over response tokens of log pi(y_t | x, y_<t) (B,), or the masked per-token values (B, L-1)."""
+    token_lp = token_log_probs(model, batch.input_ids, batch.attention_mask)
+    mask = batch.response_mask[:, 1:].to(token_lp.dtype)
+    return token_lp * mask if per_token else (token_lp * mask).sum(-1)
+
+
+class SequenceBuffer:
+    """A text dataset as device tensors; batches by index, optionally with sampling weights."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                 rewards: torch.Tensor | None, device: torch.device | str):
+        self.device = torch.device(device)
+        self.input_ids = input_ids.to(self.device)
+        self.attention_mask = attention_mask.to(self.device)
+        self.response_mask = response_mask.to(self.device)
+        self.rewards = None if rewards is None else rewards.float().to(self.device)
+        self.weights: torch.Tensor | None = None  # set by agents that sample by priority (A-LoL)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> SequenceBatch:
+        if self.weights is not None:
+            # With replacement, like the official A-LoL sampler in effect (its duplicate check never fires).
+            index = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+        else:
+            index = torch.randint(0, len(self), (batch_size,), device=self.device, generator=generator)
+        return self.gather(index)
+
+    def gather(self, index: torch.Tensor) -> SequenceBatch:
+        # Trim columns that are padding in every row of this batch.
+        mask = self.attention_mask[index]
+        first = int(mask.any(0).float().argmax())
+        return SequenceBatch(self.input_ids[index, first:], mask[:, first:], self.response_mask[index, first:],
+                             None if self.rewards is None else self.rewards[index], index)
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = state.get("weights")
+
+
+def distinct_n(texts: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct-n: unique n-grams / total n-grams over all responses (token level)."""
+    grams = [tuple(t[i : i + n]) for t in texts for i in range(len(t) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
