@@ -57,7 +57,9 @@ def build_tiny_lm(out_dir: str | Path, seed: int = 0, steps: int = 600, n_lines:
     tokenizer_model.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer_model, bos_token=SPECIAL["eos"], eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"])
 
+    # No dropout: a tiny model does not need it, and pi_theta == pi_ref then holds exactly at the start.
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=64, n_layer=2, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = GPT2LMHeadModel(config)
     rows = [[tokenizer.bos_token_id] + tokenizer(line)["input_ids"] + [tokenizer.eos_token_id] for line in corpus]

@@ -43,7 +43,8 @@ class Agent(abc.ABC):
     def __init__(self, obs_space: gym.spaces.Box, action_space: gym.spaces.Space, cfg: Any, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.device = torch.device(device)
-        self.obs_dim = int(np.prod(obs_space.shape))
+        # Token-level LM agents observe dicts of ids (no flat shape): obs_dim is 0 for them.
+        self.obs_dim = int(np.prod(obs_space.shape)) if getattr(obs_space, "shape", None) else 0
         if isinstance(action_space, gym.spaces.Box):
             self.action_dim = int(np.prod(action_space.shape))
             high = np.asarray(action_space.high, dtype=np.float32)

@@ -9,7 +9,7 @@ so prompt and padding never enter a log-probability.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -107,6 +107,34 @@ class SequenceBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = state.get("weights")
+
+
+@dataclass
+class PairBatch:
+    chosen: SequenceBatch
+    rejected: SequenceBatch
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+class PairBuffer:
+    """Preference pairs (prompt, chosen, rejected) as two aligned sequence buffers."""
+
+    def __init__(self, chosen: SequenceBuffer, rejected: SequenceBuffer):
+        if len(chosen) != len(rejected):
+            raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
+        self.chosen, self.rejected, self.device = chosen, rejected, chosen.device
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> PairBatch:
+        index = torch.randint(0, len(self), (batch_size,), device=self.device, generator=generator)
+        return PairBatch(self.chosen.gather(index), self.rejected.gather(index))
+
+    def state_dict(self) -> dict:
+        return {}
 
 
 def distinct_n(texts: Sequence[Sequence[int]], n: int) -> float:

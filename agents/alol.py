@@ -1,0 +1,188 @@
+"""A-LoL: Leftover-Lunch Advantage-based Offline Policy Gradients (Baheti et al., ICLR 2024).
+
+Bandit view: an example is (x, y, R) with the whole response y as one action. pi_ref is the SFT model,
+pi_theta starts from it. With log-probs *summed* over response tokens (prompt and padding masked):
+
+  V_ref(x): attention-pool head on pi_ref's last hidden states over the prompt, fit by MSE on pi_ref's
+            own greedy generations for validation prompts (keep the epoch with the lowest MSE)
+  A = R(x,y) - V_ref(x), A+ = max(A, 0); examples are drawn with probability proportional to A+
+  (with replacement, as the official sampler behaves), and A+ also weights the loss.
+  rho = exp(sg(log pi_theta(y|x)) - log pi_ref(y|x)),  rho_t the per-token version, both clipped to
+  [1 - eps, 1 + eps] and always detached: the gradient flows only through log pi_theta.
+
+  | variant        | per-example loss                                          |
+  | nll            | NLL                                                       |
+  | wbc            | R * NLL                                                   |
+  | rlol           | clip(rho) * NLL * R                                       |
+  | alol           | clip(rho) * NLL * A+                                      |
+  | alol_seq       | A+ * sum_t clip(rho_t) * (-log pi_theta(y_t|.))            |
+  | alol_ref_free  | NLL * A+                                                  |
+  | alol_kl        | NLL * A+ + beta_kl * (log pi_theta(y|x) - log pi_ref(y|x)) |
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+from torch import nn
+
+from agents.lm_common import LMAgent
+from orl.agent import register
+from orl.sequence import SequenceBatch, SequenceBuffer, position_ids, token_log_probs
+
+VARIANTS = ("nll", "wbc", "rlol", "alol", "alol_seq", "alol_ref_free", "alol_kl")
+
+
+@dataclass
+class ALoLConfig:
+    model_path: str = "data/tiny-lm"
+    variant: str = "alol"
+    clip_eps: float = 0.9
+    kl_beta: float = 0.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 0.3
+    value_lr: float = 1e-3
+    value_epochs: int = 10
+    value_heads: int = 8
+    value_dropout: float = 0.1
+    max_value: float = 1.0
+
+
+class ValueHead(nn.Module):
+    """One learned query attends over the prompt's hidden states (8 heads), then dropout, linear, sigmoid * max."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float, max_value: float):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, hidden) * hidden**-0.5)
+        self.attention = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, 1))
+        self.max_value = max_value
+
+    def forward(self, hidden_states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        query = self.query.expand(hidden_states.shape[0], -1, -1)
+        pooled, _ = self.attention(query, hidden_states, hidden_states, key_padding_mask=prompt_mask == 0)
+        return torch.sigmoid(self.out(pooled[:, 0]).squeeze(-1)) * self.max_value
+
+
+def clipped_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: float) -> torch.Tensor:
+    """clip(exp(sg(log pi) - log pi_ref), 1 - eps, 1 + eps): a constant weight, never differentiated."""
+    return torch.exp(log_prob.detach() - ref_log_prob.detach()).clamp(1.0 - eps, 1.0 + eps)
+
+
+@register("alol")
+class ALoL(LMAgent):
+    Config = ALoLConfig
+
+    def __init__(self, obs_space, action_space, cfg: ALoLConfig, device="cpu"):
+        if cfg.variant not in VARIANTS:
+            raise ValueError(f"A-LoL variant must be one of {VARIANTS}, got {cfg.variant!r}")
+        if cfg.variant == "alol_kl" and cfg.clip_eps not in (0, 0.0, None):
+            # The official script asserts ppo_clip == 0 for the KL variant (no ratio, no clip).
+            cfg.clip_eps = 0.0
+        super().__init__(obs_space, action_space, cfg, device)
+        hidden = self.nets["policy"].config.hidden_size
+        self.nets["value"] = ValueHead(hidden, cfg.value_heads, cfg.value_dropout, cfg.max_value).to(self.device)
+        self.optimizers["policy"] = torch.optim.AdamW(self.nets["policy"].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.advantages: torch.Tensor | None = None
+
+    # --- value head ------------------------------------------------------------------------------
+    def _prompt_states(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.nets["reference"](input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                                         output_hidden_states=True)
+        return out.hidden_states[-1]
+
+    def value(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        return self.nets["value"](self._prompt_states(input_ids, prompt_mask), prompt_mask)
+
+    def fit_value(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, targets: torch.Tensor, batch_size: int = 64, seed: int = 0) -> list[float]:
+        """Fit V_ref by MSE on (prompt, R of pi_ref's generation); keep the epoch with the lowest MSE."""
+        prompt_ids, prompt_mask, targets = prompt_ids.to(self.device), prompt_mask.to(self.device), targets.float().to(self.device)
+        head = self.nets["value"]
+        optimizer = torch.optim.AdamW(head.parameters(), lr=self.cfg.value_lr)
+        states = self._prompt_states(prompt_ids, prompt_mask)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        history, best, best_state = [], math.inf, None
+        for _ in range(self.cfg.value_epochs):
+            head.train()
+            for index in torch.randperm(len(targets), generator=generator, device=self.device).split(batch_size):
+                loss = (head(states[index], prompt_mask[index]) - targets[index]).pow(2).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            head.eval()
+            with torch.no_grad():
+                mse = float((head(states, prompt_mask) - targets).pow(2).mean())
+            history.append(mse)
+            if mse < best:
+                best, best_state = mse, {k: v.clone() for k, v in head.state_dict().items()}
+        head.load_state_dict(best_state)
+        return history
+
+    def prepare(self, buffer: SequenceBuffer, batch_size: int = 64) -> dict[str, float]:
+        """Cache A = R - V_ref(x) for every example and turn on priority sampling by A+."""
+        advantages = []
+        self.nets["value"].eval()
+        for index in torch.arange(len(buffer), device=buffer.device).split(batch_size):
+            prompt_mask = buffer.attention_mask[index] * (1 - buffer.response_mask[index])
+            advantages.append(buffer.rewards[index] - self.value(buffer.input_ids[index], prompt_mask))
+        self.advantages = torch.cat(advantages).detach()
+        positive = self.advantages.clamp(min=0)
+        if self.cfg.variant.startswith("alol"):
+            if positive.sum() <= 0:
+                raise ValueError("no training example has a positive advantage: A-LoL has nothing to learn from")
+            buffer.weights = positive
+        return {"positive_fraction": float((self.advantages > 0).float().mean()), "advantage_mean": float(self.advantages.mean())}
+
+    # --- update ----------------------------------------------------------------------------------
+    def losses(self, batch: SequenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        mask = batch.response_mask[:, 1:].float()
+        token_lp = token_log_probs(self.nets["policy"], batch.input_ids, batch.attention_mask) * mask
+        with torch.no_grad():
+            ref_token_lp = token_log_probs(self.nets["reference"], batch.input_ids, batch.attention_mask) * mask
+        log_prob, ref_log_prob = token_lp.sum(-1), ref_token_lp.sum(-1)
+        nll = -log_prob
+        reward = batch.rewards
+        advantage = None
+        if self.advantages is not None:
+            advantage = self.advantages[batch.index].clamp(min=0)
+        elif cfg.variant.startswith("alol"):
+            raise RuntimeError("call prepare(buffer) before training A-LoL: it needs the cached advantages")
+        ratio = clipped_ratio(log_prob, ref_log_prob, cfg.clip_eps)
+        variant = cfg.variant
+        if variant == "nll":
+            per_example = nll
+        elif variant == "wbc":
+            per_example = reward * nll
+        elif variant == "rlol":
+            per_example = ratio * nll * reward
+        elif variant == "alol":
+            per_example = ratio * nll * advantage
+        elif variant == "alol_seq":
+            token_ratio = clipped_ratio(token_lp, ref_token_lp, cfg.clip_eps)
+            per_example = advantage * (token_ratio * -token_lp * mask).sum(-1)
+        elif variant == "alol_ref_free":
+            per_example = nll * advantage
+        else:  # alol_kl
+            per_example = nll * advantage + cfg.kl_beta * (log_prob - ref_log_prob)
+        metrics = {"nll": nll.detach().mean(), "ratio_mean": ratio.mean(), "log_ratio": (log_prob - ref_log_prob).detach().mean()}
+        return per_example.mean(), metrics
+
+    def update(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        self.step += 1
+        loss, metrics = self.losses(batch)
+        self.optimizers["policy"].zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.nets["policy"].parameters(), self.cfg.grad_clip)
+        self.optimizers["policy"].step()
+        return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
+
+    def extra_state(self) -> dict:
+        return {"advantages": None if self.advantages is None else self.advantages.cpu()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state.get("advantages") is not None:
+            self.advantages = state["advantages"].to(self.device)
+

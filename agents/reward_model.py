@@ -1,0 +1,72 @@
+"""Bradley-Terry reward model on text preference pairs (TRL-style {"prompt","chosen","rejected"}).
+
+  P(y_w > y_l | x) = sigma(r(x, y_w) - r(x, y_l))
+  L = -E log sigma(r_w - r_l - margin) + center_coef * E (r_w + r_l)^2
+r reads the backbone's last hidden state at the final token (rows are left-padded, so the final
+column is always the last real token) through a linear head. The optional margin is per pair or a
+constant; reward centering (Eisenstein et al.) keeps scores near zero. A trained model is a reward
+function R(prompt, response) for the token env, A-LoL data or best-of-n.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from agents.lm_common import LMAgent, _tokenize
+from orl.agent import register
+from orl.sequence import PairBatch, SequenceBatch, build_sequences, position_ids
+
+
+@dataclass
+class RewardModelConfig:
+    model_path: str = "data/tiny-lm"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    margin: float = 0.0
+    center_coef: float = 0.0  # e.g. 0.01
+    grad_clip: float = 1.0
+
+
+def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | torch.Tensor = 0.0, center_coef: float = 0.0) -> torch.Tensor:
+    loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected).pow(2).mean()
+    return loss
+
+
+@register("reward_model")
+class RewardModel(LMAgent):
+    Config = RewardModelConfig
+
+    def __init__(self, obs_space, action_space, cfg: RewardModelConfig, device="cpu"):
+        super().__init__(obs_space, action_space, cfg, device, with_reference=False)
+        self.nets["head"] = nn.Linear(self.nets["policy"].config.hidden_size, 1).to(self.device)
+        self.optimizers["model"] = torch.optim.AdamW(list(self.nets["policy"].parameters()) + list(self.nets["head"].parameters()),
+                                                     lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def score(self, batch: SequenceBatch) -> torch.Tensor:
+        out = self.nets["policy"](input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  position_ids=position_ids(batch.attention_mask), output_hidden_states=True)
+        return self.nets["head"](out.hidden_states[-1][:, -1]).squeeze(-1)
+
+    def update(self, batch: PairBatch) -> dict[str, torch.Tensor]:
+        self.step += 1
+        chosen, rejected = self.score(batch.chosen), self.score(batch.rejected)
+        loss = bt_loss(chosen, rejected, self.cfg.margin, self.cfg.center_coef)
+        self.optimizers["model"].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.nets.parameters(), self.cfg.grad_clip)
+        self.optimizers["model"].step()
+        return {"loss": loss.detach(), "accuracy": (chosen > rejected).float().mean().detach(), "margin": (chosen - rejected).mean().detach()}
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, response: str) -> float:
+        ids, mask, response_mask = build_sequences(*_tokenize(self.tokenizer, [prompt], [response]), self.tokenizer.pad_token_id)
+        was_training = self.nets.training
+        self.nets.eval()
+        value = self.score(SequenceBatch(ids.to(self.device), mask.to(self.device), response_mask.to(self.device)))
+        self.nets.train(was_training)
+        return float(value[0])
