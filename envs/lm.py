@@ -72,7 +72,7 @@ class VectorTokenEnv:
         ids, mask = pad_left(self.prompt_ids, self.pad_id, self.prompt_width)
         self.input_ids = torch.cat([ids, torch.full((self.num_envs, self.max_new_tokens), self.pad_id)], 1)
         self.attention_mask = torch.cat([mask, torch.zeros(self.num_envs, self.max_new_tokens, dtype=torch.long)], 1)
-        self.generated: list[list[int]] = [[] for _ in range(self.num_envs)]
+        self.lengths = torch.zeros(self.num_envs, dtype=torch.long)  # tokens generated per row (EOS included)
         self.done = torch.zeros(self.num_envs, dtype=torch.bool)
         self.t = 0
         return self.observation(), {}
@@ -85,29 +85,27 @@ class VectorTokenEnv:
         actions = torch.as_tensor(actions, dtype=torch.long).reshape(self.num_envs)
         active = ~self.done
         column = self.prompt_width + self.t
-        self.input_ids[active, column] = actions[active]
-        self.attention_mask[active, column] = 1
-        rewards = np.zeros(self.num_envs)
-        terminated = np.zeros(self.num_envs, dtype=bool)
-        truncated = np.zeros(self.num_envs, dtype=bool)
+        self.input_ids[:, column] = torch.where(active, actions, self.pad_id)
+        self.attention_mask[:, column] = active.long()
+        self.lengths += active.long()
         self.t += 1
-        for row in torch.nonzero(active).flatten().tolist():
-            token = int(actions[row])
-            self.generated[row].append(token)
-            if self.step_reward_fn is not None:
-                rewards[row] += self.step_reward_fn(token, self.generated[row])
-            if token == self.eos_id:
-                terminated[row] = True
-            elif self.t >= self.max_new_tokens:
-                truncated[row] = True
-            if terminated[row] or truncated[row]:
-                self.done[row] = True
-                if self.reward_fn is not None:
-                    rewards[row] += self.reward_fn(self.prompts[row], self.response_text(row))
-        return self.observation(), rewards, terminated, truncated, {"active": active.numpy()}
+        terminated = active & (actions == self.eos_id)
+        truncated = active & ~terminated & (self.t >= self.max_new_tokens)
+        rewards = np.zeros(self.num_envs)
+        if self.step_reward_fn is not None:
+            for row in torch.nonzero(active).flatten().tolist():
+                generated = self.input_ids[row, self.prompt_width : self.prompt_width + int(self.lengths[row])].tolist()
+                rewards[row] += self.step_reward_fn(generated[-1], generated)
+        finished = terminated | truncated
+        self.done |= finished
+        if self.reward_fn is not None:
+            # The terminal reward is computed only for rows that end on this step.
+            for row in torch.nonzero(finished).flatten().tolist():
+                rewards[row] += self.reward_fn(self.prompts[row], self.response_text(row))
+        return self.observation(), rewards, terminated.numpy(), truncated.numpy(), {"active": active.numpy()}
 
     def response_ids(self, row: int) -> list[int]:
-        ids = self.generated[row]
+        ids = self.input_ids[row, self.prompt_width : self.prompt_width + int(self.lengths[row])].tolist()
         return ids[:-1] if ids and ids[-1] == self.eos_id else ids
 
     def response_text(self, row: int) -> str:
@@ -216,8 +214,8 @@ def rollout(policy, env: VectorTokenEnv, greedy: bool = True, temperature: float
         if greedy:
             actions = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits / temperature, -1)
-            actions = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            probs = torch.softmax(logits / temperature, -1).cpu()
+            actions = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
         log_probs.append(torch.log_softmax(logits, -1).gather(-1, actions[:, None]).squeeze(-1).cpu())
         # Rows that finished keep receiving pad tokens so the batch stays rectangular.
         actions = torch.where(env.done.to(actions.device), torch.full_like(actions, env.pad_id), actions)
@@ -278,3 +276,23 @@ class SequenceBandit(gym.Env):
     def step(self, action: Sequence[int]):
         text = self.tokenizer.decode(list(action), skip_special_tokens=True)
         return self._index, float(self.reward_fn(self.prompts[self._index], text)), True, False, {"response": text}
+
+
+def evaluate_lm(model, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, max_new_tokens: int = 24, samples: int = 1,
+                greedy: bool = False, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+    """Mean reward, response length (tokens) and distinct-1/2 over held-out prompts, generated through the env."""
+    from orl.sequence import distinct_n
+
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    rewards, responses = [], []
+    repeated = [p for p in prompts for _ in range(samples)]
+    for start in range(0, len(repeated), batch_size):
+        env = VectorTokenEnv(tokenizer, repeated[start : start + batch_size], reward_fn, max_new_tokens, getattr(model.config, "n_positions", None))
+        out = rollout(KVCachePolicy(model), env, greedy=greedy, generator=generator)
+        rewards.extend(out["rewards"].tolist())
+        responses.extend(out["responses"])
+    model.train(was_training)
+    return {"reward": float(np.mean(rewards)), "length": float(np.mean([len(r) for r in responses])),
+            "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2)}

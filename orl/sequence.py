@@ -141,3 +141,41 @@ def distinct_n(texts: Sequence[Sequence[int]], n: int) -> float:
     """Distinct-n: unique n-grams / total n-grams over all responses (token level)."""
     grams = [tuple(t[i : i + n]) for t in texts for i in range(len(t) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
+
+
+JSONL_FIELDS = {"rewarded": ("prompt", "response", "reward"), "pairs": ("prompt", "chosen", "rejected")}
+
+
+def load_jsonl(path, kind: str) -> list[dict]:
+    """Read and validate a text dataset: `rewarded` rows {"prompt","response","reward"} (A-LoL) or
+    `pairs` rows {"prompt","chosen","rejected"} (DPO, reward models)."""
+    import json
+    import math
+    from pathlib import Path
+
+    if kind not in JSONL_FIELDS:
+        raise ValueError(f"kind must be one of {sorted(JSONL_FIELDS)}, got {kind!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"text dataset {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        missing = [k for k in JSONL_FIELDS[kind] if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing field(s) {missing}; {kind} rows need {list(JSONL_FIELDS[kind])}")
+        for key in JSONL_FIELDS[kind]:
+            if key == "reward":
+                if not isinstance(row[key], (int, float)) or isinstance(row[key], bool) or not math.isfinite(row[key]):
+                    raise ValueError(f"{path}:{number}: reward must be a finite number, got {row[key]!r}")
+            elif not isinstance(row[key], str):
+                raise ValueError(f"{path}:{number}: {key} must be a string, got {type(row[key]).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows

@@ -108,3 +108,41 @@ def test_reward_model_learns_synthetic_preferences(tiny_lm):
     prompts, chosen, rejected = pairs(100)
     correct = sum(agent(p, c) > agent(p, r) for p, c, r in zip(prompts, chosen, rejected))
     assert correct >= 80  # held-out pairs, chance is 50
+
+
+def test_rloo_raises_reward_online(tiny_lm):
+    from envs.lm import evaluate_lm
+    from envs.tiny_lm import make_prompts
+
+    torch.manual_seed(0)
+    agent = orl.make_agent("rloo", SPACE, SPACE, {"model_path": tiny_lm["path"], "lr": 3e-4, "max_new_tokens": 16})
+    test_prompts = make_prompts(64, seed=7)
+    before = evaluate_lm(agent.nets["policy"], agent.tokenizer, test_prompts, increasing_numbers, 16, seed=0)["reward"]
+    for step in range(25):
+        agent.train_step(make_prompts(16, seed=step), increasing_numbers)
+    after = evaluate_lm(agent.nets["policy"], agent.tokenizer, test_prompts, increasing_numbers, 16, seed=0)["reward"]
+    assert after > before + 0.1, (before, after)
+
+
+def test_jsonl_validation(tmp_path):
+    from orl.sequence import load_jsonl
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "response": "b", "reward": 0.5}\n\n{"prompt": "c", "response": "d", "reward": 1}\n')
+    assert len(load_jsonl(good, "rewarded")) == 2
+    cases = {
+        '{"prompt": "a", "response": "b"}': "missing field",
+        '{"prompt": "a", "response": "b", "reward": "high"}': "finite number",
+        '{"prompt": "a", "response": "b", "reward": NaN}': "finite number",
+        '{"prompt": 3, "response": "b", "reward": 1.0}': "must be a string",
+        "not json": "not valid JSON",
+    }
+    for line, message in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(line + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_jsonl(bad, "rewarded")
+    with pytest.raises(ValueError, match="missing field"):
+        load_jsonl(good, "pairs")
+    with pytest.raises(FileNotFoundError):
+        load_jsonl(tmp_path / "none.jsonl", "pairs")

@@ -1,0 +1,95 @@
+"""REINFORCE with a leave-one-out (RLOO) or greedy (ReMax) baseline: online RL in the token env.
+
+For each prompt x, sample k responses y_1..y_k ~ pi(.|x) through the token-level env wrapped in the
+per-token KL penalty, so each return is R_i = R(x, y_i) - beta * sum_t (log pi - log pi_ref)(y_i,t).
+  baseline  rloo:   b_i = mean_{j != i} R_j           greedy: b = R(x, greedy response)
+  L = -E[ (R_i - b_i) * log pi(y_i | x) ]              log pi summed over response tokens
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from agents.lm_common import LMAgent
+from orl.agent import register
+from orl.sequence import SequenceBatch, build_sequences, response_log_prob
+
+
+@dataclass
+class RLOOConfig:
+    model_path: str = "data/tiny-lm"
+    samples_per_prompt: int = 4
+    baseline: str = "rloo"  # rloo | greedy
+    kl_beta: float = 0.05
+    lr: float = 1e-4
+    grad_clip: float = 1.0
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+
+
+@register("rloo")
+class RLOO(LMAgent):
+    Config = RLOOConfig
+
+    def __init__(self, obs_space, action_space, cfg: RLOOConfig, device="cpu"):
+        if cfg.baseline not in ("rloo", "greedy"):
+            raise ValueError(f"baseline must be rloo or greedy, got {cfg.baseline!r}")
+        if cfg.baseline == "rloo" and cfg.samples_per_prompt < 2:
+            raise ValueError("the leave-one-out baseline needs samples_per_prompt >= 2")
+        super().__init__(obs_space, action_space, cfg, device)
+        self.optimizers["policy"] = torch.optim.AdamW(self.nets["policy"].parameters(), lr=cfg.lr)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def _generate(self, prompts: Sequence[str], reward_fn, greedy: bool, kl: bool):
+        from envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv
+
+        env = VectorTokenEnv(self.tokenizer, prompts, reward_fn, self.cfg.max_new_tokens, self.nets["policy"].config.n_positions)
+        if kl and self.cfg.kl_beta > 0:
+            env = KLPenalty(env, self.nets["reference"], self.cfg.kl_beta)
+        policy = KVCachePolicy(self.nets["policy"])
+        obs, _ = env.reset()
+        width = env.prompt_width
+        logits = policy.start(obs["input_ids"][:, :width], obs["attention_mask"][:, :width])
+        returns = torch.zeros(len(prompts))
+        while not env.all_done:
+            logits = logits / self.cfg.temperature
+            actions = logits.argmax(-1) if greedy else torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=self.generator).squeeze(-1)
+            actions = torch.where(env.done, torch.full_like(actions, self.tokenizer.pad_token_id), actions.cpu())
+            log_probs = torch.log_softmax(logits, -1).gather(-1, actions[:, None].to(logits.device)).squeeze(-1)
+            step = env.step(actions, log_probs) if isinstance(env, KLPenalty) else env.step(actions)
+            returns += torch.as_tensor(step[1], dtype=torch.float32)
+            if not env.all_done:
+                logits = policy.step(actions)
+        # The exact sampled tokens (EOS included when generated, none appended to truncated responses).
+        generated = [env.input_ids[i, width : width + int(env.lengths[i])].tolist() for i in range(len(prompts))]
+        return (env.prompt_ids, generated), returns
+
+    def train_step(self, prompts: Sequence[str], reward_fn: Callable[[str, str], float]) -> dict[str, float]:
+        """Sample k responses per prompt in the env, then one policy-gradient step."""
+        self.nets["policy"].eval()
+        k = self.cfg.samples_per_prompt
+        repeated = [p for p in prompts for _ in range(k)]
+        (prompt_ids, generated), returns = self._generate(repeated, reward_fn, greedy=False, kl=True)
+        grouped = returns.view(len(prompts), k)
+        if self.cfg.baseline == "rloo":
+            baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+        else:
+            _, greedy_returns = self._generate(list(prompts), reward_fn, greedy=True, kl=False)
+            baseline = greedy_returns[:, None].expand_as(grouped)
+        advantages = (grouped - baseline).flatten().to(self.device)
+        self.nets["policy"].train()
+        ids, mask, response_mask = build_sequences(prompt_ids, generated, self.tokenizer.pad_token_id)
+        batch = SequenceBatch(ids.to(self.device), mask.to(self.device), response_mask.to(self.device))
+        log_prob = response_log_prob(self.nets["policy"], batch)
+        loss = -(advantages * log_prob).mean()
+        self.optimizers["policy"].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.nets["policy"].parameters(), self.cfg.grad_clip)
+        self.optimizers["policy"].step()
+        self.step += 1
+        return {"loss": float(loss.detach()), "return_mean": float(returns.mean()), "advantage_std": float(advantages.std())}
+
+    def update(self, batch):
+        raise TypeError("RLOO learns online: call train_step(prompts, reward_fn), which samples its own batch in the env")
