@@ -279,7 +279,7 @@ class SequenceBandit(gym.Env):
 
 
 def evaluate_lm(model, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, max_new_tokens: int = 24, samples: int = 1,
-                greedy: bool = False, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+                greedy: bool = False, seed: int = 0, batch_size: int = 64, details: bool = False) -> dict[str, Any]:
     """Mean reward, response length (tokens) and distinct-1/2 over held-out prompts, generated through the env."""
     from orl.sequence import distinct_n
 
@@ -294,5 +294,18 @@ def evaluate_lm(model, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, m
         rewards.extend(out["rewards"].tolist())
         responses.extend(out["responses"])
     model.train(was_training)
-    return {"reward": float(np.mean(rewards)), "length": float(np.mean([len(r) for r in responses])),
-            "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2)}
+    out = {"reward": float(np.mean(rewards)), "length": float(np.mean([len(r) for r in responses])),
+           "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2)}
+    if details:
+        out.update(rewards=rewards, lengths=[len(r) for r in responses])
+    return out
+
+
+def best_of_n(model, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, n: int = 4, max_new_tokens: int = 24,
+              seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """Sample n responses per prompt through the env (the sequence-level bandit view) and keep the best."""
+    env = VectorTokenEnv(tokenizer, [p for p in prompts for _ in range(n)], reward_fn, max_new_tokens, getattr(model.config, "n_positions", None))
+    out = rollout(KVCachePolicy(model), env, greedy=False, generator=torch.Generator().manual_seed(seed))
+    rewards = out["rewards"].reshape(len(prompts), n)
+    best = rewards.argmax(1)
+    return [out["texts"][i * n + int(j)] for i, j in enumerate(best)], rewards.max(1)

@@ -34,7 +34,7 @@ def setup_torch(device: str, threads: int | None) -> torch.device:
 
 def _slug(spec: str) -> str:
     path = Path(spec)
-    name = path.stem if path.suffix in (".npz", ".hdf5", ".h5") else spec
+    name = path.stem if path.suffix in (".npz", ".hdf5", ".h5", ".jsonl") else spec
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
 
 
@@ -73,6 +73,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     device = setup_torch(cfg.device, cfg.threads)
     seed_everything(int(cfg.seed))
+    if str(cfg.dataset).endswith(".jsonl"):
+        return run_train_lm(cfg, device)
     dataset = load_or_collect(cfg)
     if dataset.env_id is None:
         raise ValueError(f"dataset {cfg.dataset} does not say which environment it comes from; pass env=<gymnasium id>")
@@ -118,6 +120,82 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         summary.update(result.metrics(prefix=""))
         score = f"normalized score {result.mean_normalized:.1f} ± {result.normalized.std():.1f}" if result.normalized is not None else "(no reference scores)"
         print(f"[orl] final evaluation over {len(result.returns)} episodes: return {result.mean_return:.1f}, {score}")
+    print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    return summary
+
+
+LM_DATA_KIND = {"alol": "rewarded", "dpo": "pairs", "reward_model": "pairs"}
+
+
+def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Text datasets (JSONL): A-LoL on {"prompt","response","reward"}, DPO / reward models on pairs.
+
+    Evaluation generates through the token-level env on held-out prompts and reports mean reward,
+    response length and distinct-n.
+    """
+    import numpy as np
+
+    from agents.lm_common import pair_buffer, text_buffer
+    from envs.lm import VectorTokenEnv, evaluate_lm, load_lm
+    from envs.text_rewards import TEXT_REWARDS
+    from orl.evaluation import EvalResult
+    from orl.sequence import load_jsonl
+
+    lm = cfg.lm
+    agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
+    agent_name = agent_cfg.pop("name")
+    if agent_name not in LM_DATA_KIND:
+        raise ValueError(f"agent {agent_name!r} does not train on text; use one of {sorted(LM_DATA_KIND)} with a .jsonl dataset")
+    if str(lm.model) == str(lm.embedded_model) and not Path(str(lm.model), "config.json").exists():
+        from envs.tiny_lm import build_tiny_lm
+
+        print(f"[orl] building the embedded tiny GPT-2 at {lm.model} (first run only)")
+        build_tiny_lm(str(lm.model))
+    agent_cfg["model_path"] = str(lm.model)
+    if str(lm.reward) not in TEXT_REWARDS:
+        raise ValueError(f"lm.reward={lm.reward!r} is not a known text reward; choose from {sorted(TEXT_REWARDS)}")
+    reward_fn = TEXT_REWARDS[str(lm.reward)]
+    rows = load_jsonl(str(cfg.dataset), LM_DATA_KIND[agent_name])
+    if lm.eval_prompts:
+        eval_prompts = [line.strip() for line in Path(str(lm.eval_prompts)).read_text().splitlines() if line.strip()]
+    else:
+        from envs.tiny_lm import make_prompts
+
+        eval_prompts = make_prompts(int(lm.num_eval_prompts), seed=300)
+    _, tokenizer = load_lm(str(lm.model))
+    probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
+    agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
+    if LM_DATA_KIND[agent_name] == "rewarded":
+        buffer = text_buffer(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], [r["reward"] for r in rows], device)
+    else:
+        buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device)
+    if agent_name == "alol":
+        # V_ref is fit on the reference policy's greedy generations for held-out (validation) prompts.
+        value_prompts = eval_prompts[: int(lm.num_value_prompts)]
+        ref_eval = evaluate_lm(agent.nets["reference"], tokenizer, value_prompts, reward_fn, int(lm.max_new_tokens), greedy=True, details=True)
+        prompt_buffer = text_buffer(tokenizer, value_prompts, [""] * len(value_prompts), None, device)
+        agent.fit_value(prompt_buffer.input_ids, prompt_buffer.attention_mask * (1 - prompt_buffer.response_mask), torch.tensor(ref_eval["rewards"]))
+    if hasattr(agent, "prepare"):
+        print(f"[orl] {agent_name} data: {agent.prepare(buffer)}")
+
+    def evaluator(agent_) -> EvalResult:
+        model = agent_.nets["policy"]
+        if agent_name == "reward_model":
+            scores = [agent_(r["prompt"], r["chosen"]) > agent_(r["prompt"], r["rejected"]) for r in rows[:256]]
+            return EvalResult(np.asarray(scores, float), np.ones(len(scores)), extra={"pair_accuracy": float(np.mean(scores))})
+        out = evaluate_lm(model, tokenizer, eval_prompts, reward_fn, int(lm.max_new_tokens), seed=int(cfg.seed), details=True)
+        return EvalResult(np.asarray(out["rewards"]), np.asarray(out["lengths"]), extra={"distinct_1": out["distinct_1"], "distinct_2": out["distinct_2"]})
+
+    run_dir = resolve_run_dir(cfg, agent_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {lm.model}, device {device}) -> {run_dir}")
+    trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=evaluator)
+    result = trainer.train(resume=bool(cfg.resume))
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    if result is not None:
+        summary.update(result.metrics(prefix=""))
+        print(f"[orl] final evaluation on {len(result.returns)} responses: mean reward {result.mean_return:.3f}, length {result.lengths.mean():.1f}")
     print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
     return summary
 

@@ -64,6 +64,7 @@ class Trainer:
         offline: TransitionBuffer | None = None,
         env_fn: Callable[[], gym.Env] | None = None,
         ref_scores: tuple[float, float] | None = None,
+        evaluator: Callable[[Agent], EvalResult] | None = None,
     ):
         if cfg.buffer_mode not in BUFFER_MODES:
             raise ValueError(f"buffer_mode must be one of {BUFFER_MODES}, got {cfg.buffer_mode!r}")
@@ -74,6 +75,7 @@ class Trainer:
         if cfg.buffer_mode in ("seed", "mix") and cfg.online_steps > 0 and offline is None:
             raise ValueError(f"buffer_mode={cfg.buffer_mode} needs an offline dataset")
         self.agent, self.cfg, self.offline, self.env_fn, self.ref_scores = agent, cfg, offline, env_fn, ref_scores
+        self.evaluator = evaluator  # replaces the control-task evaluation (e.g. text generation through the LM env)
         self.run_dir = Path(run_dir)
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
         self.device = agent.device
@@ -125,9 +127,12 @@ class Trainer:
             self.run_evaluation()
 
     def run_evaluation(self) -> EvalResult | None:
-        if self.env_fn is None or self.cfg.eval_episodes <= 0:
+        if self.evaluator is not None:
+            result = self.evaluator(self.agent)
+        elif self.env_fn is None or self.cfg.eval_episodes <= 0:
             return None
-        result = evaluate(self.agent, self.env_fn, self.cfg.eval_episodes, self.cfg.seed + self.cfg.eval_seed_offset, ref_scores=self.ref_scores)
+        else:
+            result = evaluate(self.agent, self.env_fn, self.cfg.eval_episodes, self.cfg.seed + self.cfg.eval_seed_offset, ref_scores=self.ref_scores)
         self.last_eval = result
         self.logger.log(self.step, result.metrics())
         score = result.mean_normalized if result.mean_normalized is not None else result.mean_return

@@ -146,3 +146,33 @@ def test_jsonl_validation(tmp_path):
         load_jsonl(good, "pairs")
     with pytest.raises(FileNotFoundError):
         load_jsonl(tmp_path / "none.jsonl", "pairs")
+
+
+@pytest.mark.parametrize("agent_name", ["alol", "dpo", "reward_model"])
+def test_orl_train_runs_text_agents_from_jsonl(agent_name, tiny_lm, tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from orl.cli import CONFIG_DIR, run_train
+
+    prompts, responses, rewards = _rows(48)
+    _, others, other_rewards = _rows(48, seed=5)
+    if agent_name == "alol":
+        rows = [{"prompt": p, "response": r, "reward": w} for p, r, w in zip(prompts, responses, rewards)]
+    else:
+        rows = [{"prompt": p, "chosen": a if ra >= rb else b, "rejected": b if ra >= rb else a}
+                for p, a, b, ra, rb in zip(prompts, responses, others, rewards, other_rewards)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [f"agent={agent_name}", f"dataset={path}", f"lm.model={tiny_lm['path']}", "lm.num_eval_prompts=16", "lm.num_value_prompts=16",
+                 "steps=6", "eval.every=6", "log.every=3", "batch_size=4", "log.progress=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    summary = run_train(cfg)
+    assert "return_mean" in summary
+    from orl.logger import read_metrics
+    logged = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in logged if "train/loss" in r] == [3, 6]
+    if agent_name != "reward_model":
+        assert "eval/distinct_2" in logged[-1]

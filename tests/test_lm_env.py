@@ -1,4 +1,6 @@
 """Generation as an environment (issue 6): the token MDP and its KV-cache policy side."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,27 @@ def test_text_rewards():
     window = length_window(2, 4)
     assert window("", "a b c") == 1.0 and window("", "a") == 0.5 and window("", "") == 0.0
     assert len(make_prompts(5, 0)) == 5
+
+
+def test_best_of_n_beats_single_samples(tiny_lm):
+    from envs.lm import best_of_n, evaluate_lm
+
+    prompts = make_prompts(32, seed=4)
+    texts, best = best_of_n(tiny_lm["model"], tiny_lm["tokenizer"], prompts, increasing_numbers, n=4, seed=0)
+    single = evaluate_lm(tiny_lm["model"], tiny_lm["tokenizer"], prompts, increasing_numbers, seed=0)["reward"]
+    assert len(texts) == 32 and best.mean() > single
+    assert all(increasing_numbers(p, t) == pytest.approx(b) for p, t, b in zip(prompts, texts, best))
+
+
+def test_hf_sequence_classifier_reward_loads_by_path(tiny_lm, tmp_path):
+    from transformers import GPT2ForSequenceClassification
+
+    from envs.text_rewards import SequenceClassifierReward
+
+    config = copy.deepcopy(tiny_lm["model"].config)
+    config.num_labels = 1
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tiny_lm["tokenizer"].save_pretrained(tmp_path)
+    reward = SequenceClassifierReward(str(tmp_path))
+    value = reward("count: 3", " 4 5")
+    assert 0.0 < value < 1.0
