@@ -75,6 +75,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     results = load_results(args.name)
@@ -82,16 +83,29 @@ def cmd_report(args: argparse.Namespace) -> None:
         sys.exit(f"no results under results/{args.name}/runs")
     datasets = sorted({r["dataset"] for r in results})
     agents = [a for a in args.order if any(r["agent"] == a for r in results)] + sorted({r["agent"] for r in results} - set(args.order))
-    key = "online_final" if args.online else "final"
-    lines = ["| dataset | " + " | ".join(agents) + " |", "|---|" + "---:|" * len(agents)]
-    for dataset in datasets:
-        cells = []
-        for agent in agents:
-            scores = [r["final"] for r in results if r["dataset"] == dataset and r["agent"] == agent and r["final"] is not None]
-            cells.append(f"{np.mean(scores):.1f} ± {np.std(scores):.1f} (n={len(scores)})" if scores else "-")
-        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
-    steps = sorted({r["steps"] for r in results})
-    table = "\n".join(lines) + f"\n\nFinal D4RL-normalized score (mean ± std over seeds), {steps} gradient steps.\n"
+    if args.online:
+        lines = ["| dataset | agent | offline score | after online | cumulative regret | seeds |", "|---|---|---:|---:|---:|---:|"]
+        for dataset in datasets:
+            for agent in agents:
+                runs = [r for r in results if r["dataset"] == dataset and r["agent"] == agent]
+                if not runs:
+                    continue
+                offline = [dict(r["curve"]).get(r["steps"]) for r in runs if r["steps"] > 0]
+                final = [r["final"] for r in runs]
+                regret = [np.mean([1 - score / 100 for _, score in r["online_episodes"]]) for r in runs if r["online_episodes"]]
+                fmt = lambda xs, digits=1: f"{np.mean(xs):.{digits}f} ± {np.std(xs):.{digits}f}" if xs and None not in xs else "-"  # noqa: E731
+                lines.append(f"| {dataset} | {agent} | {fmt(offline)} | {fmt(final)} | {fmt(regret, 3)} | {len(runs)} |")
+        table = "\n".join(lines) + "\n\nD4RL-normalized scores (mean ± std over seeds); regret = mean over online episodes of 1 - score/100.\n"
+    else:
+        lines = ["| dataset | " + " | ".join(agents) + " |", "|---|" + "---:|" * len(agents)]
+        for dataset in datasets:
+            cells = []
+            for agent in agents:
+                scores = [r["final"] for r in results if r["dataset"] == dataset and r["agent"] == agent and r["final"] is not None]
+                cells.append(f"{np.mean(scores):.1f} ± {np.std(scores):.1f} (n={len(scores)})" if scores else "-")
+            lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+        steps = sorted({r["steps"] for r in results})
+        table = "\n".join(lines) + f"\n\nFinal D4RL-normalized score (mean ± std over seeds), {steps} gradient steps.\n"
     out = ROOT / "results" / args.name
     (out / "table.md").write_text(table)
     print(table)
@@ -105,10 +119,13 @@ def cmd_report(args: argparse.Namespace) -> None:
             length = min(len(c) for c in curves)
             x = np.array([p[0] for p in curves[0][:length]])
             y = np.array([[p[1] for p in c[:length]] for c in curves])
+            if args.online:
+                x = x - min(r["steps"] for r in results if r["agent"] == agent and r["dataset"] == dataset)  # 0 = the switch
             ax.plot(x, y.mean(0), label=agent)
             ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
         ax.set_title(dataset, fontsize=9)
-        ax.set_xlabel("gradient step" if not args.online else "step")
+        ax.set_xlabel("gradient step" if not args.online else "environment steps after the switch (negative: offline)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("normalized score")
     axes[0][-1].legend(fontsize=8)
