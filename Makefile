@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench baselines clean
+.PHONY: setup run test bench lm-demo clean
 
 # torch is pinned before the project is installed: on a CPU-only machine `torch==2.13.0` resolves to
 # the CPU build, and the project's `torch>=2.4` is then already satisfied (no CUDA download).
@@ -22,6 +22,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_updates.py --out results/bench_updates.json
+	$(BIN)/python scripts/bench_lm_env.py --out results/bench_lm_env.json
+
+lm-demo: setup
+	$(BIN)/python scripts/lm_demo.py
 
 clean:
 	rm -rf $(VENV) runs data

@@ -112,3 +112,46 @@ def test_finetune_rejects_mismatched_checkpoint(tmp_path, pendulum_collection, m
     run_train(_compose(common + ["steps=10", "online.steps=0", "eval.every=10", f"run_dir={tmp_path / 'a'}"]))
     with pytest.raises(ValueError, match="ensemble size, LayerNorm"):
         run_train(_compose(common + ["agent.ensemble_size=10", "online.steps=5", f"init_from={tmp_path / 'a'}", f"run_dir={tmp_path / 'b'}"]))
+
+
+def test_wsrl_recipe_switches_to_high_utd_sac():
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="finetune", overrides=["agent=wsrl"])
+    assert cfg.online.buffer_mode == "none" and cfg.online.warmup_steps == 5000 and cfg.online.online_batch_size == 1024
+    agent_cfg = OmegaConf.to_container(cfg.agent)
+    agent_cfg.pop("name")
+    torch.manual_seed(0)
+    agent = orl.make_agent("cql", OBS, ACT, agent_cfg)
+    assert agent.nets["critic"].ensemble_size == 10 and agent.regularize
+    calls = []
+    original = agent.critic_step
+    agent.critic_step = lambda batch: calls.append(len(batch)) or original(batch)
+    agent.on_online_start()
+    batch = make_batch(n=1024)
+    batch.returns_to_go = None
+    metrics = agent.update(batch)
+    assert calls == [256, 256, 256, 256]  # four critic minibatches, each with its own target update
+    assert "cql_gap" not in metrics and not agent.regularize  # SAC after the switch
+
+
+def test_cql_lagrange_multiplier_tracks_the_gap():
+    torch.manual_seed(0)
+    agent = orl.make_agent("cql", OBS, ACT, {"cql_lagrange": True, "cql_alpha": 1.0, "target_action_gap": 1e6, "cql_n_actions": 2})
+    before = agent.log_cql_alpha.item()
+    agent.update(make_batch())
+    assert agent.log_cql_alpha.item() < before  # gap far below the target: alpha shrinks
+
+
+def test_max_target_backup_takes_max_over_sampled_actions():
+    torch.manual_seed(0)
+    agent = orl.make_agent("cql", OBS, ACT, {"max_target_backup": True, "cql_n_actions": 6, "discount": 1.0})
+    batch = make_batch(n=5)
+    batch.rewards.zero_()
+    target = agent.td_target(batch)
+    torch.manual_seed(1)
+    single = orl.agent.AGENTS["sac"].td_target(agent, batch)  # one sampled next action, same critic
+    assert target.shape == (5,)
+    # The max over 6 sampled actions is at least as large as a typical single sample on average.
+    assert target.mean() >= single.mean() - 1e-6
