@@ -40,6 +40,8 @@ class AWAC(Agent):
         self.nets["critic_target"] = copy.deepcopy(self.nets["critic"]).requires_grad_(False)
         self.optimizers["actor"] = make_optimizer(self.nets["actor"].parameters(), cfg.actor_lr)
         self.optimizers["critic"] = make_optimizer(self.nets["critic"].parameters(), cfg.critic_lr)
+        # Inverse temperature of the advantage weight; FamO2O-AWAC sets a per-sample tensor.
+        self.beta: float | torch.Tensor = 1.0 / cfg.awac_lambda
 
     def advantage(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -65,7 +67,7 @@ class AWAC(Agent):
         self.optimizers["critic"].step()
 
         advantage = self.advantage(batch.obs, batch.actions)
-        actor_loss, weights = self.actor_loss(batch.obs, batch.actions, advantage, 1.0 / cfg.awac_lambda)
+        actor_loss, weights = self.actor_loss(batch.obs, batch.actions, advantage, self.beta)
         self.optimizers["actor"].zero_grad(set_to_none=True)
         actor_loss.backward()
         self.optimizers["actor"].step()

@@ -1,24 +1,29 @@
-"""FamO2O: Train Once, Get a Family (Wang et al., NeurIPS 2023), as a balance layer around IQL.
+"""FamO2O: Train Once, Get a Family (Wang et al., NeurIPS 2023), as a balance layer around a base agent.
 
 The base agent's policy becomes a *universal* policy pi_u(a | s, emb(beta)) conditioned on a balance
-coefficient beta, and a *balance model* pi_b(beta | s) learns a state-dependent beta. For IQL, beta is
-the inverse temperature inside the AWR weight exp(beta * A). Per step (official JAX FamilyLearner,
-algorithms.md section 2.4), with Qbar = min_i Q_i_targ:
+coefficient beta, and a *balance model* pi_b(beta | s) learns a state-dependent beta. beta enters the
+base's own weighting (algorithms.md section 2):
+  * IQL, AWAC: the inverse temperature of the advantage weight, min(exp(beta * A), 100);
+  * CQL:       the multiplier of the Q term in the actor loss, alpha log pi_u - beta * min_i Q_i.
+Betas: uniform on [lo, hi] per sample offline; online, sampled from the pre-update pi_b (stop-grad).
+emb(beta) is the sinusoidal code with d = 6, n = 10000.
 
-  (1) value:     L_V = E L2_tau(Qbar(s,a) - V(s))                                   [IQL value step]
-  (2) balance:   u ~ pi_b(.|s) (reparameterized), beta = lo + (u+1)/2 (hi-lo),
-                 a_b ~ pi_u(.|s, emb(beta)) (reparameterized),
-                 L_b = E[ alpha_b log pi_b(u|s) - Qbar(s, a_b) ]      only pi_b is updated
+FamO2O + IQL, per step (official JAX FamilyLearner, section 2.4), Qbar = min_i Q_i_targ:
+  (1) value:       L_V = E L2_tau(Qbar(s,a) - V(s))                                   [IQL]
+  (2) balance:     u ~ pi_b(.|s), beta = lo + (u+1)/2 (hi-lo), a_b ~ pi_u(.|s, emb(beta)), both
+                   reparameterized; L_b = E[alpha_b log pi_b(u|s) - Qbar(s, a_b)]  (only pi_b updated)
   (3) temperature: L_alpha = alpha_b (H_hat - H_target), H_hat = -E log pi_b(u|s), H_target = -0.5
-  (4) universal: beta_i ~ U[lo, hi] offline, beta_i ~ pi_b(.|s) online (drawn *before* (2), stop-grad),
-                 L_u = -E[ min(exp(beta_i (Qbar(s,a) - V_new(s))), 100) log pi_u(a | s, emb(beta_i)) ]
-  (5) Q:         L_Q = mean_i E (Q_i(s,a) - (r + gamma (1-d) V_new(s')))^2           [IQL critic step]
-  (6) soft-update Q_targ.
+  (4) universal:   L_u = -E[min(exp(beta_i (Qbar(s,a) - V_new(s))), 100) log pi_u(a | s, emb(beta_i))]
+  (5) Q and (6) target update as in IQL.
+FamO2O + AWAC (paper only, no released code: experimental) and FamO2O + CQL run the base's update with
+the conditioned policy and per-sample beta, then the balance step; the balance loss uses the online
+critic, and (CQL, as officially) has no entropy term. In CQL the TD target's next action is sampled
+at s' with the beta drawn for s, as in the official code.
 
-emb(beta) is the sinusoidal code with d = 6, n = 10000. Acting (collection and evaluation) uses the
-deterministic balance beta = map(tanh(mean)); collection samples the action from pi_u, evaluation
-takes its mean. The same mapping (u+1)/2 is used for every base; the official CQL version maps
-x*(hi-lo)+lo, which leaves the offline range (a known bug), so this deliberately deviates from it.
+Acting (collection and evaluation) uses the deterministic balance beta = map(tanh(mean)); collection
+samples the action from pi_u, evaluation takes its mode. The mapping (u+1)/2 is used for every base;
+the official CQL version maps x*(hi-lo)+lo, which leaves the offline range (a known bug), so this
+deliberately deviates from it.
 """
 from __future__ import annotations
 
@@ -26,15 +31,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
 import torch
 from torch import nn
 
-from agents.iql import IQL, IQLConfig
+from agents.awac import AWAC
+from agents.cql import CQL
+from agents.iql import IQL
 from orl.agent import Agent, build_config, register
 from orl.buffer import Batch
-from orl.nn import GaussianActor, frozen, make_optimizer, mlp, soft_update
+from orl.nn import GaussianActor, TanhGaussianActor, frozen, make_optimizer, mlp, soft_update
 
 
 def sinusoidal_embedding(beta: torch.Tensor, dim: int = 6, base: float = 10000.0) -> torch.Tensor:
@@ -70,9 +75,44 @@ class BalanceModel(nn.Module):
         return self.to_beta(torch.tanh(self.mean(obs).squeeze(-1)))
 
 
+class ConditionedActor(nn.Module):
+    """The universal policy: the base's actor class on [s, emb(beta)], with beta set per batch.
+
+    The base agent keeps calling actor(obs), actor.sample(obs), actor.log_prob(obs, a) unchanged. When
+    the base tiles observations (CQL's obs.repeat(n, 1)), beta is tiled the same way.
+    """
+
+    def __init__(self, actor: nn.Module, embedding_dim: int, embedding_base: float):
+        super().__init__()
+        self.actor, self.embedding_dim, self.embedding_base = actor, embedding_dim, embedding_base
+        self.beta: torch.Tensor | None = None
+
+    def condition(self, obs: torch.Tensor) -> torch.Tensor:
+        beta = self.beta
+        if beta is None:
+            raise RuntimeError("set ConditionedActor.beta before calling the universal policy")
+        if beta.shape[0] != obs.shape[0]:
+            beta = beta.repeat(obs.shape[0] // beta.shape[0])
+        return torch.cat([obs, sinusoidal_embedding(beta, self.embedding_dim, self.embedding_base)], -1)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        return self.actor(self.condition(obs), deterministic)
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.actor.sample(self.condition(obs))
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.actor.log_prob(self.condition(obs), action)
+
+    def reparameterized_action(self, obs: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.actor, GaussianActor):
+            return self.actor.distribution(self.condition(obs)).rsample().clamp(-self.actor.max_action, self.actor.max_action)
+        return self.actor.sample(self.condition(obs))[0]
+
+
 @dataclass
 class FamO2OConfig:
-    base: dict[str, Any] = field(default_factory=lambda: {"cosine_actor_lr": False})  # IQLConfig overrides
+    base: dict[str, Any] = field(default_factory=dict)  # overrides of the base agent's config
     beta_lo: float = 1.0
     beta_hi: float = 5.0
     embedding_dim: int = 6
@@ -82,28 +122,31 @@ class FamO2OConfig:
     temperature_lr: float = 3e-4
     init_temperature: float = 1.0
     target_entropy: float = -0.5  # -dim(beta)/2
+    balance_entropy: bool = True  # the official CQL version has no entropy term in the balance loss
     balance_every: int = 1  # update pi_b every k steps (IQL locomotion ports: 5)
 
 
-@register("famo2o_iql")
-class FamO2OIQL(Agent):
+class FamO2O(Agent):
+    """Balance layer; subclasses name the base agent class."""
+
     Config = FamO2OConfig
+    base_class: type[Agent] = IQL
+    base_defaults: dict[str, Any] = {}
 
     def __init__(self, obs_space, action_space, cfg: FamO2OConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device)
         if not cfg.beta_lo < cfg.beta_hi:
             raise ValueError(f"need beta_lo < beta_hi, got [{cfg.beta_lo}, {cfg.beta_hi}]")
-        base_cfg = build_config(IQL, {"cosine_actor_lr": False, **dict(cfg.base)})
-        self.base = IQL(obs_space, action_space, base_cfg, device)
-        # The base's policy becomes the universal policy: its input is [s, emb(beta)].
-        self.base.nets["actor"] = GaussianActor(self.obs_dim + cfg.embedding_dim, self.action_dim, base_cfg.hidden, self.max_action,
-                                                base_cfg.actor_dropout).to(self.device)
-        self.base.optimizers["actor"] = make_optimizer(self.base.nets["actor"].parameters(), base_cfg.actor_lr)
-        if base_cfg.cosine_actor_lr:
+        base_cfg = build_config(self.base_class, {**self.base_defaults, **dict(cfg.base)})
+        self.base = self.base_class(obs_space, action_space, base_cfg, device)
+        self.base.nets["actor"] = ConditionedActor(self._universal_policy(base_cfg), cfg.embedding_dim, cfg.embedding_base).to(self.device)
+        actor_lr = base_cfg.actor_lr
+        self.base.optimizers["actor"] = make_optimizer(self.base.nets["actor"].parameters(), actor_lr)
+        self.base.schedulers.pop("actor", None)
+        if getattr(base_cfg, "cosine_actor_lr", False):
             self.base.schedulers["actor"] = torch.optim.lr_scheduler.CosineAnnealingLR(self.base.optimizers["actor"], max(base_cfg.max_steps, 1))
-        self.nets = self.base.nets  # one ModuleDict, so state_dict covers base and balance layer
-        self.optimizers = self.base.optimizers
-        self.schedulers = self.base.schedulers
+        # One ModuleDict / optimizer dict, so state_dict covers base and balance layer together.
+        self.nets, self.optimizers, self.schedulers = self.base.nets, self.base.optimizers, self.base.schedulers
         self.nets["balance"] = BalanceModel(self.obs_dim, cfg.balance_hidden, cfg.beta_lo, cfg.beta_hi).to(self.device)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.init_temperature), device=self.device))
         self.optimizers["balance"] = make_optimizer(self.nets["balance"].parameters(), cfg.balance_lr)
@@ -111,42 +154,54 @@ class FamO2OIQL(Agent):
         self.online = False
         self._last_balance_metrics: dict[str, torch.Tensor] = {}
 
-    def embed(self, obs: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        return torch.cat([obs, sinusoidal_embedding(beta, self.cfg.embedding_dim, self.cfg.embedding_base)], -1)
+    def _universal_policy(self, base_cfg) -> nn.Module:
+        in_dim = self.obs_dim + self.cfg.embedding_dim
+        if isinstance(self.base, CQL):
+            return TanhGaussianActor(in_dim, self.action_dim, base_cfg.actor_hidden, self.max_action, base_cfg.layer_norm)
+        return GaussianActor(in_dim, self.action_dim, base_cfg.hidden, self.max_action, getattr(base_cfg, "actor_dropout", 0.0))
+
+    @property
+    def balance_critic(self) -> nn.Module:
+        return self.nets["critic"]
 
     def on_online_start(self, **context: Any) -> None:
         self.online = True
+        self.base.on_online_start(**context)
 
-    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        cfg, base = self.cfg, self.base
-        self.step += 1
-        base.step += 1
-        # Betas for the universal policy: uniform offline; from the pre-update balance model online.
+    def draw_betas(self, obs: torch.Tensor) -> torch.Tensor:
+        """Uniform offline; from the (pre-update) balance model online. No gradient."""
         with torch.no_grad():
             if self.online:
-                beta = self.nets["balance"].sample(batch.obs)[0]
-            else:
-                beta = torch.empty(len(batch), device=self.device).uniform_(cfg.beta_lo, cfg.beta_hi)
+                return self.nets["balance"].sample(obs)[0]
+            return torch.empty(obs.shape[0], device=self.device).uniform_(self.cfg.beta_lo, self.cfg.beta_hi)
 
-        target_q, new_value, next_value, metrics = base.value_step(batch)  # (1)
-        if self.step % cfg.balance_every == 0:
-            self._last_balance_metrics = self.balance_step(batch)  # (2) + (3)
-        metrics.update(self._last_balance_metrics)
-        metrics.update(base.actor_step(self.embed(batch.obs, beta), batch.actions, target_q - new_value, beta))  # (4)
-        metrics.update(base.critic_step(batch, next_value))  # (5)
-        soft_update(self.nets["critic_target"], self.nets["critic"], base.cfg.tau)  # (6)
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        self.step += 1
+        beta = self.draw_betas(batch.obs)
+        metrics = self.base_update(batch, beta)
         metrics["beta_mean"] = beta.mean()
         if self.online:
             metrics["hist/beta"] = beta
         return metrics
 
+    def base_update(self, batch: Batch, beta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Base step with per-sample betas, then the balance step (AWAC, CQL)."""
+        self.nets["actor"].beta = beta
+        metrics = self.base.update(batch)
+        if self.step % self.cfg.balance_every == 0:
+            self._last_balance_metrics = self.balance_step(batch)
+        return {**metrics, **self._last_balance_metrics}
+
     def balance_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_b = E[alpha_b log pi_b(u|s) - Qbar(s, a_b)]; differentiates through pi_u and Q_targ without updating them."""
+        """E[alpha_b log pi_b(u|s) - min_i Q_i(s, a_b)]: reaches pi_b through beta -> pi_u -> Q, updating neither."""
         beta, log_prob = self.nets["balance"].sample(batch.obs)
-        with frozen(self.nets["actor"]):
-            dist = self.nets["actor"].distribution(self.embed(batch.obs, beta))
-            balance_actions = dist.rsample().clamp(-self.max_action, self.max_action)
-        q = self.nets["critic_target"](batch.obs, balance_actions).min(0).values  # target critic has no grad params
+        actor = self.nets["actor"]
+        actor.beta = beta
+        with frozen(actor, self.balance_critic):
+            balance_actions = actor.reparameterized_action(batch.obs)
+            q = self.balance_critic(batch.obs, balance_actions).min(0).values
+        if not self.cfg.balance_entropy:
+            return -q.mean(), log_prob
         temperature = self.log_temperature.exp().detach()
         return (temperature * log_prob - q).mean(), log_prob
 
@@ -156,22 +211,70 @@ class FamO2OIQL(Agent):
         balance_loss.backward()
         self.optimizers["balance"].step()
         entropy = -log_prob.detach().mean()
-        temperature_loss = self.log_temperature.exp() * (entropy - self.cfg.target_entropy)
-        self.optimizers["temperature"].zero_grad(set_to_none=True)
-        temperature_loss.backward()
-        self.optimizers["temperature"].step()
-        return {"balance_loss": balance_loss.detach(), "balance_entropy": entropy, "balance_temperature": self.log_temperature.exp().detach()}
+        metrics = {"balance_loss": balance_loss.detach(), "balance_entropy": entropy}
+        if self.cfg.balance_entropy:
+            temperature_loss = self.log_temperature.exp() * (entropy - self.cfg.target_entropy)
+            self.optimizers["temperature"].zero_grad(set_to_none=True)
+            temperature_loss.backward()
+            self.optimizers["temperature"].step()
+            metrics["balance_temperature"] = self.log_temperature.exp().detach()
+        return metrics
 
     @torch.no_grad()
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
-        beta = self.nets["balance"].deterministic(obs)  # deterministic beta for collection and evaluation
-        return self.nets["actor"](self.embed(obs, beta), deterministic)
+        self.nets["actor"].beta = self.nets["balance"].deterministic(obs)  # deterministic beta, collection and evaluation
+        return self.nets["actor"](obs, deterministic)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"log_temperature": self.log_temperature.detach().cpu(), "online": self.online}
+        return {"log_temperature": self.log_temperature.detach().cpu(), "online": self.online, "base": self.base.extra_state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "log_temperature" in state:
             with torch.no_grad():
                 self.log_temperature.copy_(state["log_temperature"].to(self.device))
         self.online = bool(state.get("online", False))
+        self.base.load_extra_state(state.get("base", {}))
+
+
+@register("famo2o_iql")
+class FamO2OIQL(FamO2O):
+    base_class = IQL
+    base_defaults = {"cosine_actor_lr": False}  # the family config keeps the actor lr constant
+
+    @property
+    def balance_critic(self) -> nn.Module:
+        return self.nets["critic_target"]  # the IQL version's balance loss uses the target critic
+
+    def base_update(self, batch: Batch, beta: torch.Tensor) -> dict[str, torch.Tensor]:
+        base = self.base
+        base.step += 1
+        target_q, new_value, next_value, metrics = base.value_step(batch)  # (1)
+        if self.step % self.cfg.balance_every == 0:
+            self._last_balance_metrics = self.balance_step(batch)  # (2) + (3)
+        metrics.update(self._last_balance_metrics)
+        self.nets["actor"].beta = beta
+        metrics.update(base.actor_step(batch.obs, batch.actions, target_q - new_value, beta))  # (4): beta inside exp(beta * A)
+        metrics.update(base.critic_step(batch, next_value))  # (5)
+        soft_update(self.nets["critic_target"], self.nets["critic"], base.cfg.tau)  # (6)
+        return metrics
+
+
+@register("famo2o_awac")
+class FamO2OAWAC(FamO2O):
+    """Experimental: the paper's AWAC variant has no released code."""
+
+    base_class = AWAC
+
+    def base_update(self, batch: Batch, beta: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.base.beta = beta  # AWAC's weight becomes exp(beta_i * A)
+        return super().base_update(batch, beta)
+
+
+@register("famo2o_cql")
+class FamO2OCQL(FamO2O):
+    base_class = CQL
+    base_defaults = {"cql_alpha": 1.0, "actor_lr": 3e-4}
+
+    def base_update(self, batch: Batch, beta: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.base.q_weight = beta  # actor loss alpha log pi_u - beta * min_i Q_i
+        return super().base_update(batch, beta)

@@ -65,6 +65,8 @@ class SAC(Agent):
         self.optimizers["actor"] = make_optimizer(self.nets["actor"].parameters(), cfg.actor_lr)
         self.optimizers["critic"] = make_optimizer(self.nets["critic"].parameters(), cfg.critic_lr)
         self.optimizers["alpha"] = make_optimizer([self.log_alpha], cfg.alpha_lr)
+        # Multiplier of the Q term in the actor loss; FamO2O-CQL sets it to the per-sample beta.
+        self.q_weight: float | torch.Tensor = 1.0
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -99,7 +101,7 @@ class SAC(Agent):
         with frozen(self.nets["critic"]):
             q = self.nets["critic"](batch.obs, actions)
         q = q.min(0).values if self.cfg.actor_q_reduce == "min" else q.mean(0)
-        actor_loss = (self.alpha * log_prob - q).mean()
+        actor_loss = (self.alpha * log_prob - self.q_weight * q).mean()
         self.optimizers["actor"].zero_grad(set_to_none=True)
         actor_loss.backward()
         self.optimizers["actor"].step()

@@ -73,9 +73,9 @@ def test_sinusoidal_embedding_values():
     np.testing.assert_allclose(emb[0].numpy(), expected, rtol=1e-6)
 
 
-def famo2o(**overrides):
+def famo2o(name="famo2o_iql", **overrides):
     torch.manual_seed(0)
-    return orl.make_agent("famo2o_iql", OBS, ACT, {"beta_lo": 1.0, "beta_hi": 5.0, **overrides})
+    return orl.make_agent(name, OBS, ACT, {"beta_lo": 1.0, "beta_hi": 5.0, **overrides})
 
 
 def test_famo2o_awr_loss_depends_on_beta():
@@ -83,14 +83,16 @@ def test_famo2o_awr_loss_depends_on_beta():
     batch = make_batch()
     beta = torch.full((len(batch),), 3.0, requires_grad=True)
     advantage = torch.linspace(-1, 1, len(batch))
-    loss, _ = agent.base.actor_loss(agent.embed(batch.obs, beta.detach()), batch.actions, advantage, beta)
+    agent.nets["actor"].beta = beta.detach()  # the policy input; the weight gets the differentiable beta
+    loss, _ = agent.base.actor_loss(batch.obs, batch.actions, advantage, beta)
     (grad,) = torch.autograd.grad(loss, beta)
     assert grad.abs().sum() > 0  # beta enters the weight exp(beta * A), not only the input features
 
 
-def test_famo2o_balance_step_updates_only_the_balance_model():
-    agent = famo2o()
-    frozen_nets = {k: [p.clone() for p in agent.nets[k].parameters()] for k in ("actor", "critic", "critic_target", "value")}
+@pytest.mark.parametrize("name", ["famo2o_iql", "famo2o_awac", "famo2o_cql"])
+def test_famo2o_balance_step_updates_only_the_balance_model(name):
+    agent = famo2o(name)
+    frozen_nets = {k: [p.clone() for p in agent.nets[k].parameters()] for k in ("actor", "critic", "critic_target", "value") if k in agent.nets}
     balance_before = [p.clone() for p in agent.nets["balance"].parameters()]
     agent.balance_step(make_batch())
     for key, before in frozen_nets.items():
@@ -116,6 +118,7 @@ def test_famo2o_beta_range_and_uniform_offline_sampling(monkeypatch):
     seen = []
     original = agent.base.actor_step
     monkeypatch.setattr(agent.base, "actor_step", lambda o, a, adv, b: seen.append(b.clone()) or original(o, a, adv, b))
+    assert agent.nets["actor"].actor.net[0].in_features == 4 + 6  # [s, emb(beta)]
     for seed in range(10):
         agent.update(make_batch(n=256, seed=seed))
     offline = torch.cat(seen)
@@ -134,3 +137,22 @@ def test_famo2o_online_uses_balance_model_betas():
     restored = famo2o()
     restored.load_state_dict(agent.state_dict())
     assert restored.online and torch.equal(restored.log_temperature, agent.log_temperature)
+
+
+def test_famo2o_beta_enters_awac_weight_and_cql_q_term():
+    batch = make_batch()
+    awac = famo2o("famo2o_awac")
+    beta = torch.full((len(batch),), 2.0, requires_grad=True)
+    awac.nets["actor"].beta = beta.detach()
+    loss, _ = awac.base.actor_loss(batch.obs, batch.actions, torch.linspace(-1, 1, len(batch)), beta)
+    assert torch.autograd.grad(loss, beta)[0].abs().sum() > 0
+    cql = famo2o("famo2o_cql", beta_lo=0.5, beta_hi=1.5)
+    cql.nets["actor"].beta = torch.full((len(batch),), 1.0)
+    cql.base.q_weight = beta
+    torch.manual_seed(0)
+    actions, log_prob = cql.nets["actor"].sample(batch.obs)
+    q = cql.nets["critic"](batch.obs, actions).min(0).values
+    loss = (cql.base.alpha * log_prob - cql.base.q_weight * q).mean()
+    assert torch.autograd.grad(loss, beta)[0].abs().sum() > 0
+    metrics = cql.update(batch)  # the whole step runs with per-sample betas tiled through CQL's samples
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in metrics.values())

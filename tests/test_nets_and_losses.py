@@ -16,7 +16,7 @@ ACT = gym.spaces.Box(-1, 1, (2,), np.float32)
 def make_batch(n=32, obs_dim=4, action_dim=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return Batch(torch.randn(n, obs_dim, generator=g), torch.rand(n, action_dim, generator=g) * 2 - 1, torch.randn(n, generator=g),
-                 torch.randn(n, obs_dim, generator=g), torch.zeros(n))
+                 torch.randn(n, obs_dim, generator=g), torch.zeros(n), returns_to_go=torch.randn(n, generator=g))
 
 
 def test_expectile_loss_known_values():
@@ -89,7 +89,7 @@ def test_tanh_gaussian_log_prob_matches_sample():
     torch.testing.assert_close(actor.log_prob(obs, actions), log_prob, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["bc", "td3bc", "iql", "sac", "a2pr", "famo2o_iql"])
+@pytest.mark.parametrize("name", ["bc", "td3bc", "iql", "sac", "cql", "calql", "awac", "a2pr", "famo2o_iql", "famo2o_awac", "famo2o_cql"])
 def test_agents_update_act_and_roundtrip_state(name):
     torch.manual_seed(0)
     agent = orl.make_agent(name, OBS, ACT)
