@@ -20,8 +20,14 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-bench: setup
-	$(BIN)/python scripts/bench_updates.py --out results/bench_updates.json
+# d3rlpy pins an older gymnasium, so it gets its own environment for the comparison.
+.venv-d3rlpy/.installed:
+	$(PYTHON) -m venv .venv-d3rlpy
+	.venv-d3rlpy/bin/pip install -q torch==2.13.0 d3rlpy
+	touch $@
+
+bench: setup .venv-d3rlpy/.installed
+	$(BIN)/python scripts/bench_updates.py --d3rlpy-python .venv-d3rlpy/bin/python --out results/bench_updates.json
 	$(BIN)/python scripts/bench_lm_env.py --out results/bench_lm_env.json
 
 lm-demo: setup

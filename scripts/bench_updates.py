@@ -1,9 +1,10 @@
 """Gradient updates per second for each orl agent, against d3rlpy in the same run.
 
-Synthetic Hopper-shaped data (obs 11, action 3), batch 256, each agent's default networks; median
-over repeats. orl's timing includes drawing the batch from its device buffer; d3rlpy's timing is its
-`algo.update(batch)` on pre-built mini-batches (its replay sampling, a Python loop per transition,
-is left out, which favours d3rlpy).
+Synthetic Hopper-shaped data (100k transitions, obs 11, action 3), batch 256, each agent's default
+networks; median over repeats. A training step is "draw a batch from the dataset + one update":
+orl's timing is exactly that (batch drawn from its device buffer). d3rlpy is timed twice: the same
+full step (its own `dataset.sample_transition_batch` + `algo.update`), and `algo.update` alone on
+pre-built batches, which leaves out its sampling cost and so favours d3rlpy.
 
 d3rlpy pins an older gymnasium, so it usually lives in its own virtual environment: pass its python
 with --d3rlpy-python and this script runs the d3rlpy half there, in the same invocation.
@@ -94,6 +95,15 @@ def bench_d3rlpy(names: list[str], n_updates: int, repeats: int) -> dict[str, fl
             transitions=[],
         )
         batches.append(batch)
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    dataset = d3rlpy.dataset.MDPDataset(
+        observations=rng.standard_normal((DATASET, OBS_DIM)).astype(np.float32), actions=rng.uniform(-1, 1, (DATASET, ACTION_DIM)).astype(np.float32),
+        rewards=rng.standard_normal(DATASET).astype(np.float32), terminals=(rng.random(DATASET) < 0.01).astype(np.float32), timeouts=np.zeros(DATASET),
+    )
     results = {}
     for name in names:
         if name not in D3RLPY_AGENTS:
@@ -101,8 +111,10 @@ def bench_d3rlpy(names: list[str], n_updates: int, repeats: int) -> dict[str, fl
         algo = getattr(d3rlpy.algos, D3RLPY_AGENTS[name])().create(device="cpu:0")
         algo.create_impl((OBS_DIM,), ACTION_DIM)
         counter = iter(range(10**12))
-        results[name] = time_updates(lambda: algo.update(batches[next(counter) % len(batches)]), n_updates, repeats, warmup=20)
-        print(f"d3rlpy {name:12s} {results[name]:8.1f} updates/s", file=sys.stderr)
+        update_only = time_updates(lambda: algo.update(batches[next(counter) % len(batches)]), n_updates, repeats, warmup=20)
+        full_step = time_updates(lambda: algo.update(dataset.sample_transition_batch(BATCH)), n_updates, repeats, warmup=20)
+        results[name] = {"update_only": update_only, "sample_and_update": full_step}
+        print(f"d3rlpy {name:12s} {full_step:8.1f} steps/s ({update_only:.1f} update only)", file=sys.stderr)
     return results
 
 
@@ -144,11 +156,15 @@ def main() -> None:
             d3_rates = json.loads(out.stdout.strip().splitlines()[-1])
 
     print(f"\nupdates/s, batch {BATCH}, obs {OBS_DIM}, action {ACTION_DIM}, device {args.device}, {args.threads} thread(s), median of {args.repeats} x {args.updates}\n")
-    print("| agent | orl | d3rlpy | orl / d3rlpy |")
-    print("|---|---:|---:|---:|")
+    print("| agent | orl: sample + update | d3rlpy: sample + update | orl / d3rlpy | d3rlpy: update only | orl / d3rlpy update only |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, rate in orl_rates.items():
         d3 = d3_rates.get(name)
-        print(f"| {name} | {rate:.0f} | {f'{d3:.0f}' if d3 else '-'} | {f'{rate / d3:.2f}x' if d3 else '-'} |")
+        if d3:
+            full, only = d3["sample_and_update"], d3["update_only"]
+            print(f"| {name} | {rate:.0f} | {full:.0f} | {rate / full:.2f}x | {only:.0f} | {rate / only:.2f}x |")
+        else:
+            print(f"| {name} | {rate:.0f} | - | - | - | - |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
