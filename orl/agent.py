@@ -102,10 +102,11 @@ class Agent(abc.ABC):
 
     # --- state ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
+        """State outside `nets`/`optimizers` (e.g. SAC's log-alpha); the base agent has none."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what `extra_state` returned; the base agent has nothing to restore."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
