@@ -86,6 +86,8 @@ class Trainer:
         self.env: gym.Env | None = None
         self.last_eval: EvalResult | None = None
         self.episode_returns: list[float] = []
+        self._last_checkpoint_step = 0
+        self._saved_final = False
         self.logger: Logger | None = None
         # Called as fn(trainer, result) after every evaluation (the collection pipeline saves
         # behaviour-policy snapshots this way).
@@ -203,11 +205,11 @@ class Trainer:
                 self.run_evaluation()
             if episode_end:
                 # Checkpoint only at episode boundaries, where the env's state is just its RNG.
-                due = self.step - getattr(self, "_last_checkpoint_step", 0) >= cfg.checkpoint_every
+                due = self.step - self._last_checkpoint_step >= cfg.checkpoint_every
                 if due or self.step == self.total_steps:
                     self.save()
                 self._obs = self._reset_env()
-        if not getattr(self, "_saved_final", False):
+        if not self._saved_final:
             self.save()
 
     def _online_batch(self) -> Batch:
