@@ -15,7 +15,7 @@ from orl.agent import make_agent
 from orl.buffer import TransitionBuffer
 from orl.checkpoint import seed_everything
 from orl.data import DataConfig, check_env_compatible, make_dataset, prepare
-from orl.trainer import Trainer, TrainerConfig
+from orl.trainer import OFFLINE_CHECKPOINT, Trainer, TrainerConfig
 
 
 def setup_torch(device: str, threads: int | None) -> torch.device:
@@ -85,7 +85,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     prepared = prepare(dataset, data_cfg)
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
     agent_name = agent_cfg.pop("name")
-    agent = make_agent(agent_name, probe_env.observation_space, probe_env.action_space, agent_cfg, device)
+    agent = make_agent(agent_name, probe_env.observation_space, probe_env.action_space, agent_cfg, device, cfg.precision)
     probe_env.close()
     agent.set_obs_normalizer(prepared.obs_mean, prepared.obs_std)
     discount = getattr(agent.cfg, "discount", 0.99)
@@ -96,14 +96,18 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ref = (dataset.ref_min_score, dataset.ref_max_score) if dataset.ref_min_score is not None and dataset.ref_max_score is not None else None
-    print(f"[orl] {agent_name} on {cfg.dataset} ({len(dataset)} transitions, env {env_id}, device {device}) -> {run_dir}")
+    print(f"[orl] {agent_name} on {cfg.dataset} ({len(dataset)} transitions, env {env_id}, device {device}, {cfg.precision}) -> {run_dir}")
     offline_steps = int(cfg.steps)
     initial_state = None
     if cfg.get("init_from"):
         from orl.checkpoint import load_checkpoint
 
         path = Path(cfg.init_from)
-        initial_state = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
+        if path.is_dir():  # a run directory: its offline-phase checkpoint, else its latest one
+            path = path / OFFLINE_CHECKPOINT if (path / OFFLINE_CHECKPOINT).exists() else path / "checkpoint.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint at {path}; pass a run directory or a .pt file")
+        initial_state = load_checkpoint(path)
         offline_steps = int(initial_state["step"])  # the online phase continues the step count (WSRL bookkeeping)
     trainer = Trainer(agent, run_dir, trainer_config(cfg, offline_steps), buffer, lambda: make_env(env_id), ref)
     if initial_state is not None and not (cfg.resume and trainer.checkpoint_path.exists()):

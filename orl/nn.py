@@ -15,6 +15,42 @@ from torch import nn
 from torch.nn import functional as F
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+PRECISIONS = ("fp32", "bf16")
+
+
+class LayerStack(nn.Sequential):
+    """nn.Sequential (same state-dict keys) whose hidden layers can run in bfloat16.
+
+    With `bf16_hidden` set, everything before the last linear layer runs under bfloat16 autocast and
+    the last linear layer (the head) and what follows it run in fp32 on fp32 activations. Weights,
+    gradients and optimizer moments stay fp32. Why: hidden matmuls are most of an update's FLOPs
+    (a CQL penalty pass is 30 x batch rows per member) and bf16 runs them 5-8x faster on AMX CPUs
+    and tensor-core GPUs; keeping the head in fp32 keeps Q-values, log-std and TD targets at fp32
+    resolution (a bf16 Q of 300 would be quantized in steps of 2).
+    """
+
+    bf16_hidden: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.bf16_hidden:
+            return super().forward(x)
+        head = max(i for i, layer in enumerate(self) if isinstance(layer, (nn.Linear, EnsembleLinear)))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            for layer in self[:head]:
+                x = layer(x)
+        x = x.float()
+        for layer in self[head:]:
+            x = layer(x)
+        return x
+
+
+def set_precision(module: nn.Module, precision: str) -> None:
+    """`fp32` (default) or `bf16`: hidden layers of every MLP inside `module` in bfloat16 (see LayerStack)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    for sub in module.modules():
+        if isinstance(sub, LayerStack):
+            sub.bf16_hidden = precision == "bf16"
 
 
 def mlp(
@@ -25,7 +61,7 @@ def mlp(
     layer_norm: bool = False,
     dropout: float = 0.0,
     output_activation: nn.Module | None = None,
-) -> nn.Sequential:
+) -> LayerStack:
     """Plain MLP: Linear -> [LayerNorm] -> act -> [Dropout] per hidden layer, then a Linear head."""
     layers: list[nn.Module] = []
     last = in_dim
@@ -40,7 +76,7 @@ def mlp(
     layers.append(nn.Linear(last, out_dim))
     if output_activation is not None:
         layers.append(output_activation)
-    return nn.Sequential(*layers)
+    return LayerStack(*layers)
 
 
 def scale_last_layer(net: nn.Module, scale: float) -> None:
@@ -69,7 +105,8 @@ class EnsembleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
-            return torch.matmul(x, self.weight) + self.bias
+            # A shared input: broadcast it (a view, no copy) so the bias add stays fused in baddbmm.
+            x = x.expand(self.weight.shape[0], *x.shape)
         return torch.baddbmm(self.bias, x, self.weight)
 
     def forward_member(self, x: torch.Tensor, member: int) -> torch.Tensor:
@@ -102,7 +139,7 @@ class EnsembleMLP(nn.Module):
             layers.append(ACTIVATIONS[activation](inplace=True) if activation in ("relu", "leaky_relu") else ACTIVATIONS[activation]())
             last = width
         layers.append(EnsembleLinear(last, out_dim, ensemble_size))
-        self.net = nn.Sequential(*layers)
+        self.net = LayerStack(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

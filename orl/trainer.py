@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from orl.agent import Agent
 from orl.buffer import Batch, TransitionBuffer
 from orl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+OFFLINE_CHECKPOINT = "offline.pt"  # the agent at the end of the offline phase
 from orl.evaluation import EvalResult, evaluate
 from orl.logger import Logger, to_float
 
@@ -121,6 +123,10 @@ class Trainer:
         self._periodic(metrics, prefix="train/")
         if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.offline_steps:
             self.save()
+        if self.step == self.cfg.offline_steps and self.cfg.online_steps > 0:
+            # Kept beside checkpoint.pt (which the online phase overwrites) so one pre-training can seed
+            # several fine-tuning runs: orl-finetune init_from=<this run dir>.
+            save_checkpoint({"agent": self.agent.state_dict(), "step": self.step}, self.run_dir / OFFLINE_CHECKPOINT)
 
     def _periodic(self, metrics: dict[str, Any], prefix: str) -> None:
         if self.step % self.cfg.log_every == 0:

@@ -6,6 +6,12 @@
     # aggregate: results/<name>/table.md (mean ± std of the final normalized score) and curves.png
     python scripts/grid.py report --name baselines
 
+A variant runs an agent under another name with its own overrides (placeholders: {seed}, {dataset},
+{dataset_key}, {grid_runs}); here Cal-QL fine-tuned without offline data from each seed's Cal-QL pre-training:
+    python scripts/grid.py run --name o2o --agents calql calql_none=calql --datasets orl/pendulum/medium-v0 \
+        --agent-override "calql_none:init_from={grid_runs}/{dataset_key}__calql__seed{seed}" \
+        --agent-override calql_none:online.buffer_mode=none -- online.steps=5000
+
 Each finished run leaves results/<name>/runs/<dataset>__<agent>__seed<k>.json with its evaluation
 curve, so later sessions extend a grid instead of redoing it. Extra hydra overrides go after `--`.
 """
@@ -27,27 +33,35 @@ def run_key(dataset: str, agent: str, seed: int) -> str:
     return f"{dataset.replace('/', '-')}__{agent}__seed{seed}"
 
 
-def run_one(args: argparse.Namespace, dataset: str, agent: str, seed: int) -> str:
+def run_one(args: argparse.Namespace, dataset: str, label: str, seed: int) -> str:
+    # `label=agent` runs `agent` under its own name (a variant with its own --agent-override lines).
+    label, _, agent = label.partition("=")
+    agent = agent or label
     out_dir = ROOT / "results" / args.name / "runs"
     out_dir.mkdir(parents=True, exist_ok=True)
-    result_path = out_dir / f"{run_key(dataset, agent, seed)}.json"
+    result_path = out_dir / f"{run_key(dataset, label, seed)}.json"
     if result_path.exists():
         return f"skip {result_path.name}"
-    run_dir = ROOT / "runs" / "grid" / args.name / run_key(dataset, agent, seed)
+    run_dir = ROOT / "runs" / "grid" / args.name / run_key(dataset, label, seed)
+    # Overrides may use {seed}, {dataset}, {dataset_key} and {grid_runs} (this grid's run dirs), e.g.
+    # init_from={grid_runs}/{dataset_key}__calql__seed{seed} to fine-tune another run's offline checkpoint.
+    fields = {"seed": seed, "dataset": dataset, "grid_runs": ROOT / "runs" / "grid" / args.name, "dataset_key": dataset.replace("/", "-")}
     cmd = [
         sys.executable, "-m", "orl.cli", f"agent={agent}", f"dataset={dataset}", f"seed={seed}", f"steps={args.steps}",
         f"eval.every={args.eval_every}", f"eval.episodes={args.eval_episodes}", f"run_dir={run_dir}", "log.progress=false",
         "resume=true", *args.overrides,
     ]
-    cmd += [o for o in args.agent_overrides.get(agent, [])]
+    cmd += [o for o in args.agent_overrides.get(label, [])]
+    cmd = [part.format(**fields) for part in cmd]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
-        return f"FAILED {run_key(dataset, agent, seed)}:\n{proc.stderr[-3000:]}"
+        return f"FAILED {run_key(dataset, label, seed)}:\n{proc.stderr[-3000:]}"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["eval/normalized_mean"]) for r in rows if "eval/normalized_mean" in r]
     online = [(r["step"], r["online/episode_normalized"]) for r in rows if "online/episode_normalized" in r]
-    result = {"dataset": dataset, "agent": agent, "seed": seed, "steps": args.steps, "curve": curve, "online_episodes": online,
+    q_mean = [(r["step"], r["train/q_mean"]) for r in rows if "train/q_mean" in r]  # the divergence around the switch
+    result = {"dataset": dataset, "agent": label, "seed": seed, "steps": args.steps, "curve": curve, "online_episodes": online, "q_mean": q_mean,
               "final": curve[-1][1] if curve else None, "seconds": round(time.time() - start, 1), "command": " ".join(cmd[3:])}
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
