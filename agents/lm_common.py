@@ -54,7 +54,12 @@ class LMAgent(Agent):
         return state
 
     def load_state_dict(self, state, strict: bool = True, load_optimizers: bool = True) -> None:
-        super().load_state_dict(state, strict=False, load_optimizers=load_optimizers)
+        # The reference is the model at `cfg.model_path`, rebuilt in __init__ and never trained: put its
+        # current weights back under their keys so every other key is still loaded strictly.
+        nets = dict(state["nets"])
+        if "reference" in self.nets:
+            nets.update({f"reference.{k}": v for k, v in self.nets["reference"].state_dict().items()})
+        super().load_state_dict({**state, "nets": nets}, strict=strict, load_optimizers=load_optimizers)
 
 
 def _tokenize(tokenizer, prompts: Sequence[str], responses: Sequence[str]):

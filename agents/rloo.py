@@ -43,28 +43,13 @@ class RLOO(LMAgent):
         self.generator = torch.Generator().manual_seed(0)
 
     def _generate(self, prompts: Sequence[str], reward_fn, greedy: bool, kl: bool):
-        from envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv
+        from envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, rollout
 
         env = VectorTokenEnv(self.tokenizer, prompts, reward_fn, self.cfg.max_new_tokens, self.nets["policy"].config.n_positions)
         if kl and self.cfg.kl_beta > 0:
             env = KLPenalty(env, self.nets["reference"], self.cfg.kl_beta)
-        policy = KVCachePolicy(self.nets["policy"])
-        obs, _ = env.reset()
-        width = env.prompt_width
-        logits = policy.start(obs["input_ids"][:, :width], obs["attention_mask"][:, :width])
-        returns = torch.zeros(len(prompts))
-        while not env.all_done:
-            logits = logits / self.cfg.temperature
-            actions = logits.argmax(-1) if greedy else torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=self.generator).squeeze(-1)
-            actions = torch.where(env.done, torch.full_like(actions, self.tokenizer.pad_token_id), actions.cpu())
-            log_probs = torch.log_softmax(logits, -1).gather(-1, actions[:, None].to(logits.device)).squeeze(-1)
-            step = env.step(actions, log_probs) if isinstance(env, KLPenalty) else env.step(actions)
-            returns += torch.as_tensor(step[1], dtype=torch.float32)
-            if not env.all_done:
-                logits = policy.step(actions)
-        # The exact sampled tokens (EOS included when generated, none appended to truncated responses).
-        generated = [env.input_ids[i, width : width + int(env.lengths[i])].tolist() for i in range(len(prompts))]
-        return (env.prompt_ids, generated), returns
+        out = rollout(KVCachePolicy(self.nets["policy"]), env, greedy, self.cfg.temperature, self.generator)
+        return (env.prompt_ids, out["sampled_ids"]), torch.as_tensor(out["rewards"], dtype=torch.float32)
 
     def train_step(self, prompts: Sequence[str], reward_fn: Callable[[str, str], float]) -> dict[str, float]:
         """Sample k responses per prompt in the env, then one policy-gradient step."""

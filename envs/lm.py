@@ -203,8 +203,13 @@ class ReencodePolicy:
         return out.logits[:, -1].float()
 
 
-def rollout(policy, env: VectorTokenEnv, greedy: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Run every row of `env` to the end with `policy`; returns responses, rewards and per-step records."""
+def rollout(policy, env: "VectorTokenEnv | KLPenalty", greedy: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Run every row of `env` to the end with `policy`; returns responses, rewards and per-step records.
+
+    `env` may be wrapped in KLPenalty: each step then passes the sampled actions' log-probabilities
+    (under the distribution they were drawn from) to it, so `rewards` are KL-shaped returns.
+    """
+    shaped = isinstance(env, KLPenalty)
     obs, _ = env.reset()
     prompt_block = obs["input_ids"][:, : env.prompt_width]
     logits = policy.start(prompt_block, obs["attention_mask"][:, : env.prompt_width])
@@ -214,16 +219,21 @@ def rollout(policy, env: VectorTokenEnv, greedy: bool = True, temperature: float
         if greedy:
             actions = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits / temperature, -1).cpu()
+            logits = logits / temperature
+            probs = torch.softmax(logits, -1).cpu()
             actions = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
-        log_probs.append(torch.log_softmax(logits, -1).gather(-1, actions[:, None]).squeeze(-1).cpu())
+        step_log_probs = torch.log_softmax(logits, -1).gather(-1, actions[:, None]).squeeze(-1).cpu()
+        log_probs.append(step_log_probs)
         # Rows that finished keep receiving pad tokens so the batch stays rectangular.
         actions = torch.where(env.done.to(actions.device), torch.full_like(actions, env.pad_id), actions)
-        _, rewards, _, _, _ = env.step(actions.cpu())
+        _, rewards, _, _, _ = env.step(actions.cpu(), step_log_probs) if shaped else env.step(actions.cpu())
         total += rewards
         if not env.all_done:
             logits = policy.step(actions)
+    width = env.prompt_width
     return {"responses": [env.response_ids(i) for i in range(env.num_envs)], "texts": [env.response_text(i) for i in range(env.num_envs)],
+            # The exact sampled tokens, EOS included when generated (what a policy-gradient loss scores).
+            "sampled_ids": [env.input_ids[i, width : width + int(env.lengths[i])].tolist() for i in range(env.num_envs)],
             "rewards": total, "log_probs": torch.stack(log_probs, 1) if log_probs else torch.zeros(env.num_envs, 0)}
 
 

@@ -53,7 +53,7 @@ def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
 def trainer_config(cfg: DictConfig, offline_steps: int) -> TrainerConfig:
     return TrainerConfig(
         offline_steps=offline_steps,
-        online_steps=int(cfg.online.steps) if cfg.get("online") else 0,
+        online_steps=int(cfg.online.steps),
         batch_size=int(cfg.batch_size),
         seed=int(cfg.seed),
         eval_every=int(cfg.eval.every),
@@ -63,7 +63,7 @@ def trainer_config(cfg: DictConfig, offline_steps: int) -> TrainerConfig:
         checkpoint_every=int(cfg.checkpoint.every),
         progress=bool(cfg.log.progress),
         tensorboard=bool(cfg.log.tensorboard),
-        **{k: v for k, v in (OmegaConf.to_container(cfg.online) if cfg.get("online") else {}).items() if k != "steps"},
+        **{k: v for k, v in OmegaConf.to_container(cfg.online).items() if k != "steps"},
     )
 
 

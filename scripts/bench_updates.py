@@ -27,6 +27,13 @@ import numpy as np
 
 OBS_DIM, ACTION_DIM, BATCH, DATASET = 11, 3, 256, 100_000
 ORL_AGENTS = ["bc", "td3bc", "iql", "sac", "cql", "calql", "awac", "a2pr", "famo2o_iql"]
+# WSRL's two phases (configs/agent/wsrl.yaml): 10-member LayerNorm CQL pre-training on batches of 256,
+# then SAC online on batches of 1024 split into 4 critic minibatches. name -> (agent, options, batch, online)
+WSRL = {"ensemble_size": 10, "target_subsample": 2, "layer_norm": True, "final_layer_scale": 0.01}
+RECIPES = {
+    "wsrl_pretrain": ("cql", WSRL, BATCH, False),
+    "wsrl_online": ("cql", {**WSRL, "critic_minibatches": 4, "online_cql": False}, 1024, True),
+}
 D3RLPY_AGENTS = {"td3bc": "TD3PlusBCConfig", "iql": "IQLConfig", "bc": "BCConfig", "sac": "SACConfig", "cql": "CQLConfig", "awac": "AWACConfig"}
 
 
@@ -42,7 +49,7 @@ def time_updates(update, n_updates: int, repeats: int, warmup: int) -> float:
     return statistics.median(rates)
 
 
-def bench_orl(names: list[str], device: str, n_updates: int, repeats: int) -> dict[str, float]:
+def bench_orl(names: list[str], device: str, n_updates: int, repeats: int, precision: str = "fp32") -> dict[str, float]:
     import gymnasium as gym
     import torch
 
@@ -66,12 +73,16 @@ def bench_orl(names: list[str], device: str, n_updates: int, repeats: int) -> di
     generator = torch.Generator(device=device).manual_seed(0)
     results = {}
     for name in names:
-        if name not in AGENTS:
+        agent_name, options, batch_size, online = RECIPES.get(name, (name, {}, BATCH, False))
+        if agent_name not in AGENTS:
             continue
         torch.manual_seed(0)
-        agent = orl.make_agent(name, obs_space, action_space, device=device)
-        results[name] = time_updates(lambda: agent.update(buffer.sample(BATCH, generator)), n_updates, repeats, warmup=20)
-        print(f"orl    {name:12s} {results[name]:8.1f} updates/s", file=sys.stderr)
+        agent = orl.make_agent(agent_name, obs_space, action_space, options, device=device, precision=precision)
+        if online:
+            agent.on_online_start()
+        warmup = 5 if name in RECIPES else 20  # the recipes are 10-50x slower per update
+        results[name] = time_updates(lambda: agent.update(buffer.sample(batch_size, generator)), n_updates, repeats, warmup)
+        print(f"orl    {name:12s} {precision} {results[name]:8.1f} updates/s", file=sys.stderr)
     return results
 
 
@@ -128,6 +139,8 @@ def main() -> None:
     parser.add_argument("--d3rlpy-python", default=None, help="python of an environment with d3rlpy (default: this one, if it has d3rlpy)")
     parser.add_argument("--only-d3rlpy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write the raw numbers as JSON here")
+    parser.add_argument("--bf16", action="store_true", help="also time orl with precision=bf16 and report the bf16 / fp32 ratio "
+                        "(agents may include the recipes " + ", ".join(RECIPES) + ")")
     args = parser.parse_args()
 
     import torch
@@ -138,6 +151,7 @@ def main() -> None:
         return
 
     orl_rates = bench_orl(args.agents, args.device, args.updates, args.repeats)
+    bf16_rates = bench_orl(args.agents, args.device, args.updates, args.repeats, "bf16") if args.bf16 else {}
     d3_rates: dict[str, float] = {}
     d3_python = args.d3rlpy_python
     if d3_python is None:
@@ -165,10 +179,14 @@ def main() -> None:
             print(f"| {name} | {rate:.0f} | {full:.0f} | {rate / full:.2f}x | {only:.0f} | {rate / only:.2f}x |")
         else:
             print(f"| {name} | {rate:.0f} | - | - | - | - |")
+    if bf16_rates:
+        print("\n| agent | fp32 updates/s | bf16 updates/s | bf16 / fp32 |\n|---|---:|---:|---:|")
+        for name, rate in bf16_rates.items():
+            print(f"| {name} | {orl_rates[name]:.1f} | {rate:.1f} | {rate / orl_rates[name]:.2f}x |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
-            "orl": orl_rates, "d3rlpy": d3_rates, "device": args.device, "threads": args.threads,
+            "orl": orl_rates, "orl_bf16": bf16_rates, "d3rlpy": d3_rates, "device": args.device, "threads": args.threads,
             "updates": args.updates, "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d"),
         }, indent=2))

@@ -61,7 +61,9 @@ def run_one(args: argparse.Namespace, dataset: str, label: str, seed: int) -> st
     curve = [(r["step"], r["eval/normalized_mean"]) for r in rows if "eval/normalized_mean" in r]
     online = [(r["step"], r["online/episode_normalized"]) for r in rows if "online/episode_normalized" in r]
     q_mean = [(r["step"], r["train/q_mean"]) for r in rows if "train/q_mean" in r]  # the divergence around the switch
-    result = {"dataset": dataset, "agent": label, "seed": seed, "steps": args.steps, "curve": curve, "online_episodes": online, "q_mean": q_mean,
+    online_rows = [r for r in rows if "train/online_step" in r]
+    switch = online_rows[0]["step"] - online_rows[0]["train/online_step"] if online_rows else None
+    result = {"dataset": dataset, "agent": label, "seed": seed, "steps": args.steps, "switch_step": switch, "curve": curve, "online_episodes": online, "q_mean": q_mean,
               "final": curve[-1][1] if curve else None, "seconds": round(time.time() - start, 1), "command": " ".join(cmd[3:])}
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
@@ -84,6 +86,25 @@ def load_results(name: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((ROOT / "results" / name / "runs").glob("*.json"))]
 
 
+def switch_step(result: dict) -> int:
+    """Offline steps before the online phase (results from before `switch_step` was recorded: the grid's --steps)."""
+    switch = result.get("switch_step")
+    return result["steps"] if switch is None else switch
+
+
+def early_dip(result: dict) -> float:
+    """Offline score (the last evaluation at or before the switch) minus the lowest evaluation in the first
+    quarter of the online phase."""
+    curve, switch = dict(result["curve"]), switch_step(result)
+    online = sorted(step for step in curve if step > switch)
+    offline = [step for step in curve if step <= switch]
+    if not online or not offline:
+        return 0.0
+    quarter_end = switch + 0.25 * (online[-1] - switch)
+    early = [curve[step] for step in online if step <= quarter_end] or [curve[online[0]]]
+    return curve[max(offline)] - min(early)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     import matplotlib
 
@@ -98,18 +119,21 @@ def cmd_report(args: argparse.Namespace) -> None:
     datasets = sorted({r["dataset"] for r in results})
     agents = [a for a in args.order if any(r["agent"] == a for r in results)] + sorted({r["agent"] for r in results} - set(args.order))
     if args.online:
-        lines = ["| dataset | agent | offline score | after online | cumulative regret | seeds |", "|---|---|---:|---:|---:|---:|"]
+        lines = ["| dataset | agent | offline score | post-switch dip | after online | cumulative regret | seeds |", "|---|---|---:|---:|---:|---:|---:|"]
         for dataset in datasets:
             for agent in agents:
                 runs = [r for r in results if r["dataset"] == dataset and r["agent"] == agent]
                 if not runs:
                     continue
-                offline = [dict(r["curve"]).get(r["steps"]) for r in runs if r["steps"] > 0]
+                offline = [max((p for p in r["curve"] if p[0] <= switch_step(r)), default=(0, None))[1] for r in runs if switch_step(r) > 0]
                 final = [r["final"] for r in runs]
                 regret = [np.mean([1 - score / 100 for _, score in r["online_episodes"]]) for r in runs if r["online_episodes"]]
+                dip = [early_dip(r) for r in runs if switch_step(r) > 0]
                 fmt = lambda xs, digits=1: f"{np.mean(xs):.{digits}f} ± {np.std(xs):.{digits}f}" if xs and None not in xs else "-"  # noqa: E731
-                lines.append(f"| {dataset} | {agent} | {fmt(offline)} | {fmt(final)} | {fmt(regret, 3)} | {len(runs)} |")
-        table = "\n".join(lines) + "\n\nD4RL-normalized scores (mean ± std over seeds); regret = mean over online episodes of 1 - score/100.\n"
+                lines.append(f"| {dataset} | {agent} | {fmt(offline)} | {fmt(dip)} | {fmt(final)} | {fmt(regret, 3)} | {len(runs)} |")
+        table = "\n".join(lines) + ("\n\nD4RL-normalized scores (mean ± std over seeds); post-switch dip = offline score minus the lowest "
+                                    "evaluation in the first quarter of the online phase (positive: the score fell); "
+                                    "regret = mean over online episodes of 1 - score/100.\n")
     else:
         lines = ["| dataset | " + " | ".join(agents) + " |", "|---|" + "---:|" * len(agents)]
         for dataset in datasets:
@@ -124,7 +148,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     (out / "table.md").write_text(table)
     print(table)
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
+    # Online: a second row with the mean Q on training batches around the switch (results that recorded it).
+    rows = 2 if args.online and any(r.get("q_mean") for r in results) else 1
+    fig, axes = plt.subplots(rows, len(datasets), figsize=(4.2 * len(datasets), 3.4 * rows), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for agent in agents:
             curves = [r["curve"] for r in results if r["dataset"] == dataset and r["agent"] == agent and r["curve"]]
@@ -134,7 +160,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             x = np.array([p[0] for p in curves[0][:length]])
             y = np.array([[p[1] for p in c[:length]] for c in curves])
             if args.online:
-                x = x - min(r["steps"] for r in results if r["agent"] == agent and r["dataset"] == dataset)  # 0 = the switch
+                x = x - min(switch_step(r) for r in results if r["agent"] == agent and r["dataset"] == dataset)  # 0 = the switch
             ax.plot(x, y.mean(0), label=agent)
             ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
@@ -143,6 +169,23 @@ def cmd_report(args: argparse.Namespace) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("normalized score")
     axes[0][-1].legend(fontsize=8)
+    if rows == 2:
+        for ax, dataset in zip(axes[1], datasets):
+            for agent in agents:
+                runs = [r for r in results if r["dataset"] == dataset and r["agent"] == agent and r.get("q_mean") and switch_step(r) > 0]
+                if not runs:
+                    continue
+                window = 0.25 * max(p[0] - switch_step(r) for r in runs for p in r["curve"])
+                series = [{p[0] - switch_step(r): p[1] for p in r["q_mean"] if -window <= p[0] - switch_step(r) <= window} for r in runs]
+                x = sorted(set.intersection(*(set(d) for d in series)))
+                ax.plot(x, np.mean([[d[step] for step in x] for d in series], 0), label=agent)
+            ax.axvline(0, color="grey", lw=0.8)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
+            ax.set_xlabel("environment steps after the switch")
+            ax.set_title("mean Q on training batches", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[1][0].set_ylabel("Q")
+        axes[1][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     print(f"wrote {out / 'table.md'} and {out / 'curves.png'}")

@@ -155,3 +155,17 @@ def test_max_target_backup_takes_max_over_sampled_actions():
     assert target.shape == (5,)
     # The max over 6 sampled actions is at least as large as a typical single sample on average.
     assert target.mean() >= single.mean() - 1e-6
+
+
+def test_offline_checkpoint_kept_for_init_from(tmp_path, pendulum_collection, monkeypatch):
+    """A run with an online phase keeps its switch-time agent in offline.pt; init_from=<run dir> loads that, not the later checkpoint.pt."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", pendulum_collection["minari_root"])
+    dataset = pendulum_collection["ids"]["medium"]
+    common = [f"dataset={dataset}", "agent=iql", "device=cpu", "log.progress=false", "eval.episodes=1", "eval.every=1000"]
+    run_train(_compose(common + ["steps=20", "online.steps=10", f"run_dir={tmp_path / 'a'}"]))
+    switch = load_checkpoint(tmp_path / "a" / "offline.pt")
+    assert switch["step"] == 20 and load_checkpoint(tmp_path / "a" / "checkpoint.pt")["step"] == 30
+    run_train(_compose(common + ["online.steps=10", f"init_from={tmp_path / 'a'}", f"run_dir={tmp_path / 'b'}"]))
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 30  # continued from step 20, not 30
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_train(_compose(common + ["online.steps=10", f"init_from={tmp_path / 'missing'}", f"run_dir={tmp_path / 'c'}"]))

@@ -176,3 +176,22 @@ def test_orl_train_runs_text_agents_from_jsonl(agent_name, tiny_lm, tmp_path):
     assert [r["step"] for r in logged if "train/loss" in r] == [3, 6]
     if agent_name != "reward_model":
         assert "eval/distinct_2" in logged[-1]
+
+
+def test_lm_checkpoint_roundtrip_is_strict_and_keeps_reference(tiny_lm):
+    """The frozen reference is not saved but rebuilt; every saved key must still match on load."""
+    agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": tiny_lm["path"]})
+    with torch.no_grad():
+        for p in agent.nets["policy"].parameters():
+            p.add_(0.01)  # a "trained" policy that differs from the reference
+    state = agent.state_dict()
+    assert not any(k.startswith("reference.") for k in state["nets"])
+    fresh = orl.make_agent("dpo", SPACE, SPACE, {"model_path": tiny_lm["path"]})
+    fresh.load_state_dict(state)
+    for (name, p), q in zip(fresh.nets["policy"].named_parameters(), agent.nets["policy"].parameters()):
+        assert torch.equal(p, q), name
+    for p, q in zip(fresh.nets["reference"].parameters(), agent.nets["reference"].parameters()):
+        assert torch.equal(p, q)  # still the untrained model, not the policy
+    broken = {**state, "nets": {k: v for i, (k, v) in enumerate(state["nets"].items()) if i != 0}}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict(broken)

@@ -7,7 +7,9 @@ import orl
 from agents.iql import awr_weights, expectile_loss
 from agents.td3bc import td3bc_lambda
 from orl.buffer import Batch
-from orl.nn import Critic, EnsembleMLP, TanhGaussianActor, frozen, mlp, soft_update
+from torch.nn import functional as F
+
+from orl.nn import Critic, EnsembleMLP, LayerStack, TanhGaussianActor, frozen, mlp, set_precision, soft_update
 
 OBS = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
 ACT = gym.spaces.Box(-1, 1, (2,), np.float32)
@@ -131,3 +133,38 @@ def test_td3bc_targets_move_only_on_actor_steps():
     assert all(torch.equal(a, b) for a, b in zip(target, agent.nets["critic_target"].parameters()))
     agent.update(make_batch())  # step 2: actor + targets
     assert not all(torch.equal(a, b) for a, b in zip(target, agent.nets["critic_target"].parameters()))
+
+
+def test_bf16_hidden_layers_keep_fp32_heads_weights_and_values():
+    """precision=bf16: hidden matmuls in bfloat16, but Q-values, weights and gradients stay fp32 and close to fp32's."""
+    torch.manual_seed(0)
+    critic = Critic(4, 2, ensemble_size=3, layer_norm=True)
+    reference = Critic(4, 2, ensemble_size=3, layer_norm=True)
+    reference.load_state_dict(critic.state_dict())
+    keys = set(critic.state_dict())
+    set_precision(critic, "bf16")
+    assert set(critic.state_dict()) == keys  # checkpoints load across precisions
+    obs, action = torch.randn(64, 4), torch.rand(64, 2) * 2 - 1
+    q, q_ref = critic(obs, action), reference(obs, action)
+    assert q.dtype == torch.float32 and q.shape == (3, 64)
+    assert not torch.equal(q, q_ref)  # the bf16 path really ran
+    assert torch.allclose(q, q_ref, atol=2e-2 * q_ref.abs().max().item() + 1e-3)
+    q.sum().backward()
+    reference(obs, action).sum().backward()
+    for (name, p), p_ref in zip(critic.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == torch.float32 and p.dtype == torch.float32, name
+        cosine = F.cosine_similarity(p.grad.flatten(), p_ref.grad.flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine)
+    set_precision(critic, "fp32")
+    assert torch.equal(critic(obs, action), reference(obs, action))
+    with pytest.raises(ValueError, match="precision"):
+        set_precision(critic, "fp16")
+
+
+def test_make_agent_precision_applies_to_every_mlp():
+    agent = orl.make_agent("cql", OBS, ACT, precision="bf16")
+    stacks = [m for m in agent.nets.modules() if isinstance(m, LayerStack)]
+    assert stacks and all(m.bf16_hidden for m in stacks)
+    batch = make_batch()
+    metrics = agent.update(batch)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
