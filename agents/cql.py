@@ -39,6 +39,7 @@ class CQLConfig(SACConfig):
     target_action_gap: float = 0.8
     cql_alpha_lr: float = 3e-4
     max_target_backup: bool = False
+    online_max_target_backup: bool | None = None  # None: as offline. WSRL locomotion: on in pre-training, off online
     online_cql: bool = True  # False: plain SAC after the switch (WSRL)
     calibrated: bool = False  # Cal-QL
     calibrate_online: bool = True  # official Cal-QL keeps calibration on; CORL switches it off
@@ -56,14 +57,17 @@ class CQL(SAC):
             self.optimizers["cql_alpha"] = make_optimizer([self.log_cql_alpha], cfg.cql_alpha_lr)
         self.regularize = True
         self.calibrate = cfg.calibrated
+        self.max_backup = cfg.max_target_backup
 
     def on_online_start(self, **context: Any) -> None:
-        self.regularize = self.cfg.online_cql
-        self.calibrate = self.cfg.calibrated and self.cfg.calibrate_online
+        cfg = self.cfg
+        self.regularize = cfg.online_cql
+        self.calibrate = cfg.calibrated and cfg.calibrate_online
+        self.max_backup = cfg.max_target_backup if cfg.online_max_target_backup is None else cfg.online_max_target_backup
 
     def td_target(self, batch: Batch) -> torch.Tensor:
         cfg = self.cfg
-        if not cfg.max_target_backup:
+        if not self.max_backup:
             return super().td_target(batch)
         with torch.no_grad():
             n, size = cfg.cql_n_actions, len(batch)
@@ -135,7 +139,8 @@ class CQL(SAC):
         return metrics
 
     def extra_state(self) -> dict:
-        return {**super().extra_state(), "log_cql_alpha": self.log_cql_alpha.detach().cpu(), "regularize": self.regularize, "calibrate": self.calibrate}
+        return {**super().extra_state(), "log_cql_alpha": self.log_cql_alpha.detach().cpu(), "regularize": self.regularize,
+                "calibrate": self.calibrate, "max_backup": self.max_backup}
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
@@ -144,6 +149,7 @@ class CQL(SAC):
                 self.log_cql_alpha.copy_(state["log_cql_alpha"].to(self.device))
         self.regularize = bool(state.get("regularize", True))
         self.calibrate = bool(state.get("calibrate", self.cfg.calibrated))
+        self.max_backup = bool(state.get("max_backup", self.cfg.max_target_backup))
 
 
 @register("calql")

@@ -124,7 +124,7 @@ def test_wsrl_recipe_switches_to_high_utd_sac():
     agent_cfg.pop("name")
     torch.manual_seed(0)
     agent = orl.make_agent("cql", OBS, ACT, agent_cfg)
-    assert agent.nets["critic"].ensemble_size == 10 and agent.regularize
+    assert agent.nets["critic"].ensemble_size == 10 and agent.regularize and agent.max_backup  # CQL settings offline
     calls = []
     original = agent.critic_step
     agent.critic_step = lambda batch: calls.append(len(batch)) or original(batch)
@@ -134,6 +134,7 @@ def test_wsrl_recipe_switches_to_high_utd_sac():
     metrics = agent.update(batch)
     assert calls == [256, 256, 256, 256]  # four critic minibatches, each with its own target update
     assert "cql_gap" not in metrics and not agent.regularize  # SAC after the switch
+    assert not agent.max_backup  # locomotion fine-tuning backs up one sampled next action
 
 
 def test_cql_lagrange_multiplier_tracks_the_gap():
