@@ -43,6 +43,7 @@ class CQLConfig(SACConfig):
     online_cql: bool = True  # False: plain SAC after the switch (WSRL)
     calibrated: bool = False  # Cal-QL
     calibrate_online: bool = True  # official Cal-QL keeps calibration on; CORL switches it off
+    failure_reward: float | None = None  # sparse tasks (AntMaze: -5): all-failure trajectories get V_mu = r / (1 - gamma)
 
 
 @register("cql")

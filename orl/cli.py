@@ -89,7 +89,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     probe_env.close()
     agent.set_obs_normalizer(prepared.obs_mean, prepared.obs_std)
     discount = getattr(agent.cfg, "discount", 0.99)
-    returns_to_go = prepared.dataset.returns_to_go(discount) if getattr(agent, "needs_returns_to_go", False) else None
+    returns_to_go = None
+    if getattr(agent, "needs_returns_to_go", False):
+        returns_to_go = prepared.dataset.returns_to_go(discount, getattr(agent.cfg, "failure_reward", None))
     buffer = TransitionBuffer.from_dataset(prepared.dataset, device, returns_to_go)
 
     run_dir = resolve_run_dir(cfg, agent_name)

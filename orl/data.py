@@ -92,10 +92,13 @@ class OfflineDataset:
         episode_id = np.concatenate([[0], np.cumsum(ends[:-1])])
         return np.bincount(episode_id, weights=self.rewards.astype(np.float64))
 
-    def returns_to_go(self, discount: float) -> np.ndarray:
+    def returns_to_go(self, discount: float, failure_reward: float | None = None) -> np.ndarray:
         """Discounted Monte-Carlo return-to-go of each transition within its trajectory.
 
         A terminal or timeout ends the sum (no bootstrap beyond the data), as Cal-QL's official code does.
+        `failure_reward` (sparse tasks: the transformed reward of a failed step, e.g. -5 for AntMaze's
+        10r - 5): a trajectory made only of such rewards gets r / (1 - discount) at every step, the
+        value of failing forever, instead of its truncated sum.
         """
         ends = self.episode_ends()
         out = np.empty(len(self), dtype=np.float64)
@@ -106,6 +109,10 @@ class OfflineDataset:
                 running = 0.0
             running = rewards[t] + discount * running
             out[t] = running
+        if failure_reward is not None:
+            episode_id = np.concatenate([[0], np.cumsum(ends[:-1])])
+            failed = np.bincount(episode_id, weights=(rewards != failure_reward).astype(np.float64)) == 0
+            out[failed[episode_id]] = failure_reward / (1.0 - discount)
         return out.astype(np.float32)
 
     # --- I/O ------------------------------------------------------------------------------

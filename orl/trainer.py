@@ -254,6 +254,9 @@ class Trainer:
         powers = discount ** torch.arange(end - start, device=self.device, dtype=torch.float64)
         # G_t = sum_k gamma^k r_{t+k}: a reversed cumulative sum of gamma^t r_t, divided by gamma^t.
         discounted = torch.flip(torch.cumsum(torch.flip(powers * rewards.double(), [0]), 0), [0]) / powers
+        failure_reward = getattr(self.agent.cfg, "failure_reward", None)
+        if failure_reward is not None and bool((rewards == failure_reward).all()):
+            discounted = torch.full_like(discounted, failure_reward / (1.0 - discount))  # as the offline data (Dataset.returns_to_go)
         storage["returns_to_go"][start:end] = discounted.float()
         self._episode_start = end
 

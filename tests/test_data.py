@@ -127,6 +127,16 @@ def test_returns_to_go_stop_at_terminals_and_timeouts():
     np.testing.assert_allclose(ds.episode_returns(), [2.0, 2.0, 2.0])
 
 
+def test_returns_to_go_of_failed_sparse_trajectories():
+    """Cal-QL on sparse tasks: a trajectory of only failure rewards is worth r_fail / (1 - gamma), not its truncated sum."""
+    obs = np.arange(5, dtype=np.float32)[:, None]
+    rewards = np.array([-5, -5, -5, 5, -5], np.float32)  # a failed trajectory, then one that reaches the goal
+    ds = OfflineDataset(obs, np.zeros((5, 1), np.float32), rewards, obs + 1,
+                        np.array([0, 0, 0, 0, 1], np.float32), np.array([0, 0, 1, 0, 0], np.float32))
+    np.testing.assert_allclose(ds.returns_to_go(0.5, failure_reward=-5.0), [-10.0, -10.0, -10.0, 2.5, -5.0])
+    np.testing.assert_allclose(ds.returns_to_go(0.5), [-8.75, -7.5, -5.0, 2.5, -5.0])
+
+
 def test_transforms():
     arrays = random_pendulum_arrays(400)
     ds = OfflineDataset(arrays["observations"], arrays["actions"], arrays["rewards"], arrays["next_observations"],

@@ -81,6 +81,21 @@ def test_online_mc_returns_written_when_episode_ends(tmp_path):
     assert trainer.online.storage["returns_to_go"][200:250].abs().sum() == 0
 
 
+def test_online_mc_returns_of_failed_sparse_episodes(tmp_path):
+    class AlwaysFail(gym.Wrapper):
+        def step(self, action):
+            obs, _, terminated, truncated, info = self.env.step(action)
+            return obs, -5.0, terminated, truncated, info
+
+    make = lambda: AlwaysFail(gym.make("Pendulum-v1"))  # noqa: E731
+    env = make()
+    agent = orl.make_agent("calql", env.observation_space, env.action_space, {"discount": 0.9, "cql_n_actions": 2, "failure_reward": -5.0})
+    cfg = TrainerConfig(offline_steps=0, online_steps=201, eval_every=0, progress=False, tensorboard=False, online_capacity=1000)
+    trainer = Trainer(agent, tmp_path, cfg, env_fn=make)
+    trainer.train()
+    torch.testing.assert_close(trainer.online.storage["returns_to_go"][:200], torch.full((200,), -50.0))
+
+
 def _compose(overrides):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="finetune", overrides=overrides)
