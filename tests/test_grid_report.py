@@ -1,0 +1,23 @@
+"""scripts/grid.py's bookkeeping: where the switch is and how large the post-switch dip is."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("grid", Path(__file__).resolve().parent.parent / "scripts" / "grid.py")
+grid = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(grid)
+
+
+def test_switch_step_prefers_the_recorded_switch():
+    assert grid.switch_step({"steps": 1500, "switch_step": 0}) == 0  # SAC from scratch run with steps=0 as an override
+    assert grid.switch_step({"steps": 1500, "switch_step": None}) == 1500
+    assert grid.switch_step({"steps": 1500}) == 1500
+
+
+def test_early_dip_is_offline_score_minus_worst_early_evaluation():
+    # switch at 1000; online evaluations every 500 up to 5000: the first quarter ends at 2000
+    curve = [(500, 30.0), (1000, 40.0), (1500, 10.0), (2000, 25.0), (2500, 0.0), (5000, 80.0)]
+    assert grid.early_dip({"steps": 1000, "curve": curve}) == pytest.approx(30.0)  # 40 - 10; the 0 at 2500 is later
+    rising = [(1000, 40.0), (1500, 45.0), (2000, 50.0), (5000, 80.0)]
+    assert grid.early_dip({"steps": 1000, "curve": rising}) == pytest.approx(-5.0)  # negative: no dip at all
