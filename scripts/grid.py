@@ -114,6 +114,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     import numpy as np
 
     results = load_results(args.name)
+    for other in args.include or []:  # e.g. the baseline an agent is compared with, from another grid
+        datasets_here = {r["dataset"] for r in results}
+        results += [r for r in load_results(other) if r["dataset"] in datasets_here and (not args.agents or r["agent"] in args.agents)]
+    if args.agents:
+        results = [r for r in results if r["agent"] in args.agents]
+    if args.at_step is not None:  # score every run at the same gradient step (runs that are longer are cut there)
+        results = [{**r, "curve": [p for p in r["curve"] if p[0] <= args.at_step], "final": dict(r["curve"]).get(args.at_step)}
+                   for r in results if args.at_step in dict(r["curve"])]
     if not results:
         sys.exit(f"no results under results/{args.name}/runs")
     datasets = sorted({r["dataset"] for r in results})
@@ -143,6 +151,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                 cells.append(f"{np.mean(scores):.1f} ± {np.std(scores):.1f} (n={len(scores)})" if scores else "-")
             lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
         steps = sorted({r["steps"] for r in results})
+        steps = [args.at_step] if args.at_step is not None else steps
         table = "\n".join(lines) + f"\n\nFinal D4RL-normalized score (mean ± std over seeds), {steps} gradient steps.\n"
     out = ROOT / "results" / args.name
     (out / "table.md").write_text(table)
@@ -209,6 +218,9 @@ def main() -> None:
     report.add_argument("--name", required=True)
     report.add_argument("--order", nargs="+", default=["bc", "td3bc", "iql", "a2pr", "famo2o_iql"])
     report.add_argument("--online", action="store_true")
+    report.add_argument("--include", nargs="+", help="also take these grids' runs on the same datasets (e.g. baselines)")
+    report.add_argument("--agents", nargs="+", help="only these agents")
+    report.add_argument("--at-step", type=int, help="score runs at this gradient step instead of their last evaluation")
     args = parser.parse_args()
     cmd_run(args) if args.command == "run" else cmd_report(args)
 
