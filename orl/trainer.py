@@ -106,6 +106,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True, unit="step")
         self._bar = bar
         try:
+            if resume_step is None and 0 < self.step == self.cfg.offline_steps and self.cfg.online_steps > 0 and self.cfg.eval_every > 0:
+                self.run_evaluation()  # started from a pre-trained agent (init_from): the online curve starts at the switch
             while self.step < self.cfg.offline_steps:
                 self._offline_step()
             if self.cfg.online_steps > 0:

@@ -150,8 +150,12 @@ def main() -> None:
         print(json.dumps(bench_d3rlpy(args.agents, args.updates, args.repeats)))
         return
 
-    orl_rates = bench_orl(args.agents, args.device, args.updates, args.repeats)
-    bf16_rates = bench_orl(args.agents, args.device, args.updates, args.repeats, "bf16") if args.bf16 else {}
+    orl_rates: dict[str, float] = {}
+    bf16_rates: dict[str, float] = {}
+    for name in args.agents:  # fp32 and bf16 back to back per agent, so both see the same machine load
+        orl_rates.update(bench_orl([name], args.device, args.updates, args.repeats))
+        if args.bf16:
+            bf16_rates.update(bench_orl([name], args.device, args.updates, args.repeats, "bf16"))
     d3_rates: dict[str, float] = {}
     d3_python = args.d3rlpy_python
     if d3_python is None:

@@ -62,7 +62,7 @@ def run_one(args: argparse.Namespace, dataset: str, label: str, seed: int) -> st
     online = [(r["step"], r["online/episode_normalized"]) for r in rows if "online/episode_normalized" in r]
     q_mean = [(r["step"], r["train/q_mean"]) for r in rows if "train/q_mean" in r]  # the divergence around the switch
     online_rows = [r for r in rows if "train/online_step" in r]
-    switch = online_rows[0]["step"] - online_rows[0]["train/online_step"] if online_rows else None
+    switch = int(online_rows[0]["step"] - online_rows[0]["train/online_step"]) if online_rows else None
     result = {"dataset": dataset, "agent": label, "seed": seed, "steps": args.steps, "switch_step": switch, "curve": curve, "online_episodes": online, "q_mean": q_mean,
               "final": curve[-1][1] if curve else None, "seconds": round(time.time() - start, 1), "command": " ".join(cmd[3:])}
     tmp = result_path.with_suffix(".tmp")
@@ -94,14 +94,14 @@ def switch_step(result: dict) -> int:
 
 def early_dip(result: dict) -> float:
     """Offline score (the last evaluation at or before the switch) minus the lowest evaluation in the first
-    quarter of the online phase."""
+    half of the online phase (a half, not less, so that a dip right after a warmup phase is caught)."""
     curve, switch = dict(result["curve"]), switch_step(result)
     online = sorted(step for step in curve if step > switch)
     offline = [step for step in curve if step <= switch]
     if not online or not offline:
         return 0.0
-    quarter_end = switch + 0.25 * (online[-1] - switch)
-    early = [curve[step] for step in online if step <= quarter_end] or [curve[online[0]]]
+    half = switch + 0.5 * (online[-1] - switch)
+    early = [curve[step] for step in online if step <= half] or [curve[online[0]]]
     return curve[max(offline)] - min(early)
 
 
@@ -140,7 +140,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                 fmt = lambda xs, digits=1: f"{np.mean(xs):.{digits}f} ± {np.std(xs):.{digits}f}" if xs and None not in xs else "-"  # noqa: E731
                 lines.append(f"| {dataset} | {agent} | {fmt(offline)} | {fmt(dip)} | {fmt(final)} | {fmt(regret, 3)} | {len(runs)} |")
         table = "\n".join(lines) + ("\n\nD4RL-normalized scores (mean ± std over seeds); post-switch dip = offline score minus the lowest "
-                                    "evaluation in the first quarter of the online phase (positive: the score fell); "
+                                    "evaluation in the first half of the online phase (positive: the score fell); "
                                     "regret = mean over online episodes of 1 - score/100.\n")
     else:
         lines = ["| dataset | " + " | ".join(agents) + " |", "|---|" + "---:|" * len(agents)]
@@ -184,7 +184,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                 runs = [r for r in results if r["dataset"] == dataset and r["agent"] == agent and r.get("q_mean") and switch_step(r) > 0]
                 if not runs:
                     continue
-                window = 0.25 * max(p[0] - switch_step(r) for r in runs for p in r["curve"])
+                window = 0.5 * max(p[0] - switch_step(r) for r in runs for p in r["curve"])
                 series = [{p[0] - switch_step(r): p[1] for p in r["q_mean"] if -window <= p[0] - switch_step(r) <= window} for r in runs]
                 x = sorted(set.intersection(*(set(d) for d in series)))
                 ax.plot(x, np.mean([[d[step] for step in x] for d in series], 0), label=agent)

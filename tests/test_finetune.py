@@ -117,7 +117,8 @@ def test_finetune_handoff_restores_whole_agent_state(tmp_path, pendulum_collecti
     steps = [r["step"] for r in read_metrics(tmp_path / "online") if "online/episode_return" in r]
     assert steps == []  # Pendulum episodes are 200 steps: none finished within 30 online steps
     rows = read_metrics(tmp_path / "online")
-    assert rows[0]["step"] > 50 and any("train/online_step" in r for r in rows)
+    assert rows[0]["step"] == 50 and "eval/return_mean" in rows[0]  # the pre-trained agent's score at the switch
+    assert all(r["step"] > 50 for r in rows[1:]) and any("train/online_step" in r for r in rows)
 
 
 def test_finetune_rejects_mismatched_checkpoint(tmp_path, pendulum_collection, monkeypatch):
@@ -177,11 +178,13 @@ def test_offline_checkpoint_kept_for_init_from(tmp_path, pendulum_collection, mo
     """A run with an online phase keeps its switch-time agent in offline.pt; init_from=<run dir> loads that, not the later checkpoint.pt."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", pendulum_collection["minari_root"])
     dataset = pendulum_collection["ids"]["medium"]
-    common = [f"dataset={dataset}", "agent=iql", "device=cpu", "log.progress=false", "eval.episodes=1", "eval.every=1000"]
+    common = [f"dataset={dataset}", "agent=iql", "device=cpu", "log.progress=false", "eval.episodes=1", "eval.every=10"]
     run_train(_compose(common + ["steps=20", "online.steps=10", f"run_dir={tmp_path / 'a'}"]))
     switch = load_checkpoint(tmp_path / "a" / "offline.pt")
     assert switch["step"] == 20 and load_checkpoint(tmp_path / "a" / "checkpoint.pt")["step"] == 30
     run_train(_compose(common + ["online.steps=10", f"init_from={tmp_path / 'a'}", f"run_dir={tmp_path / 'b'}"]))
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 30  # continued from step 20, not 30
+    evals = {run: {r["step"]: r["eval/return_mean"] for r in read_metrics(tmp_path / run) if "eval/return_mean" in r} for run in "ab"}
+    assert sorted(evals["b"]) == [20, 30] and evals["b"][20] == evals["a"][20]  # the fine-tuning curve starts at the switch
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_train(_compose(common + ["online.steps=10", f"init_from={tmp_path / 'missing'}", f"run_dir={tmp_path / 'c'}"]))

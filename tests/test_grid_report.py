@@ -16,8 +16,8 @@ def test_switch_step_prefers_the_recorded_switch():
 
 
 def test_early_dip_is_offline_score_minus_worst_early_evaluation():
-    # switch at 1000; online evaluations every 500 up to 5000: the first quarter ends at 2000
-    curve = [(500, 30.0), (1000, 40.0), (1500, 10.0), (2000, 25.0), (2500, 0.0), (5000, 80.0)]
-    assert grid.early_dip({"steps": 1000, "curve": curve}) == pytest.approx(30.0)  # 40 - 10; the 0 at 2500 is later
+    # switch at 1000; online evaluations up to 5000: the first half ends at 3000
+    curve = [(500, 30.0), (1000, 40.0), (1500, 10.0), (2000, 25.0), (3500, 0.0), (5000, 80.0)]
+    assert grid.early_dip({"steps": 1000, "curve": curve}) == pytest.approx(30.0)  # 40 - 10; the 0 at 3500 is later
     rising = [(1000, 40.0), (1500, 45.0), (2000, 50.0), (5000, 80.0)]
     assert grid.early_dip({"steps": 1000, "curve": rising}) == pytest.approx(-5.0)  # negative: no dip at all
