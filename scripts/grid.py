@@ -160,6 +160,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     # Online: a second row with the mean Q on training batches around the switch (results that recorded it).
     rows = 2 if args.online and any(r.get("q_mean") for r in results) else 1
     fig, axes = plt.subplots(rows, len(datasets), figsize=(4.2 * len(datasets), 3.4 * rows), squeeze=False)
+    colors = {agent: f"C{i}" for i, agent in enumerate(agents)}
     for ax, dataset in zip(axes[0], datasets):
         for agent in agents:
             curves = [r["curve"] for r in results if r["dataset"] == dataset and r["agent"] == agent and r["curve"]]
@@ -170,14 +171,14 @@ def cmd_report(args: argparse.Namespace) -> None:
             y = np.array([[p[1] for p in c[:length]] for c in curves])
             if args.online:
                 x = x - min(switch_step(r) for r in results if r["agent"] == agent and r["dataset"] == dataset)  # 0 = the switch
-            ax.plot(x, y.mean(0), label=agent)
-            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+            ax.plot(x, y.mean(0), label=agent, color=colors[agent])
+            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2, color=colors[agent])
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
         ax.set_title(dataset, fontsize=9)
-        ax.set_xlabel("gradient step" if not args.online else "environment steps after the switch (negative: offline)")
+        ax.set_xlabel("gradient step" if not args.online else "steps after the switch (< 0: offline)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("normalized score")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="best")
     if rows == 2:
         for ax, dataset in zip(axes[1], datasets):
             for agent in agents:
@@ -186,15 +187,19 @@ def cmd_report(args: argparse.Namespace) -> None:
                     continue
                 window = 0.5 * max(p[0] - switch_step(r) for r in runs for p in r["curve"])
                 series = [{p[0] - switch_step(r): p[1] for p in r["q_mean"] if -window <= p[0] - switch_step(r) <= window} for r in runs]
-                x = sorted(set.intersection(*(set(d) for d in series)))
-                ax.plot(x, np.mean([[d[step] for step in x] for d in series], 0), label=agent)
+                x = np.array(sorted(set.intersection(*(set(d) for d in series))), dtype=float)
+                y = np.mean([[d[step] for step in x] for d in series], 0)
+                # No line across stretches without updates (a warmup, sparse offline logging).
+                gaps = np.flatnonzero(np.diff(x) > 2 * np.median(np.diff(x))) + 1 if len(x) > 2 else []
+                x, y = np.insert(x, gaps, np.nan), np.insert(y, gaps, np.nan)
+                ax.plot(x, y, ".-", markersize=3, label=agent, color=colors[agent])
             ax.axvline(0, color="grey", lw=0.8)
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
             ax.set_xlabel("environment steps after the switch")
             ax.set_title("mean Q on training batches", fontsize=9)
             ax.grid(alpha=0.3)
         axes[1][0].set_ylabel("Q")
-        axes[1][-1].legend(fontsize=8)
+        axes[1][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     print(f"wrote {out / 'table.md'} and {out / 'curves.png'}")
