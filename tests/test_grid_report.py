@@ -15,9 +15,10 @@ def test_switch_step_prefers_the_recorded_switch():
     assert grid.switch_step({"steps": 1500}) == 1500
 
 
-def test_early_dip_is_offline_score_minus_worst_early_evaluation():
-    # switch at 1000; online evaluations up to 5000: the first half ends at 3000
+def test_worst_drop_is_offline_score_minus_worst_online_evaluation():
+    # switch at 1000: the pre-trained agent scores 40; the online phase bottoms out at 0 (a delayed collapse)
     curve = [(500, 30.0), (1000, 40.0), (1500, 10.0), (2000, 25.0), (3500, 0.0), (5000, 80.0)]
-    assert grid.early_dip({"steps": 1000, "curve": curve}) == pytest.approx(30.0)  # 40 - 10; the 0 at 3500 is later
+    assert grid.worst_drop({"steps": 1000, "curve": curve}) == pytest.approx(40.0)
     rising = [(1000, 40.0), (1500, 45.0), (2000, 50.0), (5000, 80.0)]
-    assert grid.early_dip({"steps": 1000, "curve": rising}) == pytest.approx(-5.0)  # negative: no dip at all
+    assert grid.worst_drop({"steps": 1000, "curve": rising}) == pytest.approx(-5.0)  # negative: never below the start
+    assert grid.worst_drop({"steps": 0, "switch_step": 0, "curve": [(500, 1.0)]}) == 0.0  # from scratch: nothing to drop from
