@@ -87,10 +87,12 @@ class OfflineDataset:
         ends[-1] = True
         return ends
 
+    def episode_ids(self) -> np.ndarray:
+        """Index of each transition's trajectory (0, 0, ..., 1, 1, ...)."""
+        return np.concatenate([[0], np.cumsum(self.episode_ends()[:-1])])
+
     def episode_returns(self) -> np.ndarray:
-        ends = self.episode_ends()
-        episode_id = np.concatenate([[0], np.cumsum(ends[:-1])])
-        return np.bincount(episode_id, weights=self.rewards.astype(np.float64))
+        return np.bincount(self.episode_ids(), weights=self.rewards.astype(np.float64))
 
     def returns_to_go(self, discount: float, failure_reward: float | None = None) -> np.ndarray:
         """Discounted Monte-Carlo return-to-go of each transition within its trajectory.
@@ -110,7 +112,7 @@ class OfflineDataset:
             running = rewards[t] + discount * running
             out[t] = running
         if failure_reward is not None:
-            episode_id = np.concatenate([[0], np.cumsum(ends[:-1])])
+            episode_id = self.episode_ids()
             failed = np.bincount(episode_id, weights=(rewards != failure_reward).astype(np.float64)) == 0
             out[failed[episode_id]] = failure_reward / (1.0 - discount)
         return out.astype(np.float32)

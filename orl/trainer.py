@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from orl.agent import Agent
 from orl.buffer import Batch, TransitionBuffer
 from orl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-
-OFFLINE_CHECKPOINT = "offline.pt"  # the agent at the end of the offline phase
 from orl.evaluation import EvalResult, evaluate
 from orl.logger import Logger, to_float
+
+OFFLINE_CHECKPOINT = "offline.pt"  # the agent at the end of the offline phase
 
 BUFFER_MODES = ("none", "seed", "mix")
 

@@ -29,8 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def dataset_key(dataset: str) -> str:
+    return dataset.replace("/", "-")
+
+
 def run_key(dataset: str, agent: str, seed: int) -> str:
-    return f"{dataset.replace('/', '-')}__{agent}__seed{seed}"
+    return f"{dataset_key(dataset)}__{agent}__seed{seed}"
 
 
 def run_one(args: argparse.Namespace, dataset: str, label: str, seed: int) -> str:
@@ -45,7 +49,7 @@ def run_one(args: argparse.Namespace, dataset: str, label: str, seed: int) -> st
     run_dir = ROOT / "runs" / "grid" / args.name / run_key(dataset, label, seed)
     # Overrides may use {seed}, {dataset}, {dataset_key} and {grid_runs} (this grid's run dirs), e.g.
     # init_from={grid_runs}/{dataset_key}__calql__seed{seed} to fine-tune another run's offline checkpoint.
-    fields = {"seed": seed, "dataset": dataset, "grid_runs": ROOT / "runs" / "grid" / args.name, "dataset_key": dataset.replace("/", "-")}
+    fields = {"seed": seed, "dataset": dataset, "grid_runs": ROOT / "runs" / "grid" / args.name, "dataset_key": dataset_key(dataset)}
     cmd = [
         sys.executable, "-m", "orl.cli", f"agent={agent}", f"dataset={dataset}", f"seed={seed}", f"steps={args.steps}",
         f"eval.every={args.eval_every}", f"eval.episodes={args.eval_episodes}", f"run_dir={run_dir}", "log.progress=false",
@@ -92,15 +96,20 @@ def switch_step(result: dict) -> int:
     return result["steps"] if switch is None else switch
 
 
+def offline_score(result: dict) -> float | None:
+    """The last evaluation at or before the switch (None if there is none)."""
+    switch = switch_step(result)
+    return max((p for p in result["curve"] if p[0] <= switch), default=(0, None))[1]
+
+
 def worst_drop(result: dict) -> float:
-    """Offline score (the last evaluation at or before the switch) minus the lowest evaluation of the
-    online phase: a collapse anywhere after the switch counts, also one delayed by a warmup."""
-    curve, switch = dict(result["curve"]), switch_step(result)
-    online = [score for step, score in curve.items() if step > switch]
-    offline = [step for step in curve if step <= switch]
-    if not online or not offline:
+    """Offline score minus the lowest evaluation of the online phase: a collapse anywhere after the
+    switch counts, also one delayed by a warmup."""
+    start, switch = offline_score(result), switch_step(result)
+    online = [score for step, score in result["curve"] if step > switch]
+    if not online or start is None:
         return 0.0
-    return curve[max(offline)] - min(online)
+    return start - min(online)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -131,7 +140,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                 runs = [r for r in results if r["dataset"] == dataset and r["agent"] == agent]
                 if not runs:
                     continue
-                offline = [max((p for p in r["curve"] if p[0] <= switch_step(r)), default=(0, None))[1] for r in runs if switch_step(r) > 0]
+                offline = [offline_score(r) for r in runs if switch_step(r) > 0]
                 final = [r["final"] for r in runs]
                 regret = [np.mean([1 - score / 100 for _, score in r["online_episodes"]]) for r in runs if r["online_episodes"]]
                 drop = [worst_drop(r) for r in runs if switch_step(r) > 0]
