@@ -1,7 +1,9 @@
 """CQL(H) with importance sampling (Kumar et al., 2020) and Cal-QL (Nakamoto et al., 2023), on SAC.
 
 Critic, for each ensemble member Q_i (algorithms.md section 6.2), with N samples each of
-  a_u ~ U[-1, 1]^|A| (log-density |A| log 0.5),  a_s ~ pi(.|s),  a_s' ~ pi(.|s'),  all evaluated at s:
+  a_u ~ U[-1, 1]^|A| (log-density |A| log 0.5, in the unit box: the policy's log-probs are in unit tanh
+  space, so both densities are measured there whatever the env's action bound),
+  a_s ~ pi(.|s),  a_s' ~ pi(.|s'),  all evaluated at s:
   LSE_i(s) = T * logsumexp_k ( (Q_i(s, a_k) - log density_k) / T )          over the 3N samples
   L_Qi     = E (Q_i(s,a) - y)^2 + alpha_cql * E( LSE_i(s) - Q_i(s,a) )
   y        = r + gamma (1-d) min_j Q_j_targ(s', a'),  a' ~ pi(.|s')  (max over N a' with max-target-backup)
@@ -9,6 +11,14 @@ Cal-QL replaces Q_i(s, a_s) and Q_i(s, a_s') by max(Q_i, V_mu(s)) before the log
 the discounted Monte-Carlo return-to-go of s's trajectory; uniform actions are not bounded.
 Lagrange variant: alpha_cql = exp(log_alpha') is tuned so that E(LSE - Q) ~= target_action_gap.
 Actor and temperature: SAC's (agents/sac.py).
+
+Ensembles with a target subsample (WSRL's 10 members, 2 in the target): as in the official code
+(`_get_cql_q_diff` indexes the sampled-action Qs and the data Q by 2 randomly drawn members), the
+penalty applies to those 2 members only, with the official weighting mean_i TD_i + alpha mean_j gap_j
+(written here as sum_i TD_i + alpha E mean_j gap_j, identical to the usual sum when no members are
+subsampled); `cql_penalty_members=all` penalizes every member instead.
+Defaults follow the official Cal-QL / WSRL configs where algorithms.md is silent or differs:
+max-target-backup on, temperature lr 1e-4 (Cal-QL's alpha optimizer uses the policy lr).
 
 Online, `online_cql=False` turns the regularizer off, leaving SAC: WSRL's fine-tuning agent when the
 critic is a 10-member LayerNorm ensemble with a 2-member target subsample.
@@ -38,7 +48,9 @@ class CQLConfig(SACConfig):
     cql_lagrange: bool = False
     target_action_gap: float = 0.8
     cql_alpha_lr: float = 3e-4
-    max_target_backup: bool = False
+    cql_penalty_members: str = "subsample"  # subsample: the target_subsample members (official WSRL) | all
+    alpha_lr: float = 1e-4  # entropy temperature (official: the policy lr)
+    max_target_backup: bool = True
     online_max_target_backup: bool | None = None  # None: as offline. WSRL locomotion: on in pre-training, off online
     online_cql: bool = True  # False: plain SAC after the switch (WSRL)
     calibrated: bool = False  # Cal-QL
@@ -52,6 +64,8 @@ class CQL(SAC):
     needs_returns_to_go = False
 
     def __init__(self, obs_space, action_space, cfg: CQLConfig, device="cpu"):
+        if cfg.cql_penalty_members not in ("subsample", "all"):
+            raise ValueError(f"cql_penalty_members must be subsample or all, got {cfg.cql_penalty_members!r}")
         super().__init__(obs_space, action_space, cfg, device)
         self.log_cql_alpha = nn.Parameter(torch.tensor(math.log(max(cfg.cql_alpha, 1e-8)), device=self.device))
         if cfg.cql_lagrange:
@@ -61,6 +75,7 @@ class CQL(SAC):
         self.max_backup = cfg.max_target_backup
 
     def on_online_start(self, **context: Any) -> None:
+        super().on_online_start(**context)
         cfg = self.cfg
         self.regularize = cfg.online_cql
         self.calibrate = cfg.calibrated and cfg.calibrate_online
@@ -73,10 +88,8 @@ class CQL(SAC):
         with torch.no_grad():
             n, size = cfg.cql_n_actions, len(batch)
             next_obs = batch.next_obs.repeat(n, 1)
-            next_actions, next_log_prob = self.nets["actor"].sample(next_obs)
-            target_q = self.nets["critic_target"](next_obs, next_actions)  # (E, n*B)
-            if cfg.target_subsample is not None:
-                target_q = target_q[torch.randint(0, cfg.ensemble_size, (cfg.target_subsample,), device=self.device)]
+            next_actions, next_log_prob = self.sample_next_actions(next_obs)
+            target_q = self.nets["critic_target"](next_obs, next_actions, self.target_members())  # (E or subsample, n*B)
             target_q = target_q.min(0).values.view(n, size)
             best = target_q.argmax(0)
             target_q = target_q.gather(0, best[None]).squeeze(0)
@@ -84,24 +97,35 @@ class CQL(SAC):
                 target_q = target_q - self.alpha * next_log_prob.view(n, size).gather(0, best[None]).squeeze(0)
             return batch.rewards + cfg.discount * (1.0 - batch.terminals) * target_q
 
-    def conservative_penalty(self, batch: Batch, q_data: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """E(LSE_i(s) - Q_i(s,a)) per member, (E,), with Cal-QL's bound on policy actions when calibrating."""
+    def penalized_members(self) -> torch.Tensor | None:
+        """Members the penalty applies to: a fresh draw of `target_subsample` (official WSRL), None for all."""
+        return None if self.cfg.cql_penalty_members == "all" else self.target_members()
+
+    def conservative_penalty(self, batch: Batch, q_data: torch.Tensor, members: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """E(LSE_i(s) - Q_i(s,a)) per penalized member, with Cal-QL's bound on policy actions when calibrating.
+
+        `q_data` is (E, B); `members` picks the penalized ones (default all): the result is (len(members),).
+        """
         cfg, size, n = self.cfg, len(batch), self.cfg.cql_n_actions
         obs = batch.obs.repeat(n, 1)
         with torch.no_grad():
+            # Uniform over the env's box; its density is measured in the unit box (see module docstring).
             random_actions = torch.empty(n * size, self.action_dim, device=self.device).uniform_(-self.max_action, self.max_action)
             policy_actions, policy_log_prob = self.nets["actor"].sample(obs)
-            next_actions, next_log_prob = self.nets["actor"].sample(batch.next_obs.repeat(n, 1))
+            next_actions, next_log_prob = self.sample_next_actions(batch.next_obs.repeat(n, 1))
         # One critic pass over all 3N samples (evaluated at s).
-        q_samples = self.nets["critic"](obs.repeat(3, 1), torch.cat([random_actions, policy_actions, next_actions]))
-        q_random, q_policy, q_next = q_samples.view(-1, 3, n, size).unbind(1)  # each (E, n, B)
+        # Only the penalized members are evaluated (the official code evaluates all, then indexes).
+        q_samples = self.nets["critic"](obs.repeat(3, 1), torch.cat([random_actions, policy_actions, next_actions]), members)
+        if members is not None:
+            q_data = q_data[members]
+        q_random, q_policy, q_next = q_samples.view(q_samples.shape[0], 3, n, size).unbind(1)  # each (E, n, B)
         metrics: dict[str, torch.Tensor] = {}
         if self.calibrate:
             bound = batch.returns_to_go.view(1, 1, size)
             metrics["calql_bound_frac"] = (q_policy < bound).float().mean().detach()
             q_policy = torch.maximum(q_policy, bound)
             q_next = torch.maximum(q_next, bound)
-        random_log_density = self.action_dim * math.log(0.5 / self.max_action)
+        random_log_density = self.action_dim * math.log(0.5)
         stacked = torch.cat([
             q_random - random_log_density,
             q_policy - policy_log_prob.view(1, n, size),
@@ -120,18 +144,21 @@ class CQL(SAC):
         metrics: dict[str, torch.Tensor] = {"q_mean": q.detach().mean(), "td_loss": td_loss.detach().mean()}
         loss = td_loss.sum()
         if self.regularize:
-            gap, penalty_metrics = self.conservative_penalty(batch, q)
+            gap, penalty_metrics = self.conservative_penalty(batch, q, self.penalized_members())
             metrics.update(penalty_metrics)
+            # Official weighting: mean over members of TD + alpha * mean over penalized members of the
+            # gap; scaled by E to keep the sum-over-members TD form (equal to sum_i when all are penalized).
+            members = q.shape[0]
             if cfg.cql_lagrange:
                 cql_alpha = self.log_cql_alpha.exp().clamp(0.0, 1e6)
-                loss = loss + (cql_alpha.detach() * (gap - cfg.target_action_gap)).sum()
+                loss = loss + members * (cql_alpha.detach() * (gap - cfg.target_action_gap)).mean()
                 alpha_loss = -(cql_alpha * (gap.detach() - cfg.target_action_gap)).mean()
                 self.optimizers["cql_alpha"].zero_grad(set_to_none=True)
                 alpha_loss.backward()
                 self.optimizers["cql_alpha"].step()
                 metrics["cql_alpha"] = cql_alpha.detach()
             else:
-                loss = loss + cfg.cql_alpha * gap.sum()
+                loss = loss + members * cfg.cql_alpha * gap.mean()
         self.optimizers["critic"].zero_grad(set_to_none=True)
         loss.backward()
         self.optimizers["critic"].step()

@@ -17,8 +17,15 @@ FamO2O + IQL, per step (official JAX FamilyLearner, section 2.4), Qbar = min_i Q
   (5) Q and (6) target update as in IQL.
 FamO2O + AWAC (paper only, no released code: experimental) and FamO2O + CQL run the base's update with
 the conditioned policy and per-sample beta, then the balance step; the balance loss uses the online
-critic, and (CQL, as officially) has no entropy term. In CQL the TD target's next action is sampled
-at s' with the beta drawn for s, as in the official code.
+critic, and (CQL, as officially) has no entropy term. In CQL, as in the official
+family_conservative_sac.py, the actions sampled at s' (TD target and the CQL term's s' samples) are
+conditioned on a beta drawn from the balance model at s, offline too; the actor loss and the CQL
+term's actions at s use the per-sample beta (uniform offline).
+
+FamO2O-IQL's per-sample beta: the official JAX learner multiplies a (B,) beta by a (B, 1) advantage,
+which broadcasts to a (B, B) weight matrix (every action weighted by every sample's beta) - an
+accident of shapes. orl keeps the paper's per-sample form exp(beta_i A_i), so each beta_i weights
+its own sample.
 
 Acting (collection and evaluation) uses the deterministic balance beta = map(tanh(mean)); collection
 samples the action from pi_u, evaluation takes its mode. The mapping (u+1)/2 is used for every base;
@@ -39,7 +46,7 @@ from agents.cql import CQL
 from agents.iql import IQL
 from orl.agent import Agent, build_config, register
 from orl.buffer import Batch
-from orl.nn import GaussianActor, TanhGaussianActor, frozen, make_optimizer, mlp, soft_update
+from orl.nn import GaussianActor, TanhGaussianActor, cosine_to_floor, frozen, make_optimizer, mlp, soft_update
 
 
 def sinusoidal_embedding(beta: torch.Tensor, dim: int = 6, base: float = 10000.0) -> torch.Tensor:
@@ -144,7 +151,7 @@ class FamO2O(Agent):
         self.base.optimizers["actor"] = make_optimizer(self.base.nets["actor"].parameters(), actor_lr)
         self.base.schedulers.pop("actor", None)
         if getattr(base_cfg, "cosine_actor_lr", False):
-            self.base.schedulers["actor"] = torch.optim.lr_scheduler.CosineAnnealingLR(self.base.optimizers["actor"], max(base_cfg.max_steps, 1))
+            self.base.schedulers["actor"] = cosine_to_floor(self.base.optimizers["actor"], base_cfg.actor_lr_decay_steps)
         # One ModuleDict / optimizer dict, so state_dict covers base and balance layer together.
         self.nets, self.optimizers, self.schedulers = self.base.nets, self.base.optimizers, self.base.schedulers
         self.nets["balance"] = BalanceModel(self.obs_dim, cfg.balance_hidden, cfg.beta_lo, cfg.beta_hi).to(self.device)
@@ -270,11 +277,28 @@ class FamO2OAWAC(FamO2O):
         return super().base_update(batch, beta)
 
 
+class BalancedNextCQL(CQL):
+    """CQL whose actions at s' are conditioned on `next_beta` (the balance model's beta at s)."""
+
+    next_beta: torch.Tensor | None = None
+
+    def sample_next_actions(self, next_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        actor = self.nets["actor"]
+        beta, actor.beta = actor.beta, self.next_beta if self.next_beta is not None else actor.beta
+        try:
+            return actor.sample(next_obs)
+        finally:
+            actor.beta = beta
+
+
 @register("famo2o_cql")
 class FamO2OCQL(FamO2O):
-    base_class = CQL
-    base_defaults = {"cql_alpha": 1.0, "actor_lr": 3e-4}
+    base_class = BalancedNextCQL
+    base_defaults = {"cql_alpha": 1.0, "actor_lr": 3e-4, "max_target_backup": False}
 
     def base_update(self, batch: Batch, beta: torch.Tensor) -> dict[str, torch.Tensor]:
         self.base.q_weight = beta  # actor loss alpha log pi_u - beta * min_i Q_i
+        with torch.no_grad():
+            # Online, `beta` already is the balance model's sample at s; offline it is uniform.
+            self.base.next_beta = beta if self.online else self.nets["balance"].sample(batch.obs)[0]
         return super().base_update(batch, beta)

@@ -5,7 +5,12 @@ With Qbar = min_i Q_i_targ and L2_tau(u) = |tau - 1[u < 0]| * u^2:
   (2) actor:  L_pi = -E[ min(exp(beta * (Qbar(s,a) - V(s))), 100) * log pi(a|s) ]  AWR, V after (1)
   (3) Q:      L_Q  = mean_i E ( Q_i(s,a) - (r + gamma * (1-d) * V(s')) )^2         V after (1)
   (4) soft-update Q_targ with tau.
-The actor's learning rate follows a cosine decay over `max_steps` offline (official IQL).
+The actor's learning rate follows a cosine decay to 0 over `actor_lr_decay_steps` (official IQL:
+optax.cosine_decay_schedule over its 1M-step run) and stays at 0 after it. The horizon is explicit, not
+the run's length: a 30k-step run decays the rate by 0.2% (as a 30k prefix of the official run does)
+instead of annealing it to zero. Runs with an online phase use no decay (`cosine_actor_lr` is
+`${offline_only:...}` in configs/agent/iql.yaml), as the official fine-tuning config
+(`opt_decay_schedule = None`) does; the online phase never restarts a schedule.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch
 
 from orl.agent import Agent, register
 from orl.buffer import Batch
-from orl.nn import Critic, GaussianActor, ValueNet, make_optimizer, soft_update
+from orl.nn import Critic, GaussianActor, ValueNet, cosine_to_floor, make_optimizer, soft_update
 
 
 @dataclass
@@ -32,7 +37,7 @@ class IQLConfig:
     max_weight: float = 100.0
     actor_dropout: float = 0.0
     cosine_actor_lr: bool = True
-    max_steps: int = 1_000_000  # horizon of the cosine schedule (configs set it to the run's steps)
+    actor_lr_decay_steps: int = 1_000_000  # horizon of the cosine decay (the official run length), then 0
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -60,7 +65,7 @@ class IQL(Agent):
         self.optimizers["critic"] = make_optimizer(self.nets["critic"].parameters(), cfg.critic_lr)
         self.optimizers["value"] = make_optimizer(self.nets["value"].parameters(), cfg.value_lr)
         if cfg.cosine_actor_lr:
-            self.schedulers["actor"] = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizers["actor"], max(cfg.max_steps, 1))
+            self.schedulers["actor"] = cosine_to_floor(self.optimizers["actor"], cfg.actor_lr_decay_steps)
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         self.step += 1

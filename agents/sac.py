@@ -1,7 +1,8 @@
 """SAC (Haarnoja et al., 2018) with a vectorized critic ensemble, as used for online learning, for the
 collection pipeline's behaviour policies, and as WSRL's fine-tuning agent.
 
-Per update on a batch B (split into `critic_minibatches` equal parts for high-UTD training, WSRL):
+Per update on a batch B (online, split into `online_critic_minibatches` equal parts for high-UTD
+training: WSRL; offline updates never split):
   for each minibatch b:
     a' ~ pi(.|s'),  Qt = min over J of Q_j_targ(s', a')     J = all members, or `target_subsample`
                                                               random members (with replacement, WSRL)
@@ -23,7 +24,7 @@ from torch import nn
 
 from orl.agent import Agent, register
 from orl.buffer import Batch
-from orl.nn import Critic, TanhGaussianActor, frozen, make_optimizer, scale_last_layer, soft_update
+from orl.nn import Critic, TanhGaussianActor, frozen, make_optimizer, scale_last_hidden_layer, soft_update
 
 
 @dataclass
@@ -39,11 +40,11 @@ class SACConfig:
     target_subsample: int | None = None  # WSRL/REDQ: min over this many random members in the target
     actor_q_reduce: str = "min"  # min | mean
     layer_norm: bool = False
-    final_layer_scale: float | None = None  # e.g. 1e-2 (WSRL locomotion)
+    final_layer_scale: float | None = None  # e.g. 1e-2 (WSRL): init scale of the last hidden layer, actor and critic
     init_alpha: float = 1.0
     target_entropy: float | None = None  # default -action_dim
     backup_entropy: bool = True
-    critic_minibatches: int = 1  # WSRL: 4 critic minibatches from one batch of 1024
+    online_critic_minibatches: int = 1  # WSRL fine-tuning: 4 critic minibatches from one batch of 1024
 
 
 @register("sac")
@@ -57,8 +58,8 @@ class SAC(Agent):
         self.nets["actor"] = TanhGaussianActor(self.obs_dim, self.action_dim, cfg.actor_hidden, self.max_action, cfg.layer_norm).to(self.device)
         self.nets["critic"] = Critic(self.obs_dim, self.action_dim, cfg.ensemble_size, cfg.critic_hidden, cfg.layer_norm).to(self.device)
         if cfg.final_layer_scale is not None:
-            scale_last_layer(self.nets["actor"], cfg.final_layer_scale)
-            scale_last_layer(self.nets["critic"], cfg.final_layer_scale)
+            scale_last_hidden_layer(self.nets["actor"], cfg.final_layer_scale)
+            scale_last_hidden_layer(self.nets["critic"], cfg.final_layer_scale)
         self.nets["critic_target"] = copy.deepcopy(self.nets["critic"]).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.init_alpha), device=self.device))
         self.target_entropy = -float(self.action_dim) if cfg.target_entropy is None else cfg.target_entropy
@@ -67,21 +68,33 @@ class SAC(Agent):
         self.optimizers["alpha"] = make_optimizer([self.log_alpha], cfg.alpha_lr)
         # Multiplier of the Q term in the actor loss; FamO2O-CQL sets it to the per-sample beta.
         self.q_weight: float | torch.Tensor = 1.0
+        self.online = False  # the minibatch split is an online (high-UTD) thing only
+
+    def on_online_start(self, **context) -> None:
+        self.online = True
 
     @property
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.exp().detach()
 
     # --- losses (reused by CQL / Cal-QL / WSRL) ---------------------------------------------
+    def sample_next_actions(self, next_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a' ~ pi(.|s') for TD targets (and CQL's s' samples); FamO2O-CQL conditions it differently."""
+        return self.nets["actor"].sample(next_obs)
+
+    def target_members(self) -> torch.Tensor | None:
+        """Members whose min forms the TD target: `target_subsample` drawn with replacement (WSRL/REDQ), or all."""
+        cfg = self.cfg
+        if cfg.target_subsample is None:
+            return None
+        return torch.randint(0, cfg.ensemble_size, (cfg.target_subsample,), device=self.device)
+
     def td_target(self, batch: Batch) -> torch.Tensor:
         cfg = self.cfg
         with torch.no_grad():
-            next_actions, next_log_prob = self.nets["actor"].sample(batch.next_obs)
-            target_q = self.nets["critic_target"](batch.next_obs, next_actions)  # (E, B)
-            if cfg.target_subsample is not None:
-                members = torch.randint(0, cfg.ensemble_size, (cfg.target_subsample,), device=self.device)
-                target_q = target_q[members]
-            target_q = target_q.min(0).values
+            next_actions, next_log_prob = self.sample_next_actions(batch.next_obs)
+            # (E, B), or only the sub-sampled members' rows (computed alone: a fifth of WSRL's 10-member pass)
+            target_q = self.nets["critic_target"](batch.next_obs, next_actions, self.target_members()).min(0).values
             if cfg.backup_entropy:
                 target_q = target_q - self.alpha * next_log_prob
             return batch.rewards + cfg.discount * (1.0 - batch.terminals) * target_q
@@ -115,7 +128,8 @@ class SAC(Agent):
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         self.step += 1
         metrics: dict[str, torch.Tensor] = {}
-        for minibatch in batch.split(self.cfg.critic_minibatches) if self.cfg.critic_minibatches > 1 else (batch,):
+        parts = self.cfg.online_critic_minibatches if self.online else 1
+        for minibatch in batch.split(parts) if parts > 1 else (batch,):
             metrics = self.critic_step(minibatch)
         metrics.update(self.actor_step(batch))
         return metrics
@@ -124,9 +138,10 @@ class SAC(Agent):
         return self.nets["actor"](obs, deterministic)
 
     def extra_state(self) -> dict:
-        return {"log_alpha": self.log_alpha.detach().cpu()}
+        return {"log_alpha": self.log_alpha.detach().cpu(), "online": self.online}
 
     def load_extra_state(self, state: dict) -> None:
+        self.online = bool(state.get("online", False))
         if "log_alpha" in state:
             with torch.no_grad():
                 self.log_alpha.copy_(state["log_alpha"].to(self.device))

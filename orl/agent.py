@@ -129,7 +129,14 @@ class Agent(abc.ABC):
         if load_optimizers:
             for key, opt_state in state.get("optimizers", {}).items():
                 if key in self.optimizers:
-                    self.optimizers[key].load_state_dict(opt_state)
+                    optimizer = self.optimizers[key]
+                    configured_lrs = [group["lr"] for group in optimizer.param_groups]
+                    optimizer.load_state_dict(opt_state)
+                    if key not in self.schedulers:
+                        # An optimizer state carries the rate it was last stepped with (a decayed one
+                        # when pre-training had a schedule); without a schedule now, the configured rate holds.
+                        for group, lr in zip(optimizer.param_groups, configured_lrs):
+                            group["lr"] = lr
             for key, sch_state in state.get("schedulers", {}).items():
                 if key in self.schedulers:
                     self.schedulers[key].load_state_dict(sch_state)

@@ -13,9 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from orl.agent import make_agent
 from orl.buffer import TransitionBuffer
-from orl.checkpoint import seed_everything
-from orl.data import DataConfig, check_env_compatible, make_dataset, prepare
+from orl.checkpoint import load_checkpoint, seed_everything
+from orl.data import DataConfig, RewardTransform, check_env_compatible, make_dataset, prepare, reward_transform
 from orl.trainer import OFFLINE_CHECKPOINT, Trainer, TrainerConfig
+
+
+# `${offline_only:${online.steps}}` in agent configs: true for offline-only runs (e.g. IQL's lr decay).
+OmegaConf.register_new_resolver("offline_only", lambda online_steps: int(online_steps) == 0, replace=True)
 
 
 def setup_torch(device: str, threads: int | None) -> torch.device:
@@ -81,10 +85,34 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     env_id = dataset.env_id
     probe_env = make_env(env_id)
     check_env_compatible(dataset, probe_env)
-    data_cfg = DataConfig(**OmegaConf.to_container(cfg.data))
-    prepared = prepare(dataset, data_cfg)
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
     agent_name = agent_cfg.pop("name")
+    run_dir = resolve_run_dir(cfg, agent_name)
+    offline_steps = int(cfg.steps)
+    initial_state = None
+    if cfg.get("init_from"):
+        path = Path(cfg.init_from)
+        if path.is_dir():  # a run directory: its offline-phase checkpoint, else its latest one
+            path = path / OFFLINE_CHECKPOINT if (path / OFFLINE_CHECKPOINT).exists() else path / "checkpoint.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint at {path}; pass a run directory or a .pt file")
+        initial_state = load_checkpoint(path)
+        offline_steps = int(initial_state["step"])  # the online phase continues the step count (WSRL bookkeeping)
+    resuming = bool(cfg.resume) and (run_dir / "checkpoint.pt").exists()
+    # One reward transform per run: a resumed run keeps its own, an init_from run the one it was
+    # pre-trained with, so offline rows, online rows and MC returns stay on one scale.
+    data_cfg = DataConfig(**OmegaConf.to_container(cfg.data))
+    transform_source = run_dir / "checkpoint.pt" if resuming else (cfg.init_from if initial_state is not None else None)
+    saved_state = load_checkpoint(run_dir / "checkpoint.pt", map_location="cpu") if resuming else initial_state
+    transform = None
+    if saved_state is not None and "reward_transform" in saved_state:
+        transform = RewardTransform.from_state(saved_state["reward_transform"])
+        configured = reward_transform(dataset, data_cfg)
+        if not transform.same_as(configured):
+            print(f"[orl] note: using the reward transform of {transform_source} ({transform.state_dict()}), "
+                  f"not the one data.reward* gives here ({configured.state_dict()})")
+    del saved_state
+    prepared = prepare(dataset, data_cfg, transform)
     agent = make_agent(agent_name, probe_env.observation_space, probe_env.action_space, agent_cfg, device, cfg.precision)
     probe_env.close()
     agent.set_obs_normalizer(prepared.obs_mean, prepared.obs_std)
@@ -94,25 +122,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         returns_to_go = prepared.dataset.returns_to_go(discount, getattr(agent.cfg, "failure_reward", None))
     buffer = TransitionBuffer.from_dataset(prepared.dataset, device, returns_to_go)
 
-    run_dir = resolve_run_dir(cfg, agent_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ref = (dataset.ref_min_score, dataset.ref_max_score) if dataset.ref_min_score is not None and dataset.ref_max_score is not None else None
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(dataset)} transitions, env {env_id}, device {device}, {cfg.precision}) -> {run_dir}")
-    offline_steps = int(cfg.steps)
-    initial_state = None
-    if cfg.get("init_from"):
-        from orl.checkpoint import load_checkpoint
-
-        path = Path(cfg.init_from)
-        if path.is_dir():  # a run directory: its offline-phase checkpoint, else its latest one
-            path = path / OFFLINE_CHECKPOINT if (path / OFFLINE_CHECKPOINT).exists() else path / "checkpoint.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint at {path}; pass a run directory or a .pt file")
-        initial_state = load_checkpoint(path)
-        offline_steps = int(initial_state["step"])  # the online phase continues the step count (WSRL bookkeeping)
-    trainer = Trainer(agent, run_dir, trainer_config(cfg, offline_steps), buffer, lambda: make_env(env_id), ref)
-    if initial_state is not None and not (cfg.resume and trainer.checkpoint_path.exists()):
+    trainer = Trainer(agent, run_dir, trainer_config(cfg, offline_steps), buffer, lambda: make_env(env_id), ref,
+                      reward_transform=prepared.reward_transform)
+    if initial_state is not None and not resuming:
         try:
             agent.load_state_dict(initial_state["agent"])  # networks, targets, temperature, optimizer moments, step
         except (RuntimeError, KeyError, ValueError) as exc:

@@ -367,26 +367,65 @@ class DataConfig:
     clip_actions: float | None = None  # e.g. 0.99999 for tanh log-probs of dataset actions
 
 
+@dataclass(frozen=True)
+class RewardTransform:
+    """r -> scale * r + shift: the one reward transform of a run.
+
+    The dataset, the online replay buffer and the Monte-Carlo returns computed from either all apply
+    this same object (the official IQL/FamO2O code scales every sampled batch, WSRL and Cal-QL wrap
+    the env with reward_scale/reward_bias), and it is saved with the run's checkpoints so that a
+    resumed or `init_from` run applies exactly the one it was trained with.
+    """
+
+    scale: float = 1.0
+    shift: float = 0.0
+    kind: str = "raw"  # the data.reward setting it came from, for the record
+
+    def __call__(self, rewards):
+        return rewards * self.scale + self.shift
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": float(self.scale), "shift": float(self.shift), "kind": self.kind}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "RewardTransform":
+        return cls(float(state["scale"]), float(state["shift"]), str(state.get("kind", "raw")))
+
+    def same_as(self, other: "RewardTransform") -> bool:
+        return bool(np.isclose(self.scale, other.scale, rtol=1e-6, atol=0.0) and np.isclose(self.shift, other.shift, rtol=1e-6, atol=1e-9))
+
+
 @dataclass
 class PreparedData:
     dataset: OfflineDataset
     obs_mean: np.ndarray
     obs_std: np.ndarray
+    reward_transform: RewardTransform = field(default_factory=RewardTransform)
 
 
-def prepare(dataset: OfflineDataset, cfg: DataConfig) -> PreparedData:
-    """Apply reward/action/observation transforms; returns a new dataset and the obs statistics."""
+def reward_transform(dataset: OfflineDataset, cfg: DataConfig) -> RewardTransform:
+    """The run's reward transform from `data.reward*` (iql_locomotion reads the dataset's return range)."""
     if cfg.reward not in ("raw", "scale_shift", "iql_locomotion"):
         raise DatasetError(f"data.reward must be raw, scale_shift or iql_locomotion, got {cfg.reward!r}")
-    rewards = dataset.rewards.copy()
+    scale = 1.0
     if cfg.reward == "iql_locomotion":
         # IQL (locomotion): r * 1000 / (max trajectory return - min trajectory return).
         returns = dataset.episode_returns()
         spread = float(returns.max() - returns.min())
         if spread <= 0:
             raise DatasetError(f"{dataset.source}: all trajectories have the same return; iql_locomotion reward scaling is undefined")
-        rewards = rewards * (1000.0 / spread)
-    rewards = rewards * cfg.reward_scale + cfg.reward_shift
+        scale = 1000.0 / spread
+    return RewardTransform(scale * cfg.reward_scale, cfg.reward_shift, cfg.reward)
+
+
+def prepare(dataset: OfflineDataset, cfg: DataConfig, transform: RewardTransform | None = None) -> PreparedData:
+    """Apply reward/action/observation transforms; returns a new dataset, the obs statistics and the
+    reward transform (which the online phase applies to every new transition).
+
+    `transform` (a resumed or init_from run's saved one) replaces the one `cfg` would compute.
+    """
+    transform = transform or reward_transform(dataset, cfg)
+    rewards = transform(dataset.rewards.astype(np.float64))
     actions = dataset.actions
     if cfg.clip_actions is not None:
         actions = np.clip(actions, -cfg.clip_actions, cfg.clip_actions)
@@ -405,4 +444,4 @@ def prepare(dataset: OfflineDataset, cfg: DataConfig) -> PreparedData:
         actions=actions.astype(np.float32),
         rewards=rewards.astype(np.float32),
     )
-    return PreparedData(out, obs_mean, obs_std)
+    return PreparedData(out, obs_mean, obs_std, transform)

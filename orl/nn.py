@@ -31,17 +31,27 @@ class LayerStack(nn.Sequential):
 
     bf16_hidden: bool = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """`members` (ensemble stacks only): run just those members, (len(members), B, out)."""
+        call = (lambda layer, h: layer(h)) if members is None else (lambda layer, h: _member_subset(layer, h, members))
         if not self.bf16_hidden:
-            return super().forward(x)
+            for layer in self:
+                x = call(layer, x)
+            return x
         head = max(i for i, layer in enumerate(self) if isinstance(layer, (nn.Linear, EnsembleLinear)))
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             for layer in self[:head]:
-                x = layer(x)
+                x = call(layer, x)
         x = x.float()
         for layer in self[head:]:
-            x = layer(x)
+            x = call(layer, x)
         return x
+
+
+def _member_subset(layer: nn.Module, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, (EnsembleLinear, _EnsembleLayerNorm)):
+        return layer.forward_members(x, members)
+    return layer(x)
 
 
 def set_precision(module: nn.Module, precision: str) -> None:
@@ -79,12 +89,22 @@ def mlp(
     return LayerStack(*layers)
 
 
-def scale_last_layer(net: nn.Module, scale: float) -> None:
-    """Shrink the final Linear's init (WSRL / Cal-QL "final-layer init scale 1e-2")."""
-    last = [m for m in net.modules() if isinstance(m, (nn.Linear, EnsembleLinear))][-1]
+def scale_last_hidden_layer(net: nn.Module, scale: float) -> None:
+    """WSRL's `kernel_scale_final`: re-initialize the last *hidden* layer (not the output head).
+
+    The official MLP (jaxrl_m) builds that layer with variance_scaling(scale, "fan_avg", "uniform")
+    weights and zero bias, and the output heads keep their default init. So: weights
+    U(-b, b) with b = sqrt(3 * scale / fan_avg), bias 0, on every ensemble member.
+    """
+    linears = [m for m in net.modules() if isinstance(m, (nn.Linear, EnsembleLinear))]
+    if len(linears) < 2:
+        raise ValueError("final_layer_scale needs a network with at least one hidden layer")
+    layer = linears[-2]
+    fan_in, fan_out = (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else layer.weight.shape[-2:]
+    bound = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2.0))
     with torch.no_grad():
-        last.weight.mul_(scale)
-        last.bias.mul_(scale)
+        layer.weight.uniform_(-bound, bound)
+        layer.bias.zero_()
 
 
 class EnsembleLinear(nn.Module):
@@ -112,6 +132,13 @@ class EnsembleLinear(nn.Module):
     def forward_member(self, x: torch.Tensor, member: int) -> torch.Tensor:
         """Only one member's output, (B, out): half the FLOPs of a full pass for a 2-member critic."""
         return torch.addmm(self.bias[member], x, self.weight[member])
+
+    def forward_members(self, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """Only the members at `members` (repeats allowed), (len(members), B, out)."""
+        weight = self.weight[members]
+        if x.dim() == 2:
+            x = x.expand(weight.shape[0], *x.shape)
+        return torch.baddbmm(self.bias[members], x, weight)
 
 
 class EnsembleMLP(nn.Module):
@@ -141,8 +168,9 @@ class EnsembleMLP(nn.Module):
         layers.append(EnsembleLinear(last, out_dim, ensemble_size))
         self.net = LayerStack(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """All members, or only `members` (e.g. WSRL's 2 sub-sampled ones: a fifth of a 10-member pass)."""
+        return self.net(x, members)
 
     def forward_member(self, x: torch.Tensor, member: int) -> torch.Tensor:
         for layer in self.net:
@@ -168,6 +196,9 @@ class _EnsembleLayerNorm(nn.Module):
     def forward_member(self, x: torch.Tensor, member: int) -> torch.Tensor:
         return F.layer_norm(x, (self.width,), self.weight[member, 0], self.bias[member, 0])
 
+    def forward_members(self, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.width,)) * self.weight[members] + self.bias[members]
+
 
 class Critic(nn.Module):
     """Q(s, a) ensemble. Returns (E, B) Q-values in one forward pass."""
@@ -185,8 +216,9 @@ class Critic(nn.Module):
         self.ensemble_size = ensemble_size
         self.net = EnsembleMLP(obs_dim + action_dim, 1, ensemble_size, hidden, activation, layer_norm)
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """(E, B) Q-values, or (len(members), B) for a subset of members."""
+        return self.net(torch.cat([obs, action], dim=-1), members).squeeze(-1)
 
     def q_member(self, obs: torch.Tensor, action: torch.Tensor, member: int = 0) -> torch.Tensor:
         """Q of one member, (B,). TD3-style actor losses use Q_1 only."""
@@ -343,6 +375,21 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
     finally:
         for p, state in zip(params, states):
             p.requires_grad_(state)
+
+
+def cosine_to_floor(optimizer: torch.optim.Optimizer, decay_steps: int, floor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr(t) = lr * (floor + (1 - floor) * 0.5 * (1 + cos(pi * min(t, T) / T))): optax's cosine_decay_schedule.
+
+    Unlike torch's CosineAnnealingLR, which is periodic past T_max (the rate climbs back up), this ends
+    at `floor * lr` after `decay_steps` and stays there, as the official IQL schedule does.
+    """
+    horizon = max(int(decay_steps), 1)
+
+    def factor(step: int) -> float:
+        progress = min(step, horizon) / horizon
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from orl.agent import Agent
 from orl.buffer import Batch, TransitionBuffer
 from orl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from orl.data import RewardTransform
 from orl.evaluation import EvalResult, evaluate
 from orl.logger import Logger, to_float
 
@@ -67,6 +68,7 @@ class Trainer:
         env_fn: Callable[[], gym.Env] | None = None,
         ref_scores: tuple[float, float] | None = None,
         evaluator: Callable[[Agent], EvalResult] | None = None,
+        reward_transform: RewardTransform | None = None,
     ):
         if cfg.buffer_mode not in BUFFER_MODES:
             raise ValueError(f"buffer_mode must be one of {BUFFER_MODES}, got {cfg.buffer_mode!r}")
@@ -78,6 +80,9 @@ class Trainer:
             raise ValueError(f"buffer_mode={cfg.buffer_mode} needs an offline dataset")
         self.agent, self.cfg, self.offline, self.env_fn, self.ref_scores = agent, cfg, offline, env_fn, ref_scores
         self.evaluator = evaluator  # replaces the control-task evaluation (e.g. text generation through the LM env)
+        # The transform the offline data went through; online rewards get the same one before they are
+        # stored, so seed/mix batches and online MC returns are on the offline data's scale.
+        self.reward_transform = reward_transform or RewardTransform()
         self.run_dir = Path(run_dir)
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
         self.device = agent.device
@@ -128,7 +133,8 @@ class Trainer:
         if self.step == self.cfg.offline_steps and self.cfg.online_steps > 0:
             # Kept beside checkpoint.pt (which the online phase overwrites) so one pre-training can seed
             # several fine-tuning runs: orl-finetune init_from=<this run dir>.
-            save_checkpoint({"agent": self.agent.state_dict(), "step": self.step}, self.run_dir / OFFLINE_CHECKPOINT)
+            save_checkpoint({"agent": self.agent.state_dict(), "step": self.step, "reward_transform": self.reward_transform.state_dict()},
+                            self.run_dir / OFFLINE_CHECKPOINT)
 
     def _periodic(self, metrics: dict[str, Any], prefix: str) -> None:
         if self.step % self.cfg.log_every == 0:
@@ -186,12 +192,12 @@ class Trainer:
             self.online.add_batch(
                 obs=((self._obs - mean) / std)[None],
                 actions=np.asarray(action, np.float32)[None],
-                rewards=np.asarray([reward], np.float32),
+                rewards=np.asarray([self.reward_transform(float(reward))], np.float32),
                 next_obs=((next_obs - mean) / std)[None],
                 terminals=np.asarray([float(terminated)], np.float32),
                 timeouts=np.asarray([float(truncated and not terminated)], np.float32),
             )
-            self._episode_return += float(reward)
+            self._episode_return += float(reward)  # raw env reward: returns and scores are on the env's scale
             self._episode_length += 1
             self._obs = next_obs
             self.step += 1
@@ -281,6 +287,7 @@ class Trainer:
             "rng": rng_state(),
             "sampler": self.generator.get_state(),
             "episode_returns": self.episode_returns,
+            "reward_transform": self.reward_transform.state_dict(),
             "time": time.time(),
         }
         if self.online is not None:
@@ -302,6 +309,13 @@ class Trainer:
         set_rng_state(state["rng"])
         self.generator.set_state(state["sampler"])
         self.episode_returns = list(state.get("episode_returns", []))
+        if "reward_transform" in state:
+            saved = RewardTransform.from_state(state["reward_transform"])
+            if not saved.same_as(self.reward_transform):
+                raise ValueError(
+                    f"{self.checkpoint_path} was trained with reward transform {saved.state_dict()} but this run is set up "
+                    f"with {self.reward_transform.state_dict()}; resume with the run's own data.reward settings (its config.yaml)"
+                )
         if "online_buffer" in state:
             self._setup_online_buffer_only()
             self.online.load_state_dict(state["online_buffer"])

@@ -27,13 +27,23 @@ import numpy as np
 
 OBS_DIM, ACTION_DIM, BATCH, DATASET = 11, 3, 256, 100_000
 ORL_AGENTS = ["bc", "td3bc", "iql", "sac", "cql", "calql", "awac", "a2pr", "famo2o_iql"]
-# WSRL's two phases (configs/agent/wsrl.yaml): 10-member LayerNorm CQL pre-training on batches of 256,
-# then SAC online on batches of 1024 split into 4 critic minibatches. name -> (agent, options, batch, online)
-WSRL = {"ensemble_size": 10, "target_subsample": 2, "layer_norm": True, "final_layer_scale": 0.01}
-RECIPES = {
-    "wsrl_pretrain": ("cql", WSRL, BATCH, False),
-    "wsrl_online": ("cql", {**WSRL, "critic_minibatches": 4, "online_cql": False}, 1024, True),
-}
+
+
+def _wsrl_recipes() -> dict[str, tuple[str, dict, int, bool]]:
+    """WSRL's two phases exactly as configs/agent/wsrl.yaml sets them: name -> (agent, options, batch, online).
+
+    Pre-training: 10-member LayerNorm CQL, one update per batch of 256. Fine-tuning (after
+    on_online_start): SAC on batches of online.online_batch_size, split into the recipe's critic minibatches.
+    """
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "agent" / "wsrl.yaml")
+    options = OmegaConf.to_container(recipe.agent, resolve=True)
+    name = options.pop("name")
+    return {"wsrl_pretrain": (name, options, BATCH, False), "wsrl_online": (name, options, int(recipe.online.online_batch_size), True)}
+
+
+RECIPES = _wsrl_recipes()
 D3RLPY_AGENTS = {"td3bc": "TD3PlusBCConfig", "iql": "IQLConfig", "bc": "BCConfig", "sac": "SACConfig", "cql": "CQLConfig", "awac": "AWACConfig"}
 
 

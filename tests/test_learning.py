@@ -18,7 +18,7 @@ def test_offline_agent_beats_random_on_collected_medium_expert(name, pendulum_co
     prepared = prepare(dataset, DataConfig())
     env = gym.make("Pendulum-v1")
     torch.manual_seed(0)
-    agent = orl.make_agent(name, env.observation_space, env.action_space, {"max_steps": 3000} if name == "iql" else None)
+    agent = orl.make_agent(name, env.observation_space, env.action_space, {"actor_lr_decay_steps": 3000} if name == "iql" else None)
     agent.set_obs_normalizer(prepared.obs_mean, prepared.obs_std)
     cfg = TrainerConfig(offline_steps=3000, eval_every=3000, eval_episodes=10, log_every=500, checkpoint_every=3000, progress=False, tensorboard=False)
     result = Trainer(agent, tmp_path, cfg, TransitionBuffer.from_dataset(prepared.dataset, "cpu"), lambda: gym.make("Pendulum-v1"),

@@ -51,14 +51,14 @@ def test_offline_resume_equals_uninterrupted(tmp_path, name):
     cfg = TrainerConfig(offline_steps=60, batch_size=32, seed=3, eval_every=30, eval_episodes=1, log_every=10,
                         checkpoint_every=20, progress=False, tensorboard=False)
     env_fn = lambda: gym.make("Pendulum-v1")  # noqa: E731
-    Trainer(build(name, prepared, max_steps=60) if name == "iql" else build(name, prepared), tmp_path / "full", cfg, buffer, env_fn).train()
+    Trainer(build(name, prepared, actor_lr_decay_steps=60) if name == "iql" else build(name, prepared), tmp_path / "full", cfg, buffer, env_fn).train()
 
-    agent = build(name, prepared, max_steps=60) if name == "iql" else build(name, prepared)
+    agent = build(name, prepared, actor_lr_decay_steps=60) if name == "iql" else build(name, prepared)
     interrupt_at(agent, 47)
     with pytest.raises(Interrupt):
         Trainer(agent, tmp_path / "resumed", cfg, buffer, env_fn).train()
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 40
-    fresh = build(name, prepared, max_steps=60) if name == "iql" else build(name, prepared)
+    fresh = build(name, prepared, actor_lr_decay_steps=60) if name == "iql" else build(name, prepared)
     Trainer(fresh, tmp_path / "resumed", cfg, buffer, env_fn).train(resume=True)
 
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
