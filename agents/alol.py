@@ -36,6 +36,8 @@ VARIANTS = ("nll", "wbc", "rlol", "alol", "alol_seq", "alol_ref_free", "alol_kl"
 @dataclass
 class ALoLConfig:
     model_path: str = "data/tiny-lm"
+    dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
+    disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
     variant: str = "alol"
     clip_eps: float = 0.9
     kl_beta: float = 0.0
@@ -81,7 +83,9 @@ class ALoL(LMAgent):
             # The official script asserts ppo_clip == 0 for the KL variant (no ratio, no clip).
             cfg.clip_eps = 0.0
         super().__init__(obs_space, action_space, cfg, device)
-        hidden = self.nets["policy"].config.hidden_size
+        from envs.lm import output_width
+
+        hidden = output_width(self.nets["policy"])
         self.nets["value"] = ValueHead(hidden, cfg.value_heads, cfg.value_dropout, cfg.max_value).to(self.device)
         self.optimizers["policy"] = torch.optim.AdamW(self.nets["policy"].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.advantages: torch.Tensor | None = None

@@ -21,6 +21,8 @@ from orl.sequence import PairBatch, PairBuffer, response_log_prob
 @dataclass
 class DPOConfig:
     model_path: str = "data/tiny-lm"
+    dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
+    disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
     beta: float = 0.1
     lr: float = 1e-4
     weight_decay: float = 0.0

@@ -19,7 +19,7 @@ class LMAgent(Agent):
         super().__init__(obs_space, action_space, cfg, device)
         from envs.lm import load_lm  # the LM extra (transformers) is only needed by these agents
 
-        policy, self.tokenizer = load_lm(cfg.model_path, self.device)
+        policy, self.tokenizer = load_lm(cfg.model_path, self.device, None if cfg.dtype == "auto" else cfg.dtype, cfg.disable_dropout)
         policy.train()
         self.nets["policy"] = policy
         if with_reference:
@@ -63,10 +63,15 @@ class LMAgent(Agent):
 
 
 def _tokenize(tokenizer, prompts: Sequence[str], responses: Sequence[str]):
-    """Tokenize prompt and response separately (so boundaries line up) and append EOS to the response."""
-    bos = tokenizer.bos_token_id
-    prompt_ids = [([bos] if bos is not None else []) + tokenizer(p)["input_ids"] for p in prompts]
-    response_ids = [tokenizer(r)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    """Tokenize prompt and response separately (so boundaries line up) and append EOS to the response.
+
+    Prompts go through `envs.lm.encode_prompt` (BOS once, as the env encodes them), responses carry
+    no special tokens of their own.
+    """
+    from envs.lm import encode_prompt, encode_response
+
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    response_ids = [encode_response(tokenizer, r) + [tokenizer.eos_token_id] for r in responses]
     return prompt_ids, response_ids
 
 

@@ -23,6 +23,8 @@ from orl.sequence import PairBatch, SequenceBatch, build_sequences, position_ids
 @dataclass
 class RewardModelConfig:
     model_path: str = "data/tiny-lm"
+    dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
+    disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
     lr: float = 1e-4
     weight_decay: float = 0.0
     margin: float = 0.0
@@ -43,7 +45,9 @@ class RewardModel(LMAgent):
 
     def __init__(self, obs_space, action_space, cfg: RewardModelConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device, with_reference=False)
-        self.nets["head"] = nn.Linear(self.nets["policy"].config.hidden_size, 1).to(self.device)
+        from envs.lm import output_width
+
+        self.nets["head"] = nn.Linear(output_width(self.nets["policy"]), 1).to(self.device)
         self.optimizers["model"] = torch.optim.AdamW(list(self.nets["policy"].parameters()) + list(self.nets["head"].parameters()),
                                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
 

@@ -20,6 +20,8 @@ from orl.sequence import SequenceBatch, build_sequences, response_log_prob
 @dataclass
 class RLOOConfig:
     model_path: str = "data/tiny-lm"
+    dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
+    disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
     samples_per_prompt: int = 4
     baseline: str = "rloo"  # rloo | greedy
     kl_beta: float = 0.05
@@ -27,6 +29,7 @@ class RLOOConfig:
     grad_clip: float = 1.0
     max_new_tokens: int = 24
     temperature: float = 1.0
+    seed: int = 0  # the sampler's seed (orl-train passes the run's seed)
 
 
 @register("rloo")
@@ -40,14 +43,16 @@ class RLOO(LMAgent):
             raise ValueError("the leave-one-out baseline needs samples_per_prompt >= 2")
         super().__init__(obs_space, action_space, cfg, device)
         self.optimizers["policy"] = torch.optim.AdamW(self.nets["policy"].parameters(), lr=cfg.lr)
-        self.generator = torch.Generator().manual_seed(0)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def _generate(self, prompts: Sequence[str], reward_fn, greedy: bool, kl: bool):
-        from envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, rollout
+        from envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, context_length, eos_token_ids, rollout
 
-        env = VectorTokenEnv(self.tokenizer, prompts, reward_fn, self.cfg.max_new_tokens, self.nets["policy"].config.n_positions)
+        policy = self.nets["policy"]
+        env = VectorTokenEnv(self.tokenizer, prompts, reward_fn, self.cfg.max_new_tokens, context_length(policy, self.tokenizer),
+                             eos_ids=eos_token_ids(self.tokenizer, policy))
         if kl and self.cfg.kl_beta > 0:
-            env = KLPenalty(env, self.nets["reference"], self.cfg.kl_beta)
+            env = KLPenalty(env, self.nets["reference"], self.cfg.kl_beta, self.cfg.temperature)
         out = rollout(KVCachePolicy(self.nets["policy"]), env, greedy, self.cfg.temperature, self.generator)
         return (env.prompt_ids, out["sampled_ids"]), torch.as_tensor(out["rewards"], dtype=torch.float32)
 

@@ -25,28 +25,115 @@ from orl.sequence import pad_left, position_ids
 RewardFn = Callable[[str, str], float]
 
 
-def load_lm(path: str, device: torch.device | str = "cpu"):
-    """(model, tokenizer) from a local directory or hub id through the standard `from_pretrained` path."""
+def load_lm(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = torch.float32, disable_dropout: bool = True):
+    """(model, tokenizer) from a local directory or hub id through the standard `from_pretrained` path.
+
+    Weights load in fp32 by default, whatever dtype the checkpoint was saved in (a bf16 checkpoint
+    trained in pure bf16 loses most small updates; heads added on top would mismatch). `dtype=None`
+    keeps the saved dtype. Dropout is switched off (TRL's `disable_dropout`) so pi_theta == pi_ref
+    holds exactly at the start; a tokenizer without a pad token pads with EOS (or UNK).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path).to(device)
-    return model, tokenizer
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"the tokenizer of {path} has no pad, EOS or UNK token to pad with; add a pad token to it "
+                             "(tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings)")
+        tokenizer.pad_token = fallback
+    if isinstance(dtype, str):
+        dtype = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {"torch_dtype": dtype}))
+    if disable_dropout:
+        switch_off_dropout(model)
+    return model.to(device), tokenizer
+
+
+def switch_off_dropout(model: torch.nn.Module) -> None:
+    """p = 0 in every dropout module and every float `attention_dropout`/`dropout` attribute (HF attention)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def context_length(model, tokenizer=None) -> int | None:
+    """The model's context window from its config (any architecture), else the tokenizer's limit."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
+
+
+def output_width(model) -> int:
+    """Width of the last hidden state (what a value or reward head reads): the LM head's input size.
+
+    Not `config.hidden_size`: OPT-style models project their final states to a smaller width first.
+    """
+    return int(model.get_output_embeddings().weight.shape[1])
+
+
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's generation_config EOS (an int
+    or, for chat models, a list such as [eos, end-of-turn])."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config names an EOS token")
+    return ids
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids with the special tokens the tokenizer adds itself and BOS exactly once.
+
+    Tokenizers that add BOS (Llama, Mistral, Gemma) keep theirs; for those that do not (GPT-2) BOS is
+    prepended; with no BOS at all (Qwen2) the ids are the plain text's, and an empty prompt starts
+    from EOS, the token such models are trained to continue after. The one path for training data,
+    value fitting and the env, so they all see the same prompts.
+    """
+    ids = list(tokenizer(prompt)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    if not ids:
+        ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
+    return ids
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    """Response ids without special tokens (the caller appends EOS), as TRL tokenizes completions."""
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"])
 
 
 class VectorTokenEnv:
     """A batch of token-level episodes, one per prompt, stepped in lockstep."""
 
     def __init__(self, tokenizer, prompts: Sequence[str], reward_fn: RewardFn | None = None, max_new_tokens: int = 32,
-                 context_length: int | None = None, step_reward_fn: Callable[[int, list[int]], float] | None = None):
+                 context_length: int | None = None, step_reward_fn: Callable[[int, list[int]], float] | None = None,
+                 eos_ids: Sequence[int] | None = None):
         self.tokenizer = tokenizer
         self.prompts = list(prompts)
         self.reward_fn, self.step_reward_fn = reward_fn, step_reward_fn
         self.max_new_tokens = max_new_tokens
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-        self.prompt_ids = [self._encode_prompt(p) for p in self.prompts]
+        # Any of these ends an episode (chat models: EOS and the end-of-turn token): see eos_token_ids.
+        self.eos_ids = list(eos_ids) if eos_ids else eos_token_ids(tokenizer)
+        self.eos_id, self.pad_id = self.eos_ids[0], tokenizer.pad_token_id
+        self._eos = torch.tensor(self.eos_ids)
+        self.prompt_ids = [encode_prompt(tokenizer, p) for p in self.prompts]
         self.prompt_width = max(len(p) for p in self.prompt_ids)
         self.width = self.prompt_width + max_new_tokens
         if context_length is not None and self.width > context_length:
@@ -62,11 +149,6 @@ class VectorTokenEnv:
             "input_ids": gym.spaces.Box(0, vocab - 1, (self.width,), np.int64),
             "attention_mask": gym.spaces.Box(0, 1, (self.width,), np.int64),
         })
-
-    def _encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        return ids if (bos is None or (ids and ids[0] == bos)) else [bos] + ids
 
     def reset(self, seed: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         ids, mask = pad_left(self.prompt_ids, self.pad_id, self.prompt_width)
@@ -89,7 +171,7 @@ class VectorTokenEnv:
         self.attention_mask[:, column] = active.long()
         self.lengths += active.long()
         self.t += 1
-        terminated = active & (actions == self.eos_id)
+        terminated = active & torch.isin(actions, self._eos)
         truncated = active & ~terminated & (self.t >= self.max_new_tokens)
         rewards = np.zeros(self.num_envs)
         if self.step_reward_fn is not None:
@@ -106,7 +188,7 @@ class VectorTokenEnv:
 
     def response_ids(self, row: int) -> list[int]:
         ids = self.input_ids[row, self.prompt_width : self.prompt_width + int(self.lengths[row])].tolist()
-        return ids[:-1] if ids and ids[-1] == self.eos_id else ids
+        return ids[:-1] if ids and ids[-1] in self.eos_ids else ids
 
     def response_text(self, row: int) -> str:
         return self.tokenizer.decode(self.response_ids(row), skip_special_tokens=True)
@@ -120,9 +202,10 @@ class TokenEnv(gym.Env):
     """One prompt at a time as a standard gymnasium env (state: fixed-width ids + mask; action: token id)."""
 
     def __init__(self, tokenizer, prompts: Sequence[str], reward_fn: RewardFn | None = None, max_new_tokens: int = 32,
-                 context_length: int | None = None, step_reward_fn=None):
+                 context_length: int | None = None, step_reward_fn=None, eos_ids: Sequence[int] | None = None):
         self.prompts = list(prompts)
-        self._kwargs = dict(reward_fn=reward_fn, max_new_tokens=max_new_tokens, context_length=context_length, step_reward_fn=step_reward_fn)
+        self._kwargs = dict(reward_fn=reward_fn, max_new_tokens=max_new_tokens, context_length=context_length, step_reward_fn=step_reward_fn,
+                            eos_ids=eos_ids)
         self.tokenizer = tokenizer
         probe = VectorTokenEnv(tokenizer, self.prompts, **self._kwargs)  # validates every prompt's length
         self.observation_space = gym.spaces.Dict({k: gym.spaces.Box(0, v.high.max(), (probe.width,), np.int64)
@@ -244,8 +327,10 @@ class KLPenalty:
     `step` by whoever sampled it (it already has the logits).
     """
 
-    def __init__(self, env: VectorTokenEnv, ref_model, beta: float):
-        self.env, self.beta = env, beta
+    def __init__(self, env: VectorTokenEnv, ref_model, beta: float, temperature: float = 1.0):
+        # The policy samples from softmax(logits / T); the reference is scored at the same T, so the
+        # penalty is a KL between the two distributions actually compared.
+        self.env, self.beta, self.temperature = env, beta, temperature
         self.ref = KVCachePolicy(ref_model)
 
     def __getattr__(self, name: str) -> Any:
@@ -260,7 +345,7 @@ class KLPenalty:
     def step(self, actions: torch.Tensor, policy_log_probs: torch.Tensor):
         actions = torch.as_tensor(actions, dtype=torch.long)
         active = ~self.env.done
-        ref_lp = torch.log_softmax(self._ref_logits, -1).gather(-1, actions.to(self._ref_logits.device)[:, None]).squeeze(-1).cpu()
+        ref_lp = torch.log_softmax(self._ref_logits / self.temperature, -1).gather(-1, actions.to(self._ref_logits.device)[:, None]).squeeze(-1).cpu()
         obs, rewards, terminated, truncated, info = self.env.step(actions)
         kl = (policy_log_probs.cpu() - ref_lp) * active
         rewards = rewards - self.beta * kl.numpy()
@@ -299,7 +384,8 @@ def evaluate_lm(model, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, m
     rewards, responses = [], []
     repeated = [p for p in prompts for _ in range(samples)]
     for start in range(0, len(repeated), batch_size):
-        env = VectorTokenEnv(tokenizer, repeated[start : start + batch_size], reward_fn, max_new_tokens, getattr(model.config, "n_positions", None))
+        env = VectorTokenEnv(tokenizer, repeated[start : start + batch_size], reward_fn, max_new_tokens, context_length(model, tokenizer),
+                             eos_ids=eos_token_ids(tokenizer, model))
         out = rollout(KVCachePolicy(model), env, greedy=greedy, generator=generator)
         rewards.extend(out["rewards"].tolist())
         responses.extend(out["responses"])
@@ -314,7 +400,8 @@ def evaluate_lm(model, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, m
 def best_of_n(model, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, n: int = 4, max_new_tokens: int = 24,
               seed: int = 0) -> tuple[list[str], np.ndarray]:
     """Sample n responses per prompt through the env (the sequence-level bandit view) and keep the best."""
-    env = VectorTokenEnv(tokenizer, [p for p in prompts for _ in range(n)], reward_fn, max_new_tokens, getattr(model.config, "n_positions", None))
+    env = VectorTokenEnv(tokenizer, [p for p in prompts for _ in range(n)], reward_fn, max_new_tokens, context_length(model, tokenizer),
+                         eos_ids=eos_token_ids(tokenizer, model))
     out = rollout(KVCachePolicy(model), env, greedy=False, generator=torch.Generator().manual_seed(seed))
     rewards = out["rewards"].reshape(len(prompts), n)
     best = rewards.argmax(1)

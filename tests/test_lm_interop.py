@@ -1,0 +1,147 @@
+"""Issue 12: LM agents on the models users bring (tiny random Llama, Qwen2, GPT-NeoX, OPT, GPT-2 built here)."""
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the LM extra is not installed (pip install -e .[lm])")
+
+import orl  # noqa: E402
+from agents.lm_common import _tokenize, pair_buffer, text_buffer  # noqa: E402
+from envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, encode_prompt, eos_token_ids, load_lm, rollout  # noqa: E402
+from tests.lm_archs import ARCHS, build_tiny_causal_lm  # noqa: E402
+
+SPACE = gym.spaces.Discrete(2)
+PROMPTS = ["count: 3 4", "count: 10", "count: 7 8 9"]
+CHOSEN = ["5 6", "11 12", "10 11"]
+REJECTED = ["2 1", "3", "1 0"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archs")
+    paths = {arch: str(build_tiny_causal_lm(arch, root / arch)) for arch in ARCHS}
+    paths["llama_bf16"] = str(build_tiny_causal_lm("llama", root / "llama_bf16", dtype=torch.bfloat16))
+    paths["gpt2_dropout"] = str(build_tiny_causal_lm("gpt2", root / "gpt2_dropout", dropout=0.1))
+    return paths
+
+
+# --- 1. BOS exactly once, one tokenization path for training and the env --------------------------
+def test_bos_once_and_training_matches_env(models):
+    _, tokenizer = load_lm(models["llama"])
+    bos = tokenizer.bos_token_id
+    prompt_ids, response_ids = _tokenize(tokenizer, PROMPTS, CHOSEN)
+    for ids in prompt_ids:
+        assert ids[0] == bos and ids.count(bos) == 1  # not [BOS, BOS, ...]
+    for ids in response_ids:
+        assert bos not in ids and ids[-1] == tokenizer.eos_token_id  # no BOS trained as a response token
+    env = VectorTokenEnv(tokenizer, PROMPTS, max_new_tokens=4)
+    assert env.prompt_ids == prompt_ids
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gpt_neox", "opt"])
+def test_prompt_encoding_per_tokenizer(models, arch):
+    _, tokenizer = load_lm(models[arch])
+    ids = encode_prompt(tokenizer, "count: 3")
+    plain = tokenizer("count: 3", add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    assert ids == ([bos] if bos is not None else []) + plain
+    assert len(encode_prompt(tokenizer, "")) == 1  # an empty prompt still has a token to condition on
+
+
+# --- 2. checkpoints in bf16 load and train in fp32 --------------------------------------------------
+def test_bf16_checkpoint_loads_in_fp32_and_every_head_works(models):
+    model, _ = load_lm(models["llama_bf16"])
+    assert next(model.parameters()).dtype == torch.float32
+    kept, _ = load_lm(models["llama_bf16"], dtype=None)
+    assert next(kept.parameters()).dtype == torch.bfloat16  # dtype=None / lm.dtype=auto keeps the saved one
+    reward_model = orl.make_agent("reward_model", SPACE, SPACE, {"model_path": models["llama_bf16"]})
+    assert math.isfinite(reward_model("count: 3", "4 5"))
+    alol = orl.make_agent("alol", SPACE, SPACE, {"model_path": models["llama_bf16"], "value_epochs": 1})
+    buffer = text_buffer(alol.tokenizer, PROMPTS, [""] * 3, None, device="cpu")
+    alol.fit_value(buffer.input_ids, buffer.attention_mask * (1 - buffer.response_mask), torch.tensor([0.1, 0.5, 0.9]))
+    dpo = orl.make_agent("dpo", SPACE, SPACE, {"model_path": models["llama_bf16"], "lr": 1e-6})
+    pairs = pair_buffer(dpo.tokenizer, PROMPTS, CHOSEN, REJECTED, device="cpu")
+    dpo.prepare(pairs)
+    before = [p.detach().clone() for p in dpo.nets["policy"].parameters()]
+    dpo.update(pairs.sample(3, torch.Generator().manual_seed(0)))
+    changed = sum(int((a != b).sum()) for a, b in zip(before, dpo.nets["policy"].parameters()))
+    total = sum(p.numel() for p in before)
+    assert changed > 0.5 * total  # a 1e-6 step moves fp32 weights; in pure bf16 almost none would move
+
+
+# --- 5. dropout off in policy and reference ---------------------------------------------------------
+def test_dpo_loss_is_log2_at_init_with_a_dropout_config(models):
+    agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": models["gpt2_dropout"], "beta": 0.5})
+    pairs = pair_buffer(agent.tokenizer, PROMPTS, CHOSEN, REJECTED, device="cpu")
+    agent.prepare(pairs)
+    agent.nets["policy"].train()
+    loss, _ = agent.losses(pairs.sample(3, torch.Generator().manual_seed(0)))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    with_dropout = orl.make_agent("dpo", SPACE, SPACE, {"model_path": models["gpt2_dropout"], "beta": 0.5, "disable_dropout": False})
+    assert any(m.p > 0 for m in with_dropout.nets["policy"].modules() if isinstance(m, torch.nn.Dropout))  # the option keeps it
+
+
+# --- 8. a list of EOS ids (chat models' end-of-turn token) ends the episode ------------------------
+def test_env_stops_on_any_eos_of_the_generation_config(models):
+    model, tokenizer = load_lm(models["qwen2"])
+    ids = eos_token_ids(tokenizer, model)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids == [tokenizer.eos_token_id, end_of_turn]
+    env = VectorTokenEnv(tokenizer, ["count: 1", "count: 2"], max_new_tokens=5, eos_ids=ids)
+    env.reset()
+    _, _, terminated, _, _ = env.step(torch.tensor([end_of_turn, tokenizer.eos_token_id]))
+    assert terminated.tolist() == [True, True]
+    assert env.response_ids(0) == [] and env.all_done
+
+
+# --- 9. OPT projection widths, KL temperature, RLOO seeds, empty prompts ---------------------------
+def test_opt_heads_read_the_projected_width(models):
+    reward_model = orl.make_agent("reward_model", SPACE, SPACE, {"model_path": models["opt"]})
+    assert math.isfinite(reward_model("count: 3", "4 5"))
+    alol = orl.make_agent("alol", SPACE, SPACE, {"model_path": models["opt"], "value_epochs": 1})
+    buffer = text_buffer(alol.tokenizer, PROMPTS, [""] * 3, None, device="cpu")
+    assert alol.value(buffer.input_ids, buffer.attention_mask * (1 - buffer.response_mask)).shape == (3,)
+
+
+def test_kl_penalty_uses_the_sampling_temperature_for_the_reference(models):
+    model, tokenizer = load_lm(models["llama"])
+    env = KLPenalty(VectorTokenEnv(tokenizer, PROMPTS, max_new_tokens=4), model, beta=1.0, temperature=2.0)
+    out = rollout(KVCachePolicy(model), env, greedy=False, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(out["rewards"], 0.0, atol=1e-5)  # policy == reference at the same temperature: no KL
+
+
+def test_rloo_sampler_follows_its_seed(models):
+    draws = []
+    for seed in (0, 0, 1):
+        agent = orl.make_agent("rloo", SPACE, SPACE, {"model_path": models["qwen2"], "seed": seed, "max_new_tokens": 4})
+        (_, generated), _ = agent._generate(PROMPTS * 2, lambda p, r: 0.0, greedy=False, kl=False)
+        draws.append(generated)
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+# --- the matrix: every agent runs a few steps on every architecture --------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_lm_agent_on_every_architecture(models, arch):
+    path = models[arch]
+    reward = lambda prompt, response: float(len(response.split()))  # noqa: E731
+    dpo = orl.make_agent("dpo", SPACE, SPACE, {"model_path": path})
+    pairs = pair_buffer(dpo.tokenizer, PROMPTS, CHOSEN, REJECTED, device="cpu")
+    dpo.prepare(pairs)
+    assert torch.isfinite(dpo.update(pairs.sample(3))["loss"])
+    alol = orl.make_agent("alol", SPACE, SPACE, {"model_path": path, "value_epochs": 1})
+    rows = text_buffer(alol.tokenizer, PROMPTS, CHOSEN, [0.9, 0.2, 0.5], device="cpu")
+    prompts_only = text_buffer(alol.tokenizer, PROMPTS, [""] * 3, None, device="cpu")
+    alol.fit_value(prompts_only.input_ids, prompts_only.attention_mask * (1 - prompts_only.response_mask), torch.tensor([0.3, 0.3, 0.3]))
+    alol.prepare(rows)
+    assert torch.isfinite(alol.update(rows.sample(3))["loss"])
+    reward_model = orl.make_agent("reward_model", SPACE, SPACE, {"model_path": path})
+    assert torch.isfinite(reward_model.update(pairs.sample(3))["loss"])
+    rloo = orl.make_agent("rloo", SPACE, SPACE, {"model_path": path, "max_new_tokens": 4, "samples_per_prompt": 2})
+    assert math.isfinite(rloo.train_step(PROMPTS, reward)["loss"])
+    model, tokenizer = load_lm(path)
+    env = VectorTokenEnv(tokenizer, ["", *PROMPTS], max_new_tokens=3, eos_ids=eos_token_ids(tokenizer, model))
+    out = rollout(KVCachePolicy(model), env, greedy=True)
+    assert len(out["responses"]) == 4
