@@ -14,6 +14,7 @@ Models are Hugging Face causal LMs loaded with `load_lm(path)`: the project's em
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
@@ -236,20 +237,27 @@ class TokenEnv(gym.Env):
 
 
 class KVCachePolicy:
-    """Drives a causal LM one token at a time with its key/value cache: one incremental forward per step."""
+    """Drives a causal LM one token at a time with its key/value cache: one incremental forward per step.
+
+    Uses the model's current cache argument (`cache=`, transformers >= 5.x) and falls back to
+    `past_key_values=` on versions that only have that one.
+    """
 
     def __init__(self, model):
         self.model = model
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def _forward(self, **inputs):
+        out = self.model(**inputs, use_cache=True)
+        self.cache = out["cache"] if "cache" in out else out["past_key_values"]
+        return out.logits[:, -1].float()
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Prefill the prompt block; returns next-token logits (B, V)."""
         device = next(self.model.parameters()).device
         self.attention_mask = attention_mask.to(device)
-        out = self.model(input_ids=input_ids.to(device), attention_mask=self.attention_mask,
-                         position_ids=position_ids(self.attention_mask), use_cache=True)
-        self.past = out.past_key_values
-        return out.logits[:, -1].float()
+        return self._forward(input_ids=input_ids.to(device), attention_mask=self.attention_mask, position_ids=position_ids(self.attention_mask))
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -257,9 +265,7 @@ class KVCachePolicy:
         tokens = tokens.to(device).view(-1, 1)
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(tokens)], 1)
         positions = position_ids(self.attention_mask)[:, -1:]
-        out = self.model(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
-        return out.logits[:, -1].float()
+        return self._forward(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions, **{self._cache_arg: self.cache})
 
 
 class ReencodePolicy:

@@ -145,3 +145,18 @@ def test_every_lm_agent_on_every_architecture(models, arch):
     env = VectorTokenEnv(tokenizer, ["", *PROMPTS], max_new_tokens=3, eos_ids=eos_token_ids(tokenizer, model))
     out = rollout(KVCachePolicy(model), env, greedy=True)
     assert len(out["responses"]) == 4
+
+
+# --- 7. the current KV-cache API: no deprecated argument, same tokens as re-encoding ---------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_cache_path_uses_the_current_api(models, arch):
+    import warnings
+
+    from envs.lm import ReencodePolicy
+
+    model, tokenizer = load_lm(models[arch])
+    env = VectorTokenEnv(tokenizer, PROMPTS, max_new_tokens=5, eos_ids=eos_token_ids(tokenizer, model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5.x warns on past_key_values
+        cached = rollout(KVCachePolicy(model), env)["responses"]
+    assert cached == rollout(ReencodePolicy(model), env)["responses"]
