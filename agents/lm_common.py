@@ -3,6 +3,7 @@ its frozen reference, and acting in the token-level env. Not an agent itself (re
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -75,17 +76,56 @@ def _tokenize(tokenizer, prompts: Sequence[str], responses: Sequence[str]):
     return prompt_ids, response_ids
 
 
-def text_buffer(tokenizer, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float] | None, device, width: int | None = None) -> SequenceBuffer:
-    """{"prompt","response","reward"} rows as a left-padded device buffer."""
-    ids, mask, response_mask = build_sequences(*_tokenize(tokenizer, prompts, responses), tokenizer.pad_token_id, width)
+def truncate(prompt_ids: list[list[int]], response_ids: list[list[int]], max_length: int | None, max_prompt_length: int | None,
+             bos_id: int | None = None) -> tuple[list[list[int]], list[list[int]], tuple[int, int]]:
+    """TRL's truncation: prompts keep their last `max_prompt_length` tokens (and their BOS), then
+    responses keep their first tokens so prompt + response fits `max_length`. Returns the rows and
+    (prompts cut, responses cut); the buffers below warn with those counts.
+
+    Without it a row longer than the model's context indexes past its position table (an IndexError
+    on CPU, a device-side assert on GPU) or, with rotary embeddings, trains silently on positions
+    the model never saw.
+    """
+    cut_prompts = cut_responses = 0
+    out_prompts, out_responses = [], []
+    for prompt, response in zip(prompt_ids, response_ids):
+        if max_prompt_length is not None and len(prompt) > max_prompt_length:
+            keep_bos = bos_id is not None and prompt[0] == bos_id
+            prompt = ([bos_id] if keep_bos else []) + prompt[len(prompt) - max_prompt_length + int(keep_bos):]
+            cut_prompts += 1
+        if max_length is not None and len(prompt) + len(response) > max_length:
+            if len(prompt) >= max_length:
+                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room for a response within max_length={max_length}; "
+                                 f"set lm.max_prompt_length below {max_length}")
+            response = response[: max_length - len(prompt)]
+            cut_responses += 1
+        out_prompts.append(prompt)
+        out_responses.append(response)
+    return out_prompts, out_responses, (cut_prompts, cut_responses)
+
+
+def _warn_truncated(rows: int, cut_prompts: int, cut_responses: int, max_length: int | None, max_prompt_length: int | None) -> None:
+    if cut_prompts or cut_responses:
+        warnings.warn(f"truncated {cut_prompts} of {rows} prompts to max_prompt_length={max_prompt_length} tokens (kept their end) and "
+                      f"{cut_responses} responses to max_length={max_length} tokens (kept their start)", stacklevel=3)
+
+
+def text_buffer(tokenizer, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float] | None, device, width: int | None = None,
+                max_length: int | None = None, max_prompt_length: int | None = None) -> SequenceBuffer:
+    """{"prompt","response","reward"} rows as a left-padded device buffer (truncated as `truncate` says)."""
+    prompt_ids, response_ids, cut = truncate(*_tokenize(tokenizer, prompts, responses), max_length, max_prompt_length, tokenizer.bos_token_id)
+    _warn_truncated(len(prompt_ids), *cut, max_length, max_prompt_length)
+    ids, mask, response_mask = build_sequences(prompt_ids, response_ids, tokenizer.pad_token_id, width)
     rewards_t = None if rewards is None else torch.as_tensor(list(rewards), dtype=torch.float32)
     return SequenceBuffer(ids, mask, response_mask, rewards_t, device)
 
 
-def pair_buffer(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str], device) -> PairBuffer:
-    """{"prompt","chosen","rejected"} rows; chosen and rejected share one width."""
-    p_ids, c_ids = _tokenize(tokenizer, prompts, chosen)
-    _, r_ids = _tokenize(tokenizer, prompts, rejected)
+def pair_buffer(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str], device,
+                max_length: int | None = None, max_prompt_length: int | None = None) -> PairBuffer:
+    """{"prompt","chosen","rejected"} rows; chosen and rejected share one width (truncated as `truncate` says)."""
+    p_ids, c_ids, (cut_prompts, cut_chosen) = truncate(*_tokenize(tokenizer, prompts, chosen), max_length, max_prompt_length, tokenizer.bos_token_id)
+    _, r_ids, (_, cut_rejected) = truncate(*_tokenize(tokenizer, prompts, rejected), max_length, max_prompt_length, tokenizer.bos_token_id)
+    _warn_truncated(len(p_ids), cut_prompts, cut_chosen + cut_rejected, max_length, max_prompt_length)
     width = max(len(p) + len(r) for p, r in zip(p_ids + p_ids, c_ids + r_ids))
     chosen_buf = SequenceBuffer(*build_sequences(p_ids, c_ids, tokenizer.pad_token_id, width), None, device)
     rejected_buf = SequenceBuffer(*build_sequences(p_ids, r_ids, tokenizer.pad_token_id, width), None, device)

@@ -158,7 +158,7 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     import numpy as np
 
     from agents.lm_common import pair_buffer, text_buffer
-    from envs.lm import VectorTokenEnv, evaluate_lm, load_lm
+    from envs.lm import VectorTokenEnv, context_length, evaluate_lm, load_lm
     from envs.text_rewards import TEXT_REWARDS
     from orl.evaluation import EvalResult
     from orl.sequence import load_jsonl
@@ -187,15 +187,20 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     _, tokenizer = load_lm(str(lm.model))
     probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
+    # Rows longer than the context are truncated (TRL's max_length / max_prompt_length), with a warning.
+    # Defaults: the model's context, and prompts that leave room for max_new_tokens (as generation needs).
+    max_length = int(lm.max_length) if lm.get("max_length") else context_length(agent.nets["policy"], tokenizer)
+    default_prompt = max_length - int(lm.max_new_tokens) if max_length and max_length > int(lm.max_new_tokens) else None
+    limits = dict(max_length=max_length, max_prompt_length=int(lm.max_prompt_length) if lm.get("max_prompt_length") else default_prompt)
     if LM_DATA_KIND[agent_name] == "rewarded":
-        buffer = text_buffer(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], [r["reward"] for r in rows], device)
+        buffer = text_buffer(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], [r["reward"] for r in rows], device, **limits)
     else:
-        buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device)
+        buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device, **limits)
     if agent_name == "alol":
         # V_ref is fit on the reference policy's greedy generations for held-out (validation) prompts.
         value_prompts = eval_prompts[: int(lm.num_value_prompts)]
         ref_eval = evaluate_lm(agent.nets["reference"], tokenizer, value_prompts, reward_fn, int(lm.max_new_tokens), greedy=True, details=True)
-        prompt_buffer = text_buffer(tokenizer, value_prompts, [""] * len(value_prompts), None, device)
+        prompt_buffer = text_buffer(tokenizer, value_prompts, [""] * len(value_prompts), None, device, **limits)
         agent.fit_value(prompt_buffer.input_ids, prompt_buffer.attention_mask * (1 - prompt_buffer.response_mask), torch.tensor(ref_eval["rewards"]))
     if hasattr(agent, "prepare"):
         print(f"[orl] {agent_name} data: {agent.prepare(buffer)}")

@@ -160,3 +160,38 @@ def test_kv_cache_path_uses_the_current_api(models, arch):
         warnings.simplefilter("error", FutureWarning)  # transformers 5.x warns on past_key_values
         cached = rollout(KVCachePolicy(model), env)["responses"]
     assert cached == rollout(ReencodePolicy(model), env)["responses"]
+
+
+# --- 6. rows longer than the context are truncated, with a warning that counts them ----------------
+def test_long_rows_are_truncated_with_a_warning(models):
+    from agents.lm_common import truncate
+
+    prompts, responses, cut = truncate([[1, 5, 6, 7, 8, 9], [1, 5]], [[10, 11, 2], [10, 11, 12, 13, 2]], max_length=5, max_prompt_length=3, bos_id=1)
+    assert prompts == [[1, 8, 9], [1, 5]] and responses == [[10, 11], [10, 11, 12]] and cut == (1, 2)
+    _, tokenizer = load_lm(models["llama"])
+    long_prompt = " ".join(["7"] * 90)  # 91 tokens with BOS; the context is 64
+    with pytest.warns(UserWarning, match=r"truncated 1 of 2 prompts to max_prompt_length=48 .* and 0 responses"):
+        pairs = pair_buffer(tokenizer, [long_prompt, "count: 1"], ["2 3", "2"], ["1", "0"], device="cpu", max_length=64, max_prompt_length=48)
+    with pytest.warns(UserWarning, match=r"truncated 0 of 2 prompts .* and 2 responses to max_length=64"):
+        pair_buffer(tokenizer, [long_prompt[:120], "count: 1"], ["2 " * 20, "2"], ["1 " * 20, "0"], device="cpu", max_length=64)
+    assert pairs.chosen.input_ids.shape[1] <= 64
+
+
+def test_orl_train_dpo_on_a_long_prompt_with_a_rotary_model(models, tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from orl.cli import CONFIG_DIR, run_train
+
+    rows = [{"prompt": " ".join(["7"] * 90), "chosen": "8 9", "rejected": "1"}] + [{"prompt": p, "chosen": c, "rejected": r}
+                                                                               for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = ["agent=dpo", f"dataset={path}", f"lm.model={models['llama']}", "lm.num_eval_prompts=4", "lm.max_new_tokens=4", "steps=2",
+                 "eval.every=2", "batch_size=2", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with pytest.warns(UserWarning, match="truncated 1 of 4 prompts to max_prompt_length=60 .* and 0 responses to max_length=64"):
+        summary = run_train(cfg)
+    assert "return_mean" in summary
