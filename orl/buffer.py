@@ -121,7 +121,8 @@ class TransitionBuffer:
         return Batch(**{key: tensor[index] for key, tensor in self.storage.items() if key in _BATCH_FIELDS})
 
     def state_dict(self) -> dict:
-        return {"storage": {k: v[: self.size].cpu() for k, v in self.storage.items()}, "size": self.size, "pointer": self.pointer}
+        # clone: a slice is a view, and torch.save writes a view's whole storage (the full capacity).
+        return {"storage": {k: v[: self.size].clone().cpu() for k, v in self.storage.items()}, "size": self.size, "pointer": self.pointer}
 
     def load_state_dict(self, state: dict) -> None:
         self.size, self.pointer = int(state["size"]), int(state["pointer"])

@@ -42,16 +42,36 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
 
 
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (it would overwrite another run)."""
+
+
 def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
-    """runs/<dataset>/<agent>/seed<k>-<time>; with resume=true, the newest matching run that has a checkpoint."""
+    """runs/<dataset>/<agent>/seed<k>-<time>; with resume=true, the newest matching run that has a checkpoint.
+
+    Never reuses a directory that holds a run unless resume=true: an explicit `run_dir` with a run in
+    it is an error, and two new runs started in the same second get distinct directories.
+    """
     if cfg.run_dir:
-        return Path(cfg.run_dir)
+        run_dir = Path(cfg.run_dir)
+        if not cfg.resume and any((run_dir / name).exists() for name in ("checkpoint.pt", "metrics.jsonl")):
+            raise RunDirError(f"run_dir={run_dir} already holds a run; pass resume=true to continue it, or choose a new run_dir "
+                              "(nothing was changed in it)")
+        return run_dir
     parent = Path(cfg.runs_root) / _slug(str(cfg.dataset)) / agent_name
     if cfg.resume:
         candidates = sorted(parent.glob(f"seed{cfg.seed}-*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
         if candidates:
             return candidates[-1].parent
-    return parent / f"seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = parent / f"seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, suffix = base, 1
+    while True:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)  # atomic claim: a concurrent run gets the next name
+            return run_dir
+        except FileExistsError:
+            run_dir = base.with_name(f"{base.name}-{suffix}")
+            suffix += 1
 
 
 def trainer_config(cfg: DictConfig, offline_steps: int) -> TrainerConfig:

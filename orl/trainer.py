@@ -30,6 +30,10 @@ from orl.logger import Logger, to_float
 
 OFFLINE_CHECKPOINT = "offline.pt"  # the agent at the end of the offline phase
 
+
+class DivergenceError(RuntimeError):
+    """Training produced non-finite losses or weights; the last good checkpoint was kept."""
+
 BUFFER_MODES = ("none", "seed", "mix")
 
 
@@ -95,6 +99,9 @@ class Trainer:
         self.episode_returns: list[float] = []
         self._last_checkpoint_step = 0
         self._saved_final = False
+        # Step of the first update whose scalar metrics were not all finite (-1: none), kept on the
+        # device so watching every step costs no host sync; read at log and checkpoint steps.
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.logger: Logger | None = None
         # Called as fn(trainer, result) after every evaluation (the collection pipeline saves
         # behaviour-policy snapshots this way).
@@ -106,7 +113,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> EvalResult | None:
+        for stale in self.run_dir.glob(".*.pt.tmp-*"):  # left by a writer killed mid-checkpoint
+            stale.unlink(missing_ok=True)
         resume_step = self._resume() if resume else None
+        if resume_step is not None and resume_step >= self.total_steps:
+            print(f"[orl] {self.run_dir} already finished at step {resume_step}; nothing to resume")
+            return None
         self.logger = Logger(self.run_dir, self.cfg.tensorboard, resume_step)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True, unit="step")
         self._bar = bar
@@ -126,6 +138,7 @@ class Trainer:
     def _offline_step(self) -> None:
         metrics = self.agent.update(self.offline.sample(self.cfg.batch_size, self.generator))
         self.step += 1
+        self._watch(metrics)
         self._bar.update(1)
         self._periodic(metrics, prefix="train/")
         if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.offline_steps:
@@ -133,11 +146,39 @@ class Trainer:
         if self.step == self.cfg.offline_steps and self.cfg.online_steps > 0:
             # Kept beside checkpoint.pt (which the online phase overwrites) so one pre-training can seed
             # several fine-tuning runs: orl-finetune init_from=<this run dir>.
+            self.check_finite()
             save_checkpoint({"agent": self.agent.state_dict(), "step": self.step, "reward_transform": self.reward_transform.state_dict()},
                             self.run_dir / OFFLINE_CHECKPOINT)
 
+    def _watch(self, metrics: dict[str, Any]) -> None:
+        scalars = [v for v in metrics.values() if isinstance(v, torch.Tensor) and v.dim() == 0]
+        if scalars:
+            finite = torch.isfinite(torch.stack([v.detach().float().to(self.device) for v in scalars])).all()
+            self._first_bad_step = torch.where((self._first_bad_step < 0) & ~finite, torch.full_like(self._first_bad_step, self.step),
+                                               self._first_bad_step)
+        self._last_metrics = metrics
+
+    def check_finite(self) -> None:
+        """Raise DivergenceError if a loss went non-finite since the start, or a weight is non-finite now."""
+        bad_step = int(self._first_bad_step)
+        if bad_step >= 0:
+            names = [k for k, v in getattr(self, "_last_metrics", {}).items()
+                     if isinstance(v, torch.Tensor) and v.dim() == 0 and not bool(torch.isfinite(v))]
+            raise DivergenceError(self._divergence_message(f"the losses became non-finite at step {bad_step}"
+                                                           + (f" ({', '.join(names)} at step {self.step})" if names else "")))
+        for name, param in self.agent.nets.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise DivergenceError(self._divergence_message(f"parameter {name} is non-finite at step {self.step}"))
+
+    def _divergence_message(self, what: str) -> str:
+        kept = f"the last good checkpoint (step {self._last_checkpoint_step}) is kept at {self.checkpoint_path}" if self.checkpoint_path.exists() \
+            else "no checkpoint had been written yet"
+        return (f"training diverged: {what}; {kept}. Lower the learning rates, check the data's reward scale "
+                "(data.reward), or try precision=fp32.")
+
     def _periodic(self, metrics: dict[str, Any], prefix: str) -> None:
         if self.step % self.cfg.log_every == 0:
+            self.check_finite()
             self.logger.log(self.step, metrics, prefix)
         if self.cfg.eval_every > 0 and (self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
             self.run_evaluation()
@@ -207,11 +248,13 @@ class Trainer:
             if updating:
                 for _ in range(cfg.utd):
                     metrics = self.agent.update(self._online_batch())
+                    self._watch(metrics)
             episode_end = terminated or truncated
             if episode_end:
                 self._end_episode()
             log_every = max(cfg.log_every // 10, 1) if online_step <= cfg.switch_log_window else cfg.log_every
             if self.step % log_every == 0:
+                self.check_finite()
                 warmup_left = max(cfg.warmup_steps - online_step, 0)
                 self.logger.log(self.step, {**metrics, "online_step": online_step, "buffer_size": len(self.online),
                                             "updating": float(updating), "warmup_remaining": warmup_left}, "train/")
@@ -281,6 +324,7 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:
+        self.check_finite()  # a diverged agent never becomes the latest checkpoint
         state = {
             "agent": self.agent.state_dict(),
             "step": self.step,
@@ -304,6 +348,10 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return None
         state = load_checkpoint(self.checkpoint_path, map_location="cpu")
+        bad = [k for k, v in state["agent"]["nets"].items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise DivergenceError(f"{self.checkpoint_path} holds non-finite weights ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
+                                  "it cannot be resumed. Start a new run (or init_from an earlier offline.pt).")
         self.agent.load_state_dict(state["agent"])
         self.step = int(state["step"])
         set_rng_state(state["rng"])
@@ -337,4 +385,4 @@ class Trainer:
         return bool(getattr(self.agent, "needs_returns_to_go", False))
 
 
-__all__ = ["Trainer", "TrainerConfig", "to_float"]
+__all__ = ["DivergenceError", "Trainer", "TrainerConfig", "to_float"]

@@ -1,0 +1,94 @@
+"""Issue 15 (part): divergence never becomes the latest checkpoint, run directories are never
+overwritten or shared, online checkpoints stay small, stale temporary files are cleaned up."""
+import gymnasium as gym
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import orl
+from orl.checkpoint import load_checkpoint, save_checkpoint
+from orl.cli import RunDirError, resolve_run_dir
+from orl.trainer import DivergenceError, Trainer, TrainerConfig
+from tests.test_trainer import build, pendulum_buffer
+
+
+def _offline_cfg(**overrides):
+    values = dict(offline_steps=60, batch_size=32, eval_every=0, log_every=1000, checkpoint_every=10, progress=False, tensorboard=False)
+    return TrainerConfig(**{**values, **overrides})
+
+
+def test_divergence_without_evaluation_keeps_the_last_good_checkpoint(tmp_path):
+    buffer, prepared = pendulum_buffer()
+    agent = build("td3bc", prepared)
+    original = agent.update
+
+    def update(batch):
+        metrics = original(batch)
+        if agent.step >= 25:  # from step 25 on the weights and the loss are NaN
+            with torch.no_grad():
+                next(agent.nets["critic"].parameters()).fill_(float("nan"))
+            metrics["critic_loss"] = torch.tensor(float("nan"))
+        return metrics
+
+    agent.update = update
+    with pytest.raises(DivergenceError, match="non-finite at step 25") as error:
+        Trainer(agent, tmp_path, _offline_cfg(), buffer, lambda: gym.make("Pendulum-v1")).train()
+    assert "last good checkpoint (step 20)" in str(error.value)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 20
+    assert all(torch.isfinite(v).all() for v in state["agent"]["nets"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_a_non_finite_checkpoint(tmp_path):
+    buffer, prepared = pendulum_buffer()
+    agent = build("td3bc", prepared)
+    Trainer(agent, tmp_path, _offline_cfg(offline_steps=10), buffer).train()
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    key = next(iter(state["agent"]["nets"]))
+    state["agent"]["nets"][key].fill_(float("inf"))
+    save_checkpoint(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(DivergenceError, match="cannot be resumed"):
+        Trainer(build("td3bc", prepared), tmp_path, _offline_cfg(offline_steps=20), buffer).train(resume=True)
+
+
+def test_resuming_a_finished_run_does_nothing(tmp_path, capsys):
+    buffer, prepared = pendulum_buffer()
+    Trainer(build("td3bc", prepared), tmp_path, _offline_cfg(offline_steps=10), buffer).train()
+    before = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    assert Trainer(build("td3bc", prepared), tmp_path, _offline_cfg(offline_steps=10), buffer).train(resume=True) is None
+    assert "already finished at step 10" in capsys.readouterr().out
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_stale_temporary_checkpoints_are_removed(tmp_path):
+    buffer, prepared = pendulum_buffer()
+    stale = tmp_path / ".checkpoint.pt.tmp-99999"
+    stale.write_bytes(b"torn")
+    Trainer(build("td3bc", prepared), tmp_path, _offline_cfg(offline_steps=10), buffer).train()
+    assert not stale.exists()
+
+
+def test_online_checkpoint_holds_only_the_filled_buffer(tmp_path):
+    env = gym.make("Pendulum-v1")
+    agent = orl.make_agent("sac", env.observation_space, env.action_space)
+    cfg = TrainerConfig(offline_steps=0, online_steps=200, eval_every=0, progress=False, tensorboard=False, learning_starts=1000,
+                        online_capacity=1_000_000)
+    Trainer(agent, tmp_path, cfg, env_fn=lambda: gym.make("Pendulum-v1")).train()
+    size_mb = (tmp_path / "checkpoint.pt").stat().st_size / 2**20
+    assert size_mb < 2.0, f"{size_mb:.1f} MB for 200 transitions: the 1M-capacity storage was saved"
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["online_buffer"]["storage"]["obs"].shape == (200, 3)
+
+
+def test_run_directories_are_never_reused(tmp_path):
+    cfg = OmegaConf.create({"run_dir": str(tmp_path / "explicit"), "resume": False, "runs_root": str(tmp_path / "runs"),
+                            "dataset": "orl/pendulum/medium-v0", "seed": 0})
+    (tmp_path / "explicit").mkdir()
+    (tmp_path / "explicit" / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(RunDirError, match="already holds a run; pass resume=true"):
+        resolve_run_dir(cfg, "iql")
+    assert (tmp_path / "explicit" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    cfg.resume = True
+    assert resolve_run_dir(cfg, "iql") == tmp_path / "explicit"
+    cfg.run_dir, cfg.resume = None, False
+    first, second = resolve_run_dir(cfg, "iql"), resolve_run_dir(cfg, "iql")  # the same second
+    assert first != second and first.exists() and second.exists()
