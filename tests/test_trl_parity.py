@@ -1,0 +1,63 @@
+"""orl's DPO against TRL's DPOTrainer on one batch of a tiny Llama (BOS-adding tokenizer): same token
+ids, same loss and implicit rewards to 1e-5 (issue 12, parity with a peer)."""
+import math
+import tempfile
+import warnings
+
+import gymnasium as gym
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="TRL is a test-only dependency (pip install -e .[dev])")
+datasets = pytest.importorskip("datasets")
+
+import orl  # noqa: E402
+from agents.dpo import DPO  # noqa: E402
+from agents.lm_common import _tokenize, pair_buffer  # noqa: E402
+from orl.sequence import PairBatch  # noqa: E402
+from tests.lm_archs import build_tiny_causal_lm  # noqa: E402
+
+ROWS = [{"prompt": "count: 3 4", "chosen": " 5 6", "rejected": " 2 1"},
+        {"prompt": "count: 10", "chosen": " 11 12", "rejected": " 3"},
+        {"prompt": "count: 7 8 9", "chosen": " 10 11", "rejected": " 1 0"}]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dpo_loss_and_rewards_equal_trl(tmp_path, arch):
+    path = str(build_tiny_causal_lm(arch, tmp_path / arch))
+    beta = 0.1
+    agent: DPO = orl.make_agent("dpo", gym.spaces.Discrete(2), gym.spaces.Discrete(2), {"model_path": path, "beta": beta})
+    with torch.no_grad():  # a policy that differs from the reference, so the loss is not just log 2
+        generator = torch.Generator().manual_seed(0)
+        for p in agent.nets["policy"].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    tokenizer = agent.tokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = trl.DPOConfig(output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=len(ROWS), beta=beta, report_to=[],
+                             use_cpu=True, precompute_ref_log_probs=False, bf16=False)  # TRL defaults to bf16 autocast: compare fp32 to fp32
+        trainer = trl.DPOTrainer(model=agent.nets["policy"], ref_model=agent.nets["reference"], args=args,
+                                 train_dataset=datasets.Dataset.from_list(ROWS), processing_class=tokenizer)
+    # The same token ids: BOS once on the prompt (Llama), none on the completion, EOS at its end.
+    prompt_ids, chosen_ids = _tokenize(tokenizer, [r["prompt"] for r in ROWS], [r["chosen"] for r in ROWS])
+    _, rejected_ids = _tokenize(tokenizer, [r["prompt"] for r in ROWS], [r["rejected"] for r in ROWS])
+    by_prompt = {row["prompt"]: row for row in trainer.train_dataset}
+    for row, p, c, r in zip(ROWS, prompt_ids, chosen_ids, rejected_ids):
+        trl_row = by_prompt[row["prompt"]]
+        assert (trl_row["prompt_ids"], trl_row["chosen_ids"], trl_row["rejected_ids"]) == (p, c, r)
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    agent.nets["policy"].train()
+    trl_loss = trainer.compute_loss(agent.nets["policy"], batch).item()
+    trl_chosen = trainer._metrics["train"]["rewards/chosen"][-1]
+    trl_rejected = trainer._metrics["train"]["rewards/rejected"][-1]
+
+    buffer = pair_buffer(tokenizer, [r["prompt"] for r in ROWS], [r["chosen"] for r in ROWS], [r["rejected"] for r in ROWS], device="cpu")
+    agent.prepare(buffer)
+    everything = torch.arange(len(ROWS))
+    loss, metrics = agent.losses(PairBatch(buffer.chosen.gather(everything), buffer.rejected.gather(everything)))
+    assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
+    assert metrics["reward_chosen"].item() == pytest.approx(trl_chosen, abs=1e-5)
+    assert metrics["reward_rejected"].item() == pytest.approx(trl_rejected, abs=1e-5)
+    assert not math.isclose(loss.item(), math.log(2), abs_tol=1e-4)
