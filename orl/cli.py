@@ -240,6 +240,12 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=evaluator)
     result = trainer.train(resume=bool(cfg.resume))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    if agent_name != "reward_model":
+        # The trained policy in Hugging Face format: AutoModelForCausalLM.from_pretrained(run_dir / "hf").
+        agent.nets["policy"].save_pretrained(run_dir / "hf")
+        tokenizer.save_pretrained(run_dir / "hf")
+        summary["hf_model"] = str(run_dir / "hf")
+        print(f"[orl] policy saved in Hugging Face format: {run_dir / 'hf'}")
     if result is not None:
         summary.update(result.metrics(prefix=""))
         print(f"[orl] final evaluation on {len(result.returns)} responses: mean reward {result.mean_return:.3f}, length {result.lengths.mean():.1f}")

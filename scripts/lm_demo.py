@@ -25,7 +25,7 @@ import torch
 
 import orl
 from agents.lm_common import pair_buffer, text_buffer
-from envs.lm import KVCachePolicy, VectorTokenEnv, evaluate_lm, load_lm, rollout
+from envs.lm import KVCachePolicy, VectorTokenEnv, context_length, evaluate_lm, load_lm, rollout
 from envs.text_rewards import increasing_numbers
 from envs.tiny_lm import build_tiny_lm, make_prompts
 from orl.sequence import load_jsonl
@@ -34,7 +34,7 @@ SPACE = gym.spaces.Discrete(2)
 
 
 def sample_responses(model, tokenizer, prompts, max_new_tokens, seed, greedy=False):
-    env = VectorTokenEnv(tokenizer, prompts, increasing_numbers, max_new_tokens, model.config.n_positions)
+    env = VectorTokenEnv(tokenizer, prompts, increasing_numbers, max_new_tokens, context_length(model, tokenizer))
     out = rollout(KVCachePolicy(model), env, greedy=greedy, generator=torch.Generator().manual_seed(seed))
     return out["texts"], out["rewards"].tolist()
 

@@ -195,3 +195,13 @@ def test_orl_train_dpo_on_a_long_prompt_with_a_rotary_model(models, tmp_path):
     with pytest.warns(UserWarning, match="truncated 1 of 4 prompts to max_prompt_length=60 .* and 0 responses to max_length=64"):
         summary = run_train(cfg)
     assert "return_mean" in summary
+    # The trained policy is saved in Hugging Face format and loads with from_pretrained.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orl.checkpoint import load_checkpoint
+
+    loaded = AutoModelForCausalLM.from_pretrained(summary["hf_model"])
+    AutoTokenizer.from_pretrained(summary["hf_model"])
+    trained = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["agent"]["nets"]
+    for name, param in loaded.state_dict().items():
+        torch.testing.assert_close(param, trained[f"policy.{name}"])
