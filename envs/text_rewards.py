@@ -62,3 +62,55 @@ class SequenceClassifierReward:
     def __call__(self, prompt: str, response: str) -> float:
         inputs = self.tokenizer(self.template.format(prompt=prompt, response=response), return_tensors="pt", truncation=True).to(self.device)
         return float(torch.sigmoid(self.model(**inputs).logits[0, -1]))
+
+
+def make_text_reward(spec: str, device: str | torch.device = "cpu") -> Callable[[str, str], float]:
+    """A reward R(prompt, response) from a spec string (`lm.reward`):
+
+    * a built-in: `increasing_numbers`, `keyword:<word>`, `length_window:<low>:<high>`;
+    * a directory holding a Hugging Face sequence-classification model (`config.json` whose
+      architecture ends in ForSequenceClassification): sigmoid of its last logit;
+    * an orl `reward_model` run directory (its `checkpoint.pt` and `config.yaml`): the trained
+      Bradley-Terry model's score.
+    """
+    from pathlib import Path
+
+    name, _, arguments = spec.partition(":")
+    if spec in TEXT_REWARDS:
+        return TEXT_REWARDS[spec]
+    if name == "keyword" and arguments:
+        return keyword(arguments)
+    if name == "length_window" and arguments.count(":") == 1:
+        low, high = arguments.split(":")
+        return length_window(int(low), int(high))
+    path = Path(spec).expanduser()
+    if (path / "checkpoint.pt").exists() and (path / "config.yaml").exists():
+        return load_reward_model_run(path, device)
+    if (path / "config.json").exists():
+        import json
+
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            return SequenceClassifierReward(str(path), str(device))
+        raise ValueError(f"lm.reward={spec}: {path} holds a {architectures or 'model'} without a sequence-classification head; "
+                         "give a ...ForSequenceClassification model, an orl reward_model run directory, or a built-in reward")
+    raise ValueError(f"lm.reward={spec!r} is neither a built-in reward ({', '.join(TEXT_REWARDS)}, keyword:<word>, "
+                     "length_window:<low>:<high>), nor a directory with a sequence-classification model or an orl reward_model run")
+
+
+def load_reward_model_run(run_dir, device: str | torch.device = "cpu"):
+    """The Bradley-Terry reward model an `orl-train agent=reward_model` run trained, ready to score."""
+    import gymnasium as gym
+    from omegaconf import OmegaConf
+
+    import orl
+    from orl.checkpoint import load_checkpoint
+
+    run_cfg = OmegaConf.load(f"{run_dir}/config.yaml")
+    options = OmegaConf.to_container(run_cfg.agent, resolve=True)
+    if options.pop("name") != "reward_model":
+        raise ValueError(f"{run_dir} is a {run_cfg.agent.name} run, not a reward_model run")
+    space = gym.spaces.Discrete(2)
+    model = orl.make_agent("reward_model", space, space, options, device)
+    model.load_state_dict(load_checkpoint(f"{run_dir}/checkpoint.pt", map_location=device)["agent"], load_optimizers=False)
+    return model

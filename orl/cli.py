@@ -179,7 +179,7 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
 
     from agents.lm_common import pair_buffer, text_buffer
     from envs.lm import VectorTokenEnv, context_length, evaluate_lm, load_lm
-    from envs.text_rewards import TEXT_REWARDS
+    from envs.text_rewards import make_text_reward
     from orl.evaluation import EvalResult
     from orl.sequence import load_jsonl
 
@@ -194,16 +194,16 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         print(f"[orl] building the embedded tiny GPT-2 at {lm.model} (first run only)")
         build_tiny_lm(str(lm.model))
     agent_cfg["model_path"] = str(lm.model)
-    if str(lm.reward) not in TEXT_REWARDS:
-        raise ValueError(f"lm.reward={lm.reward!r} is not a known text reward; choose from {sorted(TEXT_REWARDS)}")
-    reward_fn = TEXT_REWARDS[str(lm.reward)]
+    # The reward for A-LoL's value targets and for evaluation: a built-in, a sequence-classification
+    # model by path, or an orl reward_model run directory.
+    reward_fn = make_text_reward(str(lm.reward), device)
     rows = load_jsonl(str(cfg.dataset), LM_DATA_KIND[agent_name])
     if lm.eval_prompts:
         eval_prompts = [line.strip() for line in Path(str(lm.eval_prompts)).read_text().splitlines() if line.strip()]
     else:
-        from envs.tiny_lm import make_prompts
-
-        eval_prompts = make_prompts(int(lm.num_eval_prompts), seed=300)
+        # The dataset's own prompts (distinct, in file order, the last ones first), not a built-in task's.
+        distinct = list(dict.fromkeys(r["prompt"] for r in reversed(rows)))
+        eval_prompts = distinct[: int(lm.num_eval_prompts)]
     _, tokenizer = load_lm(str(lm.model))
     probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)

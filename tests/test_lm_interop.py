@@ -205,3 +205,51 @@ def test_orl_train_dpo_on_a_long_prompt_with_a_rotary_model(models, tmp_path):
     trained = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["agent"]["nets"]
     for name, param in loaded.state_dict().items():
         torch.testing.assert_close(param, trained[f"policy.{name}"])
+
+
+# --- 3. the reward for A-LoL's value fit and evaluation is the user's choice ----------------------
+def test_text_reward_specs(models, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from envs.text_rewards import SequenceClassifierReward, increasing_numbers, make_text_reward
+
+    assert make_text_reward("increasing_numbers") is increasing_numbers
+    assert make_text_reward("keyword:assistant")("p", "the assistant") == 1.0
+    assert make_text_reward("length_window:1:2")("p", "3 4") == 1.0
+    _, tokenizer = load_lm(models["llama"])
+    classifier = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                            num_attention_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    classifier.save_pretrained(tmp_path / "classifier")
+    tokenizer.save_pretrained(tmp_path / "classifier")
+    reward = make_text_reward(str(tmp_path / "classifier"))
+    assert isinstance(reward, SequenceClassifierReward) and 0.0 < reward("count: 3", "4 5") < 1.0
+    with pytest.raises(ValueError, match="without a sequence-classification head"):
+        make_text_reward(models["llama"])
+    with pytest.raises(ValueError, match="neither a built-in reward"):
+        make_text_reward("no_such_reward")
+
+
+def test_alol_value_fit_on_an_orl_reward_model_run(models, tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from envs.text_rewards import make_text_reward
+    from orl.cli import CONFIG_DIR, run_train
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)))
+    common = [f"lm.model={models['qwen2']}", "lm.max_new_tokens=4", "log.progress=false", "log.tensorboard=false", "device=cpu",
+              "batch_size=2", "steps=2", "eval.every=2"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        run_train(compose(config_name="train", overrides=common + ["agent=reward_model", f"dataset={pairs}", f"run_dir={tmp_path / 'rm'}"]))
+    reward_model = make_text_reward(str(tmp_path / "rm"))
+    rewarded = tmp_path / "rows.jsonl"
+    # Scored by the reward model, plus a bonus on one row so that some advantage is positive.
+    rewarded.write_text("".join(json.dumps({"prompt": p, "response": c, "reward": reward_model(p, c) + 10.0 * (i == 0)}) + "\n"
+                                for i, (p, c) in enumerate(zip(PROMPTS, CHOSEN))))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=common + ["agent=alol", f"dataset={rewarded}", f"lm.reward={tmp_path / 'rm'}",
+                                                               "agent.value_epochs=1", f"run_dir={tmp_path / 'alol'}"])
+    summary = run_train(cfg)
+    assert math.isfinite(summary["return_mean"])  # evaluated with the reward model's scores, on the dataset's prompts
