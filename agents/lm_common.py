@@ -25,6 +25,8 @@ class LMAgent(Agent):
         self.nets["policy"] = policy
         if with_reference:
             self.nets["reference"] = copy.deepcopy(policy).eval().requires_grad_(False)
+        # R(prompt, response) for agents that generate while training (RLOO); set by whoever runs them.
+        self.reward_fn = None
 
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
         raise TypeError("LM agents act on token observations; call act(obs_dict)")

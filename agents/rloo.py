@@ -14,7 +14,7 @@ import torch
 
 from agents.lm_common import LMAgent
 from orl.agent import register
-from orl.sequence import SequenceBatch, build_sequences, response_log_prob
+from orl.sequence import PromptBatch, SequenceBatch, build_sequences, response_log_prob
 
 
 @dataclass
@@ -54,6 +54,7 @@ class RLOO(LMAgent):
         if kl and self.cfg.kl_beta > 0:
             env = KLPenalty(env, self.nets["reference"], self.cfg.kl_beta, self.cfg.temperature)
         out = rollout(KVCachePolicy(self.nets["policy"]), env, greedy, self.cfg.temperature, self.generator)
+        self._last_kl = torch.as_tensor(out["kl"], dtype=torch.float32)
         return (env.prompt_ids, out["sampled_ids"]), torch.as_tensor(out["rewards"], dtype=torch.float32)
 
     def train_step(self, prompts: Sequence[str], reward_fn: Callable[[str, str], float]) -> dict[str, float]:
@@ -79,7 +80,20 @@ class RLOO(LMAgent):
         torch.nn.utils.clip_grad_norm_(self.nets["policy"].parameters(), self.cfg.grad_clip)
         self.optimizers["policy"].step()
         self.step += 1
-        return {"loss": float(loss.detach()), "return_mean": float(returns.mean()), "advantage_std": float(advantages.std())}
+        kl = self._last_kl
+        return {"loss": float(loss.detach()), "return_mean": float(returns.mean()), "advantage_std": float(advantages.std()),
+                # the task reward and the KL apart: return = task_reward - kl_beta * kl
+                "task_reward": float((returns + self.cfg.kl_beta * kl).mean()), "kl": float(kl.mean())}
 
-    def update(self, batch):
-        raise TypeError("RLOO learns online: call train_step(prompts, reward_fn), which samples its own batch in the env")
+    def update(self, batch: PromptBatch) -> dict[str, torch.Tensor]:
+        """One Trainer step (orl-train agent=rloo): k samples per prompt of the batch, one policy-gradient step."""
+        if self.reward_fn is None:
+            raise RuntimeError("set agent.reward_fn = R(prompt, response) before training RLOO (orl-train does it from lm.reward)")
+        return {k: torch.tensor(v) for k, v in self.train_step(batch.prompts, self.reward_fn).items()}
+
+    def extra_state(self) -> dict:
+        return {"generator": self.generator.get_state()}  # exact resume: the sampler continues where it was
+
+    def load_extra_state(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])

@@ -303,6 +303,7 @@ def rollout(policy, env: "VectorTokenEnv | KLPenalty", greedy: bool = True, temp
     prompt_block = obs["input_ids"][:, : env.prompt_width]
     logits = policy.start(prompt_block, obs["attention_mask"][:, : env.prompt_width])
     total = np.zeros(env.num_envs)
+    kl_total = np.zeros(env.num_envs)
     log_probs = []
     while not env.all_done:
         if greedy:
@@ -315,15 +316,18 @@ def rollout(policy, env: "VectorTokenEnv | KLPenalty", greedy: bool = True, temp
         log_probs.append(step_log_probs)
         # Rows that finished keep receiving pad tokens so the batch stays rectangular.
         actions = torch.where(env.done.to(actions.device), torch.full_like(actions, env.pad_id), actions)
-        _, rewards, _, _, _ = env.step(actions.cpu(), step_log_probs) if shaped else env.step(actions.cpu())
+        _, rewards, _, _, info = env.step(actions.cpu(), step_log_probs) if shaped else env.step(actions.cpu())
         total += rewards
+        if shaped:
+            kl_total += info["kl"]
         if not env.all_done:
             logits = policy.step(actions)
     width = env.prompt_width
     return {"responses": [env.response_ids(i) for i in range(env.num_envs)], "texts": [env.response_text(i) for i in range(env.num_envs)],
             # The exact sampled tokens, EOS included when generated (what a policy-gradient loss scores).
             "sampled_ids": [env.input_ids[i, width : width + int(env.lengths[i])].tolist() for i in range(env.num_envs)],
-            "rewards": total, "log_probs": torch.stack(log_probs, 1) if log_probs else torch.zeros(env.num_envs, 0)}
+            # rewards are KL-shaped when env is a KLPenalty; kl is the per-row sum it subtracted (beta not applied)
+            "rewards": total, "kl": kl_total, "log_probs": torch.stack(log_probs, 1) if log_probs else torch.zeros(env.num_envs, 0)}
 
 
 class KLPenalty:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from orl.buffer import Batch
+from orl.errors import CheckpointError, ConfigError
 from orl.nn import set_precision
 
 AGENTS: dict[str, type["Agent"]] = {}
@@ -124,7 +125,7 @@ class Agent(abc.ABC):
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, load_optimizers: bool = True) -> None:
         if state.get("name", self.name) != self.name:
-            raise ValueError(f"checkpoint holds a {state['name']!r} agent, not {self.name!r}")
+            raise CheckpointError(f"checkpoint holds a {state['name']!r} agent, not {self.name!r}")
         self.nets.load_state_dict(state["nets"], strict=strict)
         if load_optimizers:
             for key, opt_state in state.get("optimizers", {}).items():
@@ -162,7 +163,7 @@ def build_config(cls: type[Agent], cfg: Mapping[str, Any] | Any | None) -> Any:
     known = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for agent {cls.name!r}; valid options: {sorted(known)}")
+        raise ConfigError(f"unknown option(s) {unknown} for agent {cls.name!r} (agent.<option>=...); valid options: {sorted(known)}")
     for f in dataclasses.fields(cls.Config):
         if f.name in values and isinstance(values[f.name], list):
             values[f.name] = tuple(values[f.name])
@@ -184,7 +185,7 @@ def make_agent(
     """
     _import_agents()
     if name not in AGENTS:
-        raise ValueError(f"unknown agent {name!r}; available: {sorted(AGENTS)}")
+        raise ConfigError(f"unknown agent {name!r}; available: {sorted(AGENTS)}")
     cls = AGENTS[name]
     agent = cls(obs_space, action_space, build_config(cls, cfg), device)
     set_precision(agent.nets, precision)

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from orl.errors import DataFileNotFound
+
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write `state` so that `path` always holds either the old or the new checkpoint, never a torn one.
@@ -33,7 +35,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise DataFileNotFound(f"checkpoint {path} does not exist")
     return torch.load(path, map_location=map_location, weights_only=False)
 
 

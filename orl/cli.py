@@ -1,11 +1,14 @@
 """Command-line entry points (hydra). `orl-train --help` lists the config groups and options."""
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import re
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import hydra
 import torch
@@ -14,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from orl.agent import make_agent
 from orl.buffer import TransitionBuffer
 from orl.checkpoint import load_checkpoint, seed_everything
-from orl.data import DataConfig, RewardTransform, check_env_compatible, make_dataset, prepare, reward_transform
+from orl.data import DataConfig, DatasetError, RewardTransform, check_env_compatible, make_dataset, prepare, reward_transform
+from orl.errors import CheckpointError, ConfigError, DataFileNotFound, OrlError, RunDirError
 from orl.trainer import OFFLINE_CHECKPOINT, Trainer, TrainerConfig
 
 
@@ -40,10 +44,6 @@ def _slug(spec: str) -> str:
     path = Path(spec)
     name = path.stem if path.suffix in (".npz", ".hdf5", ".h5", ".jsonl") else spec
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked (it would overwrite another run)."""
 
 
 def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
@@ -101,7 +101,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         return run_train_lm(cfg, device)
     dataset = load_or_collect(cfg)
     if dataset.env_id is None:
-        raise ValueError(f"dataset {cfg.dataset} does not say which environment it comes from; pass env=<gymnasium id>")
+        raise DatasetError(f"dataset {cfg.dataset} does not say which environment it comes from; pass env=<gymnasium id>")
     env_id = dataset.env_id
     probe_env = make_env(env_id)
     check_env_compatible(dataset, probe_env)
@@ -115,7 +115,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         if path.is_dir():  # a run directory: its offline-phase checkpoint, else its latest one
             path = path / OFFLINE_CHECKPOINT if (path / OFFLINE_CHECKPOINT).exists() else path / "checkpoint.pt"
         if not path.exists():
-            raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint at {path}; pass a run directory or a .pt file")
+            raise DataFileNotFound(f"init_from={cfg.init_from}: no checkpoint at {path}; pass a run directory or a .pt file")
         initial_state = load_checkpoint(path)
         offline_steps = int(initial_state["step"])  # the online phase continues the step count (WSRL bookkeeping)
     resuming = bool(cfg.resume) and (run_dir / "checkpoint.pt").exists()
@@ -152,7 +152,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         try:
             agent.load_state_dict(initial_state["agent"])  # networks, targets, temperature, optimizer moments, step
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise ValueError(f"checkpoint {cfg.init_from} does not fit agent {agent_name} as configured "
+            raise CheckpointError(f"checkpoint {cfg.init_from} does not fit agent {agent_name} as configured "
                              f"(ensemble size, LayerNorm and hidden sizes must match pre-training): {exc}") from exc
         trainer.step = offline_steps
         print(f"[orl] starting from {cfg.init_from} at step {offline_steps}")
@@ -166,7 +166,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-LM_DATA_KIND = {"alol": "rewarded", "dpo": "pairs", "reward_model": "pairs"}
+LM_DATA_KIND = {"alol": "rewarded", "dpo": "pairs", "reward_model": "pairs", "rloo": "prompts"}
 
 
 def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
     agent_name = agent_cfg.pop("name")
     if agent_name not in LM_DATA_KIND:
-        raise ValueError(f"agent {agent_name!r} does not train on text; use one of {sorted(LM_DATA_KIND)} with a .jsonl dataset")
+        raise ConfigError(f"agent {agent_name!r} does not train on text; use one of {sorted(LM_DATA_KIND)} with a .jsonl dataset")
     if str(lm.model) == str(lm.embedded_model) and not Path(str(lm.model), "config.json").exists():
         from envs.tiny_lm import build_tiny_lm
 
@@ -212,7 +212,12 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     max_length = int(lm.max_length) if lm.get("max_length") else context_length(agent.nets["policy"], tokenizer)
     default_prompt = max_length - int(lm.max_new_tokens) if max_length and max_length > int(lm.max_new_tokens) else None
     limits = dict(max_length=max_length, max_prompt_length=int(lm.max_prompt_length) if lm.get("max_prompt_length") else default_prompt)
-    if LM_DATA_KIND[agent_name] == "rewarded":
+    agent.reward_fn = reward_fn  # agents that generate while training (RLOO) score with it
+    if LM_DATA_KIND[agent_name] == "prompts":
+        from orl.sequence import PromptBuffer
+
+        buffer = PromptBuffer([r["prompt"] for r in rows], device)
+    elif LM_DATA_KIND[agent_name] == "rewarded":
         buffer = text_buffer(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], [r["reward"] for r in rows], device, **limits)
     else:
         buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device, **limits)
@@ -264,14 +269,46 @@ def load_or_collect(cfg: DictConfig):
 
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_GROUPS = ("agent", "preset", "hydra")
+
+
+@contextlib.contextmanager
+def user_errors(app: str) -> Iterator[None]:
+    """Print the project's own errors as one message and exit 2; ORL_DEBUG=1 keeps the traceback."""
+    try:
+        yield
+    except OrlError as exc:
+        if os.environ.get("ORL_DEBUG"):
+            raise
+        print(f"{app}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_top_level_keys(app: str, config_names: Sequence[str], argv: Sequence[str]) -> None:
+    """Reject a mistyped top-level key (agnet=iql) with a did-you-mean before hydra turns it into '+agnet'."""
+    known = set(CONFIG_GROUPS)
+    for name in config_names:
+        known |= set(OmegaConf.load(Path(CONFIG_DIR) / f"{name}.yaml").keys()) - {"defaults"}
+    for arg in argv:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        top = arg.split("=", 1)[0].split(".", 1)[0].split("@", 1)[0]
+        if top not in known:
+            close = difflib.get_close_matches(top, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            print(f"{app}: error: unknown option '{top}' (in {arg!r}){hint} `{app} --help` lists every option; "
+                  f"a new key needs a leading '+'", file=sys.stderr)
+            sys.exit(2)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> None:
-    run_train(cfg)
+    with user_errors("orl-train"):
+        run_train(cfg)
 
 
 def train_main() -> None:
+    check_top_level_keys("orl-train", ["train"], sys.argv[1:])
     _train()
 
 
@@ -279,24 +316,28 @@ def train_main() -> None:
 def _collect(cfg: DictConfig) -> None:
     from orl.collect import CollectConfig, collect
 
-    setup_torch("cpu", cfg.threads)
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values.pop("threads")
-    values["levels"] = tuple(values["levels"])
-    ids = collect(CollectConfig(**values))
-    print("[orl-collect] datasets:", ", ".join(ids.values()))
+    with user_errors("orl-collect"):
+        setup_torch("cpu", cfg.threads)
+        values = OmegaConf.to_container(cfg, resolve=True)
+        values.pop("threads")
+        values["levels"] = tuple(values["levels"])
+        ids = collect(CollectConfig(**values))
+        print("[orl-collect] datasets:", ", ".join(ids.values()))
 
 
 def collect_main() -> None:
+    check_top_level_keys("orl-collect", ["collect"], sys.argv[1:])
     _collect()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="finetune", version_base="1.3")
 def _finetune(cfg: DictConfig) -> None:
-    run_train(cfg)
+    with user_errors("orl-finetune"):
+        run_train(cfg)
 
 
 def finetune_main() -> None:
+    check_top_level_keys("orl-finetune", ["train", "finetune"], sys.argv[1:])
     _finetune()
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from orl.errors import DataError, DataFileNotFound
+
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
 
 # D4RL gym-mujoco v2 reference scores (d4rl/infos.py), used for the normalized score.
@@ -37,7 +39,7 @@ _D4RL_NAME = re.compile(
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """A dataset that cannot be used as given; the message says what is wrong and how to fix it."""
 
 
@@ -166,7 +168,7 @@ def make_dataset(
     path = Path(os.path.expanduser(spec_str))
     if path.suffix in (".npz", ".hdf5", ".h5"):
         if not path.exists():
-            raise FileNotFoundError(f"dataset file {path} does not exist")
+            raise DataFileNotFound(f"dataset file {path} does not exist; check the path given as dataset=")
         dataset = _load_npz(path) if path.suffix == ".npz" else _load_hdf5(path)
     elif (match := _D4RL_NAME.match(spec_str)) is not None:
         dataset = _load_d4rl(match)
@@ -256,7 +258,7 @@ def _load_d4rl(match: re.Match) -> OfflineDataset:
     filename = f"{env}_{level.replace('-', '_')}-v{version}.hdf5"
     path = _d4rl_dir() / filename
     if not path.exists():
-        raise FileNotFoundError(
+        raise DataFileNotFound(
             f"D4RL dataset {match.string!r} expected at {path}. Download it from the D4RL dataset host "
             f"(gym_mujoco_v{version}/{filename}) into that folder, or set D4RL_DATASET_DIR."
         )

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
+from orl.errors import DataError, DataFileNotFound
+
 
 @dataclass
 class SequenceBatch:
@@ -137,18 +139,39 @@ class PairBuffer:
         return {}
 
 
+@dataclass
+class PromptBatch:
+    prompts: list[str]
+    index: torch.Tensor
+
+
+class PromptBuffer:
+    """Prompts for online generation (RLOO through the Trainer): a batch is a random draw of prompts."""
+
+    def __init__(self, prompts: Sequence[str], device: torch.device | str = "cpu"):
+        self.prompts, self.device = list(prompts), torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> PromptBatch:
+        index = torch.randint(0, len(self), (batch_size,), device=self.device, generator=generator)
+        return PromptBatch([self.prompts[i] for i in index.tolist()], index)
+
+
 def distinct_n(texts: Sequence[Sequence[int]], n: int) -> float:
     """Distinct-n: unique n-grams / total n-grams over all responses (token level)."""
     grams = [tuple(t[i : i + n]) for t in texts for i in range(len(t) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
 
 
-JSONL_FIELDS = {"rewarded": ("prompt", "response", "reward"), "pairs": ("prompt", "chosen", "rejected")}
+JSONL_FIELDS = {"rewarded": ("prompt", "response", "reward"), "pairs": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
 
 
 def load_jsonl(path, kind: str) -> list[dict]:
-    """Read and validate a text dataset: `rewarded` rows {"prompt","response","reward"} (A-LoL) or
-    `pairs` rows {"prompt","chosen","rejected"} (DPO, reward models)."""
+    """Read and validate a text dataset: `rewarded` rows {"prompt","response","reward"} (A-LoL),
+    `pairs` rows {"prompt","chosen","rejected"} (DPO, reward models) or `prompts` rows {"prompt"}
+    (online RL). Every malformed line is reported with its file and line number."""
     import json
     import math
     from pathlib import Path
@@ -157,25 +180,31 @@ def load_jsonl(path, kind: str) -> list[dict]:
         raise ValueError(f"kind must be one of {sorted(JSONL_FIELDS)}, got {kind!r}")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"text dataset {path} does not exist")
+        raise DataFileNotFound(f"text dataset {path} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{number}: not UTF-8 text (byte {exc.start} of the line); re-encode the file as UTF-8") from exc
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: each line must be a JSON object with fields {list(JSONL_FIELDS[kind])}, got {type(row).__name__}")
         missing = [k for k in JSONL_FIELDS[kind] if k not in row]
         if missing:
-            raise ValueError(f"{path}:{number}: missing field(s) {missing}; {kind} rows need {list(JSONL_FIELDS[kind])}")
+            raise DataError(f"{path}:{number}: missing field(s) {missing}; {kind} rows need {list(JSONL_FIELDS[kind])}")
         for key in JSONL_FIELDS[kind]:
             if key == "reward":
                 if not isinstance(row[key], (int, float)) or isinstance(row[key], bool) or not math.isfinite(row[key]):
-                    raise ValueError(f"{path}:{number}: reward must be a finite number, got {row[key]!r}")
+                    raise DataError(f"{path}:{number}: reward must be a finite number, got {row[key]!r}")
             elif not isinstance(row[key], str):
-                raise ValueError(f"{path}:{number}: {key} must be a string, got {type(row[key]).__name__}")
+                raise DataError(f"{path}:{number}: {key} must be a string, got {type(row[key]).__name__}")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no rows")
+        raise DataError(f"{path} holds no rows")
     return rows

@@ -25,14 +25,13 @@ from orl.agent import Agent
 from orl.buffer import Batch, TransitionBuffer
 from orl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from orl.data import RewardTransform
+from orl.errors import ConfigError, DivergenceError
 from orl.evaluation import EvalResult, evaluate
 from orl.logger import Logger, to_float
 
 OFFLINE_CHECKPOINT = "offline.pt"  # the agent at the end of the offline phase
 
 
-class DivergenceError(RuntimeError):
-    """Training produced non-finite losses or weights; the last good checkpoint was kept."""
 
 BUFFER_MODES = ("none", "seed", "mix")
 
@@ -75,13 +74,13 @@ class Trainer:
         reward_transform: RewardTransform | None = None,
     ):
         if cfg.buffer_mode not in BUFFER_MODES:
-            raise ValueError(f"buffer_mode must be one of {BUFFER_MODES}, got {cfg.buffer_mode!r}")
+            raise ConfigError(f"online.buffer_mode must be one of {BUFFER_MODES}, got {cfg.buffer_mode!r}")
         if cfg.offline_steps > 0 and offline is None:
-            raise ValueError("offline_steps > 0 needs an offline dataset")
+            raise ConfigError("offline_steps > 0 needs an offline dataset")
         if cfg.online_steps > 0 and env_fn is None:
-            raise ValueError("online_steps > 0 needs an environment")
+            raise ConfigError("online_steps > 0 needs an environment")
         if cfg.buffer_mode in ("seed", "mix") and cfg.online_steps > 0 and offline is None:
-            raise ValueError(f"buffer_mode={cfg.buffer_mode} needs an offline dataset")
+            raise ConfigError(f"online.buffer_mode={cfg.buffer_mode} needs an offline dataset")
         self.agent, self.cfg, self.offline, self.env_fn, self.ref_scores = agent, cfg, offline, env_fn, ref_scores
         self.evaluator = evaluator  # replaces the control-task evaluation (e.g. text generation through the LM env)
         # The transform the offline data went through; online rewards get the same one before they are
@@ -360,7 +359,7 @@ class Trainer:
         if "reward_transform" in state:
             saved = RewardTransform.from_state(state["reward_transform"])
             if not saved.same_as(self.reward_transform):
-                raise ValueError(
+                raise ConfigError(
                     f"{self.checkpoint_path} was trained with reward transform {saved.state_dict()} but this run is set up "
                     f"with {self.reward_transform.state_dict()}; resume with the run's own data.reward settings (its config.yaml)"
                 )

@@ -253,3 +253,46 @@ def test_alol_value_fit_on_an_orl_reward_model_run(models, tmp_path):
                                                                "agent.value_epochs=1", f"run_dir={tmp_path / 'alol'}"])
     summary = run_train(cfg)
     assert math.isfinite(summary["return_mean"])  # evaluated with the reward model's scores, on the dataset's prompts
+
+
+# --- 4. RLOO through orl-train: Trainer metrics, task reward and KL apart, exact resume ------------
+def test_rloo_through_orl_train_resumes_exactly(models, tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from orl.cli import CONFIG_DIR, run_train
+    from orl.logger import read_metrics
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 3))
+
+    def run(run_dir, steps, resume=False):
+        overrides = ["agent=rloo", f"dataset={prompts}", f"lm.model={models['llama']}", "lm.reward=increasing_numbers", "lm.num_eval_prompts=3",
+                     "lm.max_new_tokens=4", "agent.max_new_tokens=4", "agent.samples_per_prompt=2", "batch_size=2", f"steps={steps}",
+                     "eval.every=4", "log.every=1", "checkpoint.every=2", "log.progress=false", "log.tensorboard=false", "device=cpu",
+                     f"run_dir={run_dir}", f"resume={str(resume).lower()}"]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return run_train(compose(config_name="train", overrides=overrides))
+
+    run(tmp_path / "full", 4)
+    run(tmp_path / "resumed", 2)
+    run(tmp_path / "resumed", 4, resume=True)
+    full = [r for r in read_metrics(tmp_path / "full") if "train/loss" in r]
+    resumed = [r for r in read_metrics(tmp_path / "resumed") if "train/loss" in r]
+    assert [r["step"] for r in full] == [1, 2, 3, 4] and {"train/task_reward", "train/kl"} <= set(full[0])
+    assert full == resumed  # steps 3-4 after the resume repeat the uninterrupted run exactly
+    assert (tmp_path / "full" / "hf" / "config.json").exists()
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    from orl.errors import DataError
+    from orl.sequence import load_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n\xff\xfe not utf-8\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:2: not UTF-8"):
+        load_jsonl(path, "prompts")
+    path.write_text('{"prompt": "a"}\n42\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:2: each line must be a JSON object"):
+        load_jsonl(path, "prompts")

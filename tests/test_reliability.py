@@ -7,8 +7,9 @@ from omegaconf import OmegaConf
 
 import orl
 from orl.checkpoint import load_checkpoint, save_checkpoint
-from orl.cli import RunDirError, resolve_run_dir
-from orl.trainer import DivergenceError, Trainer, TrainerConfig
+from orl.cli import resolve_run_dir
+from orl.errors import DivergenceError, RunDirError
+from orl.trainer import Trainer, TrainerConfig
 from tests.test_trainer import build, pendulum_buffer
 
 
@@ -92,3 +93,29 @@ def test_run_directories_are_never_reused(tmp_path):
     cfg.run_dir, cfg.resume = None, False
     first, second = resolve_run_dir(cfg, "iql"), resolve_run_dir(cfg, "iql")  # the same second
     assert first != second and first.exists() and second.exists()
+
+
+def _cli(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "orl.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_user_errors_are_one_message_and_exit_2(tmp_path):
+    typo = _cli("agnet=iql")
+    assert typo.returncode == 2 and "did you mean 'agent'" in typo.stderr and "Traceback" not in typo.stderr
+    missing = _cli(f"dataset={tmp_path / 'missing.npz'}", "device=cpu")
+    assert missing.returncode == 2 and "missing.npz does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("kept\n")
+    np_file = tmp_path / "data.npz"
+    from orl.data import OfflineDataset
+    from tests.conftest import random_pendulum_arrays
+
+    a = random_pendulum_arrays(300)
+    OfflineDataset(a["observations"], a["actions"], a["rewards"], a["next_observations"], a["terminals"], a["timeouts"],
+                   env_id="Pendulum-v1").save(np_file)
+    reused = _cli(f"dataset={np_file}", f"run_dir={tmp_path / 'run'}", "device=cpu", "steps=5")
+    assert reused.returncode == 2 and "already holds a run" in reused.stderr and "Traceback" not in reused.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "kept\n"
