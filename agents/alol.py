@@ -38,6 +38,9 @@ class ALoLConfig:
     model_path: str = "data/tiny-lm"
     dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
     disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
+    lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
+    lora_alpha: float = 16.0
+    lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
     variant: str = "alol"
     clip_eps: float = 0.9
     kl_beta: float = 0.0

@@ -23,6 +23,9 @@ class DPOConfig:
     model_path: str = "data/tiny-lm"
     dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
     disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
+    lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
+    lora_alpha: float = 16.0
+    lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
     beta: float = 0.1
     lr: float = 1e-4
     weight_decay: float = 0.0

@@ -21,10 +21,14 @@ class LMAgent(Agent):
         from envs.lm import load_lm  # the LM extra (transformers) is only needed by these agents
 
         policy, self.tokenizer = load_lm(cfg.model_path, self.device, None if cfg.dtype == "auto" else cfg.dtype, cfg.disable_dropout)
+        lora_r = int(getattr(cfg, "lora_r", 0) or 0)
+        if lora_r > 0:
+            policy = add_lora(policy, lora_r, cfg.lora_alpha, cfg.lora_target_modules)
         policy.train()
         self.nets["policy"] = policy
         if with_reference:
-            self.nets["reference"] = copy.deepcopy(policy).eval().requires_grad_(False)
+            # With LoRA the reference is the same model with its adapter disabled: one model in memory.
+            self.nets["reference"] = AdapterDisabled(policy) if lora_r > 0 else copy.deepcopy(policy).eval().requires_grad_(False)
         # R(prompt, response) for agents that generate while training (RLOO); set by whoever runs them.
         self.reward_fn = None
 
@@ -63,6 +67,56 @@ class LMAgent(Agent):
         if "reference" in self.nets:
             nets.update({f"reference.{k}": v for k, v in self.nets["reference"].state_dict().items()})
         super().load_state_dict({**state, "nets": nets}, strict=strict, load_optimizers=load_optimizers)
+
+
+def add_lora(model, r: int, alpha: float, target_modules: Sequence[str] | str | None):
+    """Wrap `model` with a PEFT LoRA adapter (only the adapter's weights train)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        from orl.errors import ConfigError
+
+        raise ConfigError("LoRA (agent.lora_r > 0) needs PEFT: pip install peft") from exc
+    targets = "all-linear" if not target_modules else (list(target_modules) if not isinstance(target_modules, str) else target_modules)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+class AdapterDisabled(torch.nn.Module):
+    """The base model under a PEFT policy: calls it with the adapter disabled.
+
+    Holds no parameters of its own (the policy's are not registered here, so state dicts and
+    optimizers see them once) and ignores train/eval switches, which would reach the shared policy.
+    """
+
+    def __init__(self, peft_model):
+        super().__init__()
+        object.__setattr__(self, "peft_model", peft_model)
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+    def parameters(self, recurse: bool = True):
+        return self.peft_model.parameters(recurse)
+
+    def train(self, mode: bool = True):
+        return self
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.peft_model, name)  # config, generation_config, get_output_embeddings, ...
+
+
+def save_hf(policy, tokenizer, directory) -> None:
+    """The policy in Hugging Face format (a LoRA policy merged into its base first)."""
+    model = policy
+    if hasattr(policy, "merge_and_unload"):
+        model = copy.deepcopy(policy).merge_and_unload()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def _tokenize(tokenizer, prompts: Sequence[str], responses: Sequence[str]):

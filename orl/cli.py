@@ -247,8 +247,9 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if agent_name != "reward_model":
         # The trained policy in Hugging Face format: AutoModelForCausalLM.from_pretrained(run_dir / "hf").
-        agent.nets["policy"].save_pretrained(run_dir / "hf")
-        tokenizer.save_pretrained(run_dir / "hf")
+        from agents.lm_common import save_hf
+
+        save_hf(agent.nets["policy"], tokenizer, run_dir / "hf")
         summary["hf_model"] = str(run_dir / "hf")
         print(f"[orl] policy saved in Hugging Face format: {run_dir / 'hf'}")
     if result is not None:

@@ -296,3 +296,32 @@ def test_jsonl_errors_name_the_line(tmp_path):
     path.write_text('{"prompt": "a"}\n42\n')
     with pytest.raises(DataError, match=r"rows.jsonl:2: each line must be a JSON object"):
         load_jsonl(path, "prompts")
+
+
+# --- LoRA through PEFT: the reference is the base model with the adapter off, not a copy ----------
+def test_lora_dpo_reference_is_the_base_model(models, tmp_path):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from agents.lm_common import save_hf
+
+    agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": models["llama"], "lora_r": 4, "lr": 1e-2})
+    policy, reference = agent.nets["policy"], agent.nets["reference"]
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(p.numel() for p in agent.nets.parameters()) == sum(p.numel() for p in policy.parameters())  # one model in memory
+    pairs = pair_buffer(agent.tokenizer, PROMPTS, CHOSEN, REJECTED, device="cpu")
+    agent.prepare(pairs)
+    batch = pairs.sample(3, torch.Generator().manual_seed(0))
+    loss, _ = agent.losses(batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # LoRA starts as the identity
+    base, _ = load_lm(models["llama"])
+    ids = pairs.chosen.input_ids
+    for _ in range(3):
+        agent.update(batch)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, base(input_ids=ids).logits)  # still the base model
+        assert not torch.allclose(policy(input_ids=ids).logits, base(input_ids=ids).logits)  # the adapter moved
+        save_hf(policy, agent.tokenizer, tmp_path / "hf")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+        torch.testing.assert_close(merged(input_ids=ids).logits, policy(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
