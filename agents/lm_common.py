@@ -119,6 +119,37 @@ def save_hf(policy, tokenizer, directory) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict]:
+    """TRL's conversational format: message lists rendered to text with the tokenizer's chat template.
+
+    The prompt gets the generation prompt; each completion field is the rendering of prompt +
+    completion messages minus the rendered prompt (so prompt and completion meet exactly where the
+    model starts answering).
+    """
+    from orl.errors import DataError
+
+    if not any(isinstance(row[f], list) for row in rows for f in fields):
+        return rows
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the data holds chat messages but the tokenizer has no chat_template; give plain-text rows or a chat model")
+    out = []
+    for number, row in enumerate(rows, 1):
+        row = dict(row)
+        prompt_messages = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+        row["prompt"] = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+        for field in fields:
+            if field == "prompt":
+                continue
+            messages = row[field] if isinstance(row[field], list) else [{"role": "assistant", "content": row[field]}]
+            full = tokenizer.apply_chat_template(prompt_messages + messages, tokenize=False)
+            if not full.startswith(row["prompt"]):
+                raise DataError(f"row {number}: the chat template renders the prompt differently alone and with its {field}; "
+                                "orl cannot split prompt from completion for this template")
+            row[field] = full[len(row["prompt"]):]
+        out.append(row)
+    return out
+
+
 def _tokenize(tokenizer, prompts: Sequence[str], responses: Sequence[str]):
     """Tokenize prompt and response separately (so boundaries line up) and append EOS to the response.
 

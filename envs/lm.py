@@ -106,7 +106,9 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     from EOS, the token such models are trained to continue after. The one path for training data,
     value fitting and the env, so they all see the same prompts.
     """
-    ids = list(tokenizer(prompt)["input_ids"])
+    # A chat-rendered prompt already carries the template's special tokens (BOS included) as text.
+    rendered = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+    ids = list(tokenizer(prompt, add_special_tokens=not rendered)["input_ids"])
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids

@@ -177,11 +177,11 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """
     import numpy as np
 
-    from agents.lm_common import pair_buffer, text_buffer
+    from agents.lm_common import pair_buffer, render_chat, text_buffer
     from envs.lm import VectorTokenEnv, context_length, evaluate_lm, load_lm
     from envs.text_rewards import make_text_reward
     from orl.evaluation import EvalResult
-    from orl.sequence import load_jsonl
+    from orl.sequence import JSONL_FIELDS, load_jsonl
 
     lm = cfg.lm
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
@@ -198,13 +198,14 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     # model by path, or an orl reward_model run directory.
     reward_fn = make_text_reward(str(lm.reward), device)
     rows = load_jsonl(str(cfg.dataset), LM_DATA_KIND[agent_name])
+    _, tokenizer = load_lm(str(lm.model))
+    rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[LM_DATA_KIND[agent_name]] if f != "reward"])
     if lm.eval_prompts:
         eval_prompts = [line.strip() for line in Path(str(lm.eval_prompts)).read_text().splitlines() if line.strip()]
     else:
         # The dataset's own prompts (distinct, in file order, the last ones first), not a built-in task's.
         distinct = list(dict.fromkeys(r["prompt"] for r in reversed(rows)))
         eval_prompts = distinct[: int(lm.num_eval_prompts)]
-    _, tokenizer = load_lm(str(lm.model))
     probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
     # Rows longer than the context are truncated (TRL's max_length / max_prompt_length), with a warning.

@@ -168,6 +168,11 @@ def distinct_n(texts: Sequence[Sequence[int]], n: int) -> float:
 JSONL_FIELDS = {"rewarded": ("prompt", "response", "reward"), "pairs": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
 
 
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                                           for m in value)
+
+
 def load_jsonl(path, kind: str) -> list[dict]:
     """Read and validate a text dataset: `rewarded` rows {"prompt","response","reward"} (A-LoL),
     `pairs` rows {"prompt","chosen","rejected"} (DPO, reward models) or `prompts` rows {"prompt"}
@@ -195,6 +200,8 @@ def load_jsonl(path, kind: str) -> list[dict]:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: each line must be a JSON object with fields {list(JSONL_FIELDS[kind])}, got {type(row).__name__}")
+        if kind == "rewarded" and "response" not in row and "completion" in row:
+            row["response"] = row.pop("completion")  # TRL's prompt/completion naming
         missing = [k for k in JSONL_FIELDS[kind] if k not in row]
         if missing:
             raise DataError(f"{path}:{number}: missing field(s) {missing}; {kind} rows need {list(JSONL_FIELDS[kind])}")
@@ -202,8 +209,9 @@ def load_jsonl(path, kind: str) -> list[dict]:
             if key == "reward":
                 if not isinstance(row[key], (int, float)) or isinstance(row[key], bool) or not math.isfinite(row[key]):
                     raise DataError(f"{path}:{number}: reward must be a finite number, got {row[key]!r}")
-            elif not isinstance(row[key], str):
-                raise DataError(f"{path}:{number}: {key} must be a string, got {type(row[key]).__name__}")
+            elif not isinstance(row[key], str) and not _is_messages(row[key]):
+                raise DataError(f"{path}:{number}: {key} must be a string or a list of chat messages "
+                                f"[{{\"role\": ..., \"content\": ...}}], got {type(row[key]).__name__}")
         rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no rows")

@@ -325,3 +325,36 @@ def test_lora_dpo_reference_is_the_base_model(models, tmp_path):
         save_hf(policy, agent.tokenizer, tmp_path / "hf")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
         torch.testing.assert_close(merged(input_ids=ids).logits, policy(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# --- TRL's conversational format: message lists through the tokenizer's chat template -------------
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
+
+
+def test_chat_rows_render_with_the_template_and_train(models, tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from agents.lm_common import render_chat
+    from orl.cli import CONFIG_DIR, run_train
+
+    model, tokenizer = load_lm(models["llama"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    chat_dir = tmp_path / "chat-llama"
+    model.save_pretrained(chat_dir)
+    tokenizer.save_pretrained(chat_dir)
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    rendered = render_chat(rows, tokenizer, ["prompt", "chosen", "rejected"])
+    assert rendered[0]["prompt"] == "<s>user count: 3 4 assistant " and rendered[0]["chosen"] == "5 6 "
+    prompt_ids, _ = _tokenize(tokenizer, [r["prompt"] for r in rendered], [r["chosen"] for r in rendered])
+    assert all(ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id for ids in prompt_ids)
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = ["agent=dpo", f"dataset={path}", f"lm.model={chat_dir}", "lm.num_eval_prompts=3", "lm.max_new_tokens=3", "steps=2",
+                 "eval.every=2", "batch_size=2", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        summary = run_train(compose(config_name="train", overrides=overrides))
+    assert math.isfinite(summary["return_mean"])
