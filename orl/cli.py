@@ -188,17 +188,26 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     agent_name = agent_cfg.pop("name")
     if agent_name not in LM_DATA_KIND:
         raise ConfigError(f"agent {agent_name!r} does not train on text; use one of {sorted(LM_DATA_KIND)} with a .jsonl dataset")
-    if str(lm.model) == str(lm.embedded_model) and not Path(str(lm.model), "config.json").exists():
+    model_path = str(lm.model)
+    if cfg.get("init_from"):
+        # Offline then online for LMs: start from another LM run's trained policy (its run_dir/hf), e.g. DPO then
+        # RLOO; that policy is also the new reference the KL is measured against.
+        model_path = str(Path(str(cfg.init_from)) / "hf")
+        if not Path(model_path, "config.json").exists():
+            raise DataFileNotFound(f"init_from={cfg.init_from}: no Hugging Face model at {model_path}; give the run directory of an "
+                                   "orl-train LM run (dpo, alol, rloo), which writes run_dir/hf")
+        print(f"[orl] starting from the policy of {cfg.init_from}")
+    elif model_path == str(lm.embedded_model) and not Path(model_path, "config.json").exists():
         from envs.tiny_lm import build_tiny_lm
 
-        print(f"[orl] building the embedded tiny GPT-2 at {lm.model} (first run only)")
-        build_tiny_lm(str(lm.model))
-    agent_cfg["model_path"] = str(lm.model)
+        print(f"[orl] building the embedded tiny GPT-2 at {model_path} (first run only)")
+        build_tiny_lm(model_path)
+    agent_cfg["model_path"] = model_path
     # The reward for A-LoL's value targets and for evaluation: a built-in, a sequence-classification
     # model by path, or an orl reward_model run directory.
     reward_fn = make_text_reward(str(lm.reward), device)
     rows = load_jsonl(str(cfg.dataset), LM_DATA_KIND[agent_name])
-    _, tokenizer = load_lm(str(lm.model))
+    _, tokenizer = load_lm(model_path)
     rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[LM_DATA_KIND[agent_name]] if f != "reward"])
     if lm.eval_prompts:
         eval_prompts = [line.strip() for line in Path(str(lm.eval_prompts)).read_text().splitlines() if line.strip()]
@@ -242,7 +251,7 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     run_dir = resolve_run_dir(cfg, agent_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {lm.model}, device {device}) -> {run_dir}")
+    print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=evaluator)
     result = trainer.train(resume=bool(cfg.resume))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}

@@ -285,6 +285,33 @@ def test_rloo_through_orl_train_resumes_exactly(models, tmp_path):
     assert (tmp_path / "full" / "hf" / "config.json").exists()
 
 
+def test_dpo_then_rloo_through_init_from(models, tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from orl.checkpoint import load_checkpoint
+    from orl.cli import CONFIG_DIR, run_train
+
+    pairs, prompts = tmp_path / "pairs.jsonl", tmp_path / "prompts.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    common = ["lm.num_eval_prompts=3", "lm.max_new_tokens=3", "batch_size=2", "log.progress=false", "log.tensorboard=false", "device=cpu"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        run_train(compose(config_name="train", overrides=common + ["agent=dpo", f"dataset={pairs}", f"lm.model={models['gpt_neox']}",
+                                                               "agent.lr=1e-2", "steps=2", "eval.every=2", f"run_dir={tmp_path / 'dpo'}"]))
+        cfg = compose(config_name="train", overrides=common + ["agent=rloo", f"dataset={prompts}", f"init_from={tmp_path / 'dpo'}",
+                                                             "agent.max_new_tokens=3", "agent.samples_per_prompt=2", "agent.lr=0.0", "steps=1", "eval.every=0",
+                                                             f"run_dir={tmp_path / 'rloo'}"])
+        run_train(cfg)
+    dpo_policy = load_checkpoint(tmp_path / "dpo" / "checkpoint.pt")["agent"]["nets"]
+    rloo_start = load_checkpoint(tmp_path / "rloo" / "checkpoint.pt")["agent"]["nets"]
+    base, _ = load_lm(models["gpt_neox"])
+    assert any(not torch.equal(value, dpo_policy[f"policy.{name}"]) for name, value in base.state_dict().items())  # DPO moved it
+    for name, value in dpo_policy.items():
+        torch.testing.assert_close(rloo_start[name], value)  # RLOO starts from the DPO policy (lr 0: one step leaves it)
+
+
 def test_jsonl_errors_name_the_line(tmp_path):
     from orl.errors import DataError
     from orl.sequence import load_jsonl
