@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from orl.errors import DivergenceError
 
 
 def to_float(value: Any) -> float:
@@ -26,8 +30,11 @@ class Logger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [json.dumps(row) for row in _parse_rows(self.path) if row["step"] <= resume_step]
+            # Rewritten atomically: a crash here leaves the old file, never half of it.
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")
@@ -45,7 +52,7 @@ class Logger:
         row = {f"{prefix}{k}": to_float(v) for k, v in metrics.items() if not k.startswith("hist/")}
         for key, value in row.items():
             if not math.isfinite(value):
-                raise FloatingPointError(
+                raise DivergenceError(
                     f"{key} became {value} at step {step}; training diverged (try a lower learning rate, "
                     "reward scaling, or check the dataset for extreme values)"
                 )
@@ -66,6 +73,19 @@ class Logger:
             self.writer.close()
 
 
+def _parse_rows(path: Path) -> list[dict[str, float]]:
+    """Rows of a metrics.jsonl; a torn last line (power loss, full disk) is dropped with a warning."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise
+            warnings.warn(f"{path}: dropped a torn last line ({line[:60]!r}...)", stacklevel=3)
+    return rows
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return _parse_rows(Path(run_dir) / "metrics.jsonl")

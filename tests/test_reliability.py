@@ -119,3 +119,18 @@ def test_cli_user_errors_are_one_message_and_exit_2(tmp_path):
     reused = _cli(f"dataset={np_file}", f"run_dir={tmp_path / 'run'}", "device=cpu", "steps=5")
     assert reused.returncode == 2 and "already holds a run" in reused.stderr and "Traceback" not in reused.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "kept\n"
+
+
+def test_resume_drops_a_torn_metrics_line(tmp_path):
+    buffer, prepared = pendulum_buffer()
+    cfg = _offline_cfg(offline_steps=20, log_every=5)
+    Trainer(build("td3bc", prepared), tmp_path, cfg, buffer).train()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 25, "train/critic_lo')  # a write cut off by power loss
+    cfg.offline_steps = 30
+    with pytest.warns(UserWarning, match="torn last line"):
+        Trainer(build("td3bc", prepared), tmp_path, cfg, buffer).train(resume=True)
+    from orl.logger import read_metrics
+
+    steps = [r["step"] for r in read_metrics(tmp_path) if "train/critic_loss" in r]
+    assert steps == [5, 10, 15, 20, 25, 30]
