@@ -61,3 +61,25 @@ def test_dpo_loss_and_rewards_equal_trl(tmp_path, arch):
     assert metrics["reward_chosen"].item() == pytest.approx(trl_chosen, abs=1e-5)
     assert metrics["reward_rejected"].item() == pytest.approx(trl_rejected, abs=1e-5)
     assert not math.isclose(loss.item(), math.log(2), abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("margin, center", [(None, None), (0.5, None), (None, 0.01)])
+def test_bradley_terry_loss_equals_trl_reward_trainer(margin, center):
+    """orl's bt_loss against TRL's RewardTrainer.compute_loss (its own code path) on the same scores."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from agents.reward_model import bt_loss
+
+    chosen, rejected = torch.tensor([1.2, -0.3, 0.8, 2.0]), torch.tensor([0.1, 0.4, -1.0, 2.5])
+    scores = torch.cat([chosen, rejected])[:, None]
+    model = lambda **inputs: SimpleNamespace(logits=scores)  # noqa: E731  (a sequence classifier's (2B, 1) output)
+    trainer = SimpleNamespace(model=SimpleNamespace(training=False), args=SimpleNamespace(center_rewards_coefficient=center),
+                              accelerator=SimpleNamespace(gather_for_metrics=lambda x: x, gather=lambda x: x), _metrics={"eval": defaultdict(list)},
+                              _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(8, 3, dtype=torch.long), "attention_mask": torch.ones(8, 3, dtype=torch.long)}
+    if margin is not None:
+        inputs["margin"] = torch.full((4,), margin)
+    trl_loss = trl.RewardTrainer.compute_loss(trainer, model, inputs)
+    ours = bt_loss(chosen, rejected, margin or 0.0, center or 0.0)
+    assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-6)
