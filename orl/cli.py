@@ -97,7 +97,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     device = setup_torch(cfg.device, cfg.threads)
     seed_everything(int(cfg.seed))
-    if str(cfg.dataset).endswith(".jsonl"):
+    from orl.sequence import is_text_dataset
+
+    if is_text_dataset(str(cfg.dataset)):  # .jsonl or a Hugging Face datasets directory
         return run_train_lm(cfg, device)
     dataset = load_or_collect(cfg)
     if dataset.env_id is None:
@@ -181,7 +183,7 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     from envs.lm import VectorTokenEnv, context_length, evaluate_lm, load_lm
     from envs.text_rewards import make_text_reward
     from orl.evaluation import EvalResult
-    from orl.sequence import JSONL_FIELDS, load_jsonl
+    from orl.sequence import JSONL_FIELDS, load_text_rows
 
     lm = cfg.lm
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
@@ -206,7 +208,7 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     # The reward for A-LoL's value targets and for evaluation: a built-in, a sequence-classification
     # model by path, or an orl reward_model run directory.
     reward_fn = make_text_reward(str(lm.reward), device)
-    rows = load_jsonl(str(cfg.dataset), LM_DATA_KIND[agent_name])
+    rows = load_text_rows(str(cfg.dataset), LM_DATA_KIND[agent_name])
     _, tokenizer = load_lm(model_path)
     rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[LM_DATA_KIND[agent_name]] if f != "reward"])
     if lm.eval_prompts:

@@ -173,12 +173,62 @@ def _is_messages(value) -> bool:
                                            for m in value)
 
 
+def is_text_dataset(spec: str) -> bool:
+    """A `.jsonl` file or a directory written by Hugging Face `datasets` (`save_to_disk`)."""
+    from pathlib import Path
+
+    path = Path(str(spec)).expanduser()
+    return path.suffix == ".jsonl" or (path.is_dir() and any((path / name).exists() for name in ("dataset_dict.json", "state.json")))
+
+
+def load_text_rows(spec, kind: str) -> list[dict]:
+    """Validated rows of a text dataset from a `.jsonl` file or a `datasets.save_to_disk` directory
+    (its "train" split if it holds several)."""
+    from pathlib import Path
+
+    path = Path(str(spec)).expanduser()
+    if path.suffix == ".jsonl" or not path.is_dir():
+        return load_jsonl(path, kind)
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(f"{path} is a Hugging Face datasets directory; reading it needs `pip install datasets`") from exc
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"{path} holds splits {list(loaded)} but no 'train' split")
+        loaded = loaded["train"]
+    rows = [_validated_row(dict(row), kind, f"{path}[{index}]") for index, row in enumerate(loaded)]
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    return rows
+
+
+def _validated_row(row, kind: str, where: str) -> dict:
+    import math
+
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: each row must be a JSON object with fields {list(JSONL_FIELDS[kind])}, got {type(row).__name__}")
+    if kind == "rewarded" and "response" not in row and "completion" in row:
+        row["response"] = row.pop("completion")  # TRL's prompt/completion naming
+    missing = [k for k in JSONL_FIELDS[kind] if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}; {kind} rows need {list(JSONL_FIELDS[kind])}")
+    for key in JSONL_FIELDS[kind]:
+        if key == "reward":
+            if not isinstance(row[key], (int, float)) or isinstance(row[key], bool) or not math.isfinite(row[key]):
+                raise DataError(f"{where}: reward must be a finite number, got {row[key]!r}")
+        elif not isinstance(row[key], str) and not _is_messages(row[key]):
+            raise DataError(f"{where}: {key} must be a string or a list of chat messages "
+                            f"[{{\"role\": ..., \"content\": ...}}], got {type(row[key]).__name__}")
+    return row
+
+
 def load_jsonl(path, kind: str) -> list[dict]:
     """Read and validate a text dataset: `rewarded` rows {"prompt","response","reward"} (A-LoL),
     `pairs` rows {"prompt","chosen","rejected"} (DPO, reward models) or `prompts` rows {"prompt"}
     (online RL). Every malformed line is reported with its file and line number."""
     import json
-    import math
     from pathlib import Path
 
     if kind not in JSONL_FIELDS:
@@ -200,19 +250,7 @@ def load_jsonl(path, kind: str) -> list[dict]:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: each line must be a JSON object with fields {list(JSONL_FIELDS[kind])}, got {type(row).__name__}")
-        if kind == "rewarded" and "response" not in row and "completion" in row:
-            row["response"] = row.pop("completion")  # TRL's prompt/completion naming
-        missing = [k for k in JSONL_FIELDS[kind] if k not in row]
-        if missing:
-            raise DataError(f"{path}:{number}: missing field(s) {missing}; {kind} rows need {list(JSONL_FIELDS[kind])}")
-        for key in JSONL_FIELDS[kind]:
-            if key == "reward":
-                if not isinstance(row[key], (int, float)) or isinstance(row[key], bool) or not math.isfinite(row[key]):
-                    raise DataError(f"{path}:{number}: reward must be a finite number, got {row[key]!r}")
-            elif not isinstance(row[key], str) and not _is_messages(row[key]):
-                raise DataError(f"{path}:{number}: {key} must be a string or a list of chat messages "
-                                f"[{{\"role\": ..., \"content\": ...}}], got {type(row[key]).__name__}")
-        rows.append(row)
+        rows.append(_validated_row(row, kind, f"{path}:{number}"))
     if not rows:
         raise DataError(f"{path} holds no rows")
     return rows

@@ -385,3 +385,16 @@ def test_chat_rows_render_with_the_template_and_train(models, tmp_path):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         summary = run_train(compose(config_name="train", overrides=overrides))
     assert math.isfinite(summary["return_mean"])
+
+
+def test_hugging_face_datasets_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from orl.errors import DataError
+    from orl.sequence import is_text_dataset, load_text_rows
+
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "prefs"))
+    assert is_text_dataset(str(tmp_path / "prefs")) and load_text_rows(tmp_path / "prefs", "pairs") == rows
+    datasets.Dataset.from_list([{"prompt": "a", "chosen": 3, "rejected": "b"}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"bad\[0\]: chosen must be a string"):
+        load_text_rows(tmp_path / "bad", "pairs")
