@@ -41,6 +41,10 @@ class ALoLConfig:
     lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
     lora_alpha: float = 16.0
     lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
+    grad_accum_steps: int = 1  # the batch is processed in this many micro-batches (same gradient, less memory)
+    lr_warmup_steps: int = 0  # linear warmup of the learning rate
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over lr_decay_steps)
+    lr_decay_steps: int = 0
     variant: str = "alol"
     clip_eps: float = 0.9
     kl_beta: float = 0.0
@@ -90,7 +94,7 @@ class ALoL(LMAgent):
 
         hidden = output_width(self.nets["policy"])
         self.nets["value"] = ValueHead(hidden, cfg.value_heads, cfg.value_dropout, cfg.max_value).to(self.device)
-        self.optimizers["policy"] = torch.optim.AdamW(self.nets["policy"].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.make_policy_optimizer(self.nets["policy"].parameters(), cfg.lr, cfg.weight_decay)
         self.advantages: torch.Tensor | None = None
 
     # --- value head ------------------------------------------------------------------------------
@@ -179,12 +183,7 @@ class ALoL(LMAgent):
 
     def update(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
         self.step += 1
-        loss, metrics = self.losses(batch)
-        self.optimizers["policy"].zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.nets["policy"].parameters(), self.cfg.grad_clip)
-        self.optimizers["policy"].step()
-        return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
+        return self.optimize(batch, self.losses)
 
     def extra_state(self) -> dict:
         return {"advantages": None if self.advantages is None else self.advantages.cpu()}

@@ -26,6 +26,10 @@ class DPOConfig:
     lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
     lora_alpha: float = 16.0
     lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
+    grad_accum_steps: int = 1  # the batch is processed in this many micro-batches (same gradient, less memory)
+    lr_warmup_steps: int = 0  # linear warmup of the learning rate
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over lr_decay_steps)
+    lr_decay_steps: int = 0
     beta: float = 0.1
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -46,7 +50,7 @@ class DPO(LMAgent):
 
     def __init__(self, obs_space, action_space, cfg: DPOConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device, with_reference=not cfg.reference_free)
-        self.optimizers["policy"] = torch.optim.AdamW(self.nets["policy"].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.make_policy_optimizer(self.nets["policy"].parameters(), cfg.lr, cfg.weight_decay)
         self.ref_chosen: torch.Tensor | None = None
         self.ref_rejected: torch.Tensor | None = None
 
@@ -80,12 +84,7 @@ class DPO(LMAgent):
 
     def update(self, batch: PairBatch) -> dict[str, torch.Tensor]:
         self.step += 1
-        loss, metrics = self.losses(batch)
-        self.optimizers["policy"].zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.nets["policy"].parameters(), self.cfg.grad_clip)
-        self.optimizers["policy"].step()
-        return {"loss": loss.detach(), **metrics}
+        return self.optimize(batch, self.losses)
 
     def extra_state(self) -> dict:
         return {"ref_chosen": self.ref_chosen, "ref_rejected": self.ref_rejected}

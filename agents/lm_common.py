@@ -3,6 +3,8 @@ its frozen reference, and acting in the token-level env. Not an agent itself (re
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import warnings
 from typing import Any, Sequence
 
@@ -31,6 +33,50 @@ class LMAgent(Agent):
             self.nets["reference"] = AdapterDisabled(policy) if lora_r > 0 else copy.deepcopy(policy).eval().requires_grad_(False)
         # R(prompt, response) for agents that generate while training (RLOO); set by whoever runs them.
         self.reward_fn = None
+
+    def make_policy_optimizer(self, params, lr: float, weight_decay: float = 0.0) -> None:
+        """AdamW on `params` plus the LR schedule of the config: linear warmup over `lr_warmup_steps`,
+        then constant, linear or cosine decay to 0 over `lr_decay_steps` (TRL's `lr_scheduler_type`)."""
+        cfg = self.cfg
+        self.optimizers["policy"] = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        warmup, decay, kind = int(cfg.lr_warmup_steps), int(cfg.lr_decay_steps), cfg.lr_schedule
+        if kind not in ("constant", "linear", "cosine"):
+            from orl.errors import ConfigError
+
+            raise ConfigError(f"lr_schedule must be constant, linear or cosine, got {kind!r}")
+        if warmup == 0 and kind == "constant":
+            return
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if kind == "constant" or decay <= 0:
+                return 1.0
+            progress = min((step - warmup) / max(decay - warmup, 1), 1.0)
+            return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        self.schedulers["policy"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["policy"], factor)
+
+    def optimize(self, batch, losses) -> dict[str, torch.Tensor]:
+        """One optimizer step on `batch`, processed in `grad_accum_steps` equal micro-batches whose
+        gradients add up to the full batch's (memory for one micro-batch at a time), then gradient
+        clipping and the LR schedule. `losses(micro_batch)` returns (mean loss, metrics)."""
+        parts = max(int(getattr(self.cfg, "grad_accum_steps", 1)), 1)
+        optimizer = self.optimizers["policy"]
+        optimizer.zero_grad(set_to_none=True)
+        total, sums = 0.0, {}
+        for micro in split_batch(batch, parts):
+            loss, metrics = losses(micro)
+            (loss / parts).backward()
+            total = total + loss.detach() / parts
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value.detach() / parts
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        optimizer.step()
+        if "policy" in self.schedulers:
+            self.schedulers["policy"].step()
+        return {"loss": total, "grad_norm": grad_norm, "lr": torch.tensor(optimizer.param_groups[0]["lr"]), **sums}
 
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
         raise TypeError("LM agents act on token observations; call act(obs_dict)")
@@ -67,6 +113,27 @@ class LMAgent(Agent):
         if "reference" in self.nets:
             nets.update({f"reference.{k}": v for k, v in self.nets["reference"].state_dict().items()})
         super().load_state_dict({**state, "nets": nets}, strict=strict, load_optimizers=load_optimizers)
+
+
+def split_batch(batch, parts: int) -> list:
+    """`parts` consecutive equal micro-batches of a SequenceBatch, PairBatch or PromptBatch."""
+    if parts <= 1:
+        return [batch]
+    size = len(batch)
+    if size % parts:
+        from orl.errors import ConfigError
+
+        raise ConfigError(f"batch_size={size} is not divisible by grad_accum_steps={parts}")
+    step = size // parts
+
+    def cut(value, start):
+        if isinstance(value, torch.Tensor) or isinstance(value, list):
+            return value[start : start + step]
+        if dataclasses.is_dataclass(value):
+            return type(value)(**{f.name: cut(getattr(value, f.name), start) for f in dataclasses.fields(value)})
+        return value
+
+    return [cut(batch, start) for start in range(0, size, step)]
 
 
 def add_lora(model, r: int, alpha: float, target_modules: Sequence[str] | str | None):

@@ -28,6 +28,10 @@ class RewardModelConfig:
     lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
     lora_alpha: float = 16.0
     lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
+    grad_accum_steps: int = 1  # the batch is processed in this many micro-batches (same gradient, less memory)
+    lr_warmup_steps: int = 0  # linear warmup of the learning rate
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over lr_decay_steps)
+    lr_decay_steps: int = 0
     lr: float = 1e-4
     weight_decay: float = 0.0
     margin: float = 0.0
@@ -51,23 +55,21 @@ class RewardModel(LMAgent):
         from envs.lm import output_width
 
         self.nets["head"] = nn.Linear(output_width(self.nets["policy"]), 1).to(self.device)
-        self.optimizers["model"] = torch.optim.AdamW(list(self.nets["policy"].parameters()) + list(self.nets["head"].parameters()),
-                                                     lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.make_policy_optimizer(list(self.nets["policy"].parameters()) + list(self.nets["head"].parameters()), cfg.lr, cfg.weight_decay)
 
     def score(self, batch: SequenceBatch) -> torch.Tensor:
         out = self.nets["policy"](input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   position_ids=position_ids(batch.attention_mask), output_hidden_states=True)
         return self.nets["head"](out.hidden_states[-1][:, -1]).squeeze(-1)
 
-    def update(self, batch: PairBatch) -> dict[str, torch.Tensor]:
-        self.step += 1
+    def losses(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = self.score(batch.chosen), self.score(batch.rejected)
         loss = bt_loss(chosen, rejected, self.cfg.margin, self.cfg.center_coef)
-        self.optimizers["model"].zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.nets.parameters(), self.cfg.grad_clip)
-        self.optimizers["model"].step()
-        return {"loss": loss.detach(), "accuracy": (chosen > rejected).float().mean().detach(), "margin": (chosen - rejected).mean().detach()}
+        return loss, {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean()}
+
+    def update(self, batch: PairBatch) -> dict[str, torch.Tensor]:
+        self.step += 1
+        return self.optimize(batch, self.losses)
 
     @torch.no_grad()
     def __call__(self, prompt: str, response: str) -> float:

@@ -25,6 +25,10 @@ class RLOOConfig:
     lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
     lora_alpha: float = 16.0
     lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
+    grad_accum_steps: int = 1  # the batch is processed in this many micro-batches (same gradient, less memory)
+    lr_warmup_steps: int = 0  # linear warmup of the learning rate
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over lr_decay_steps)
+    lr_decay_steps: int = 0
     samples_per_prompt: int = 4
     baseline: str = "rloo"  # rloo | greedy
     kl_beta: float = 0.05
@@ -32,6 +36,8 @@ class RLOOConfig:
     grad_clip: float = 1.0
     max_new_tokens: int = 24
     temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
     seed: int = 0  # the sampler's seed (orl-train passes the run's seed)
 
 
@@ -45,7 +51,7 @@ class RLOO(LMAgent):
         if cfg.baseline == "rloo" and cfg.samples_per_prompt < 2:
             raise ValueError("the leave-one-out baseline needs samples_per_prompt >= 2")
         super().__init__(obs_space, action_space, cfg, device)
-        self.optimizers["policy"] = torch.optim.AdamW(self.nets["policy"].parameters(), lr=cfg.lr)
+        self.make_policy_optimizer(self.nets["policy"].parameters(), cfg.lr)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def _generate(self, prompts: Sequence[str], reward_fn, greedy: bool, kl: bool):
@@ -56,7 +62,7 @@ class RLOO(LMAgent):
                              eos_ids=eos_token_ids(self.tokenizer, policy))
         if kl and self.cfg.kl_beta > 0:
             env = KLPenalty(env, self.nets["reference"], self.cfg.kl_beta, self.cfg.temperature)
-        out = rollout(KVCachePolicy(self.nets["policy"]), env, greedy, self.cfg.temperature, self.generator)
+        out = rollout(KVCachePolicy(self.nets["policy"]), env, greedy, self.cfg.temperature, self.generator, self.cfg.top_k, self.cfg.top_p)
         self._last_kl = torch.as_tensor(out["kl"], dtype=torch.float32)
         return (env.prompt_ids, out["sampled_ids"]), torch.as_tensor(out["rewards"], dtype=torch.float32)
 
@@ -82,6 +88,8 @@ class RLOO(LMAgent):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.nets["policy"].parameters(), self.cfg.grad_clip)
         self.optimizers["policy"].step()
+        if "policy" in self.schedulers:
+            self.schedulers["policy"].step()
         self.step += 1
         kl = self._last_kl
         return {"loss": float(loss.detach()), "return_mean": float(returns.mean()), "advantage_std": float(advantages.std()),

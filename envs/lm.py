@@ -294,8 +294,26 @@ class ReencodePolicy:
         return out.logits[:, -1].float()
 
 
-def rollout(policy, env: "VectorTokenEnv | KLPenalty", greedy: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None) -> dict[str, Any]:
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k, then nucleus (top-p) filtering as in `generate`: excluded tokens get -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def rollout(policy, env: "VectorTokenEnv | KLPenalty", greedy: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None,
+            top_k: int = 0, top_p: float = 1.0) -> dict[str, Any]:
     """Run every row of `env` to the end with `policy`; returns responses, rewards and per-step records.
+
+    Sampling divides the logits by `temperature`, then keeps the `top_k` tokens and the nucleus of
+    mass `top_p` (0 / 1.0: off); the log-probabilities passed to a KLPenalty are under that
+    distribution.
 
     `env` may be wrapped in KLPenalty: each step then passes the sampled actions' log-probabilities
     (under the distribution they were drawn from) to it, so `rewards` are KL-shaped returns.
@@ -311,7 +329,7 @@ def rollout(policy, env: "VectorTokenEnv | KLPenalty", greedy: bool = True, temp
         if greedy:
             actions = logits.argmax(-1)
         else:
-            logits = logits / temperature
+            logits = filter_logits(logits / temperature, top_k, top_p)
             probs = torch.softmax(logits, -1).cpu()
             actions = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
         step_log_probs = torch.log_softmax(logits, -1).gather(-1, actions[:, None]).squeeze(-1).cpu()

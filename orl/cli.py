@@ -18,7 +18,7 @@ from orl.agent import make_agent
 from orl.buffer import TransitionBuffer
 from orl.checkpoint import load_checkpoint, seed_everything
 from orl.data import DataConfig, DatasetError, RewardTransform, check_env_compatible, make_dataset, prepare, reward_transform
-from orl.errors import CheckpointError, ConfigError, DataFileNotFound, OrlError, RunDirError
+from orl.errors import CheckpointError, ConfigError, DataError, DataFileNotFound, OrlError, RunDirError
 from orl.trainer import OFFLINE_CHECKPOINT, Trainer, TrainerConfig
 
 
@@ -225,6 +225,21 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     default_prompt = max_length - int(lm.max_new_tokens) if max_length and max_length > int(lm.max_new_tokens) else None
     limits = dict(max_length=max_length, max_prompt_length=int(lm.max_prompt_length) if lm.get("max_prompt_length") else default_prompt)
     agent.reward_fn = reward_fn  # agents that generate while training (RLOO) score with it
+    # Generation needs prompt + max_new_tokens within the context: evaluation prompts that do not fit are skipped.
+    context = context_length(agent.nets["policy"], tokenizer)
+    if context:
+        from envs.lm import encode_prompt
+
+        fitting = [p for p in eval_prompts if len(encode_prompt(tokenizer, p)) + int(lm.max_new_tokens) <= context]
+        if not fitting:
+            raise DataError(f"no evaluation prompt fits the model's context ({context} tokens) with lm.max_new_tokens={lm.max_new_tokens}; "
+                            "give shorter prompts with lm.eval_prompts=<file> or lower lm.max_new_tokens")
+        if len(fitting) < len(eval_prompts):
+            import warnings
+
+            warnings.warn(f"skipped {len(eval_prompts) - len(fitting)} of {len(eval_prompts)} evaluation prompts longer than "
+                          f"{context} - {lm.max_new_tokens} tokens", stacklevel=2)
+        eval_prompts = fitting
     if LM_DATA_KIND[agent_name] == "prompts":
         from orl.sequence import PromptBuffer
 

@@ -144,6 +144,9 @@ class PromptBatch:
     prompts: list[str]
     index: torch.Tensor
 
+    def __len__(self) -> int:
+        return len(self.prompts)
+
 
 class PromptBuffer:
     """Prompts for online generation (RLOO through the Trainer): a batch is a random draw of prompts."""

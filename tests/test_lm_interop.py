@@ -398,3 +398,44 @@ def test_hugging_face_datasets_directory(tmp_path):
     datasets.Dataset.from_list([{"prompt": "a", "chosen": 3, "rejected": "b"}]).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match=r"bad\[0\]: chosen must be a string"):
         load_text_rows(tmp_path / "bad", "pairs")
+
+
+# --- training knobs: gradient accumulation, LR warmup and schedule, top-p / top-k sampling ---------
+def test_gradient_accumulation_equals_the_full_batch(models):
+    pairs_rows = (PROMPTS * 2, CHOSEN * 2, REJECTED * 2)
+    results = []
+    for parts in (1, 3):
+        torch.manual_seed(0)
+        agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": models["gpt_neox"], "grad_accum_steps": parts, "lr": 1e-3})
+        pairs = pair_buffer(agent.tokenizer, *pairs_rows, device="cpu")
+        agent.prepare(pairs)
+        with torch.no_grad():  # move off log 2 so the gradient is not symmetric
+            next(agent.nets["policy"].parameters()).add_(0.1)
+        metrics = agent.update(pairs.sample(6, torch.Generator().manual_seed(1)))
+        results.append((metrics["loss"], [p.detach().clone() for p in agent.nets["policy"].parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_warmup_then_cosine(models):
+    agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": models["gpt2"], "lr": 1e-3, "lr_warmup_steps": 2, "lr_schedule": "cosine",
+                                                  "lr_decay_steps": 6})
+    optimizer, schedule = agent.optimizers["policy"], agent.schedulers["policy"]
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(8):
+        optimizer.step()
+        schedule.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[:3] == pytest.approx([5e-4, 1e-3, 1e-3])  # warmup 1/2, 2/2, then the cosine starts at its peak
+    assert rates[4] == pytest.approx(5e-4) and rates[6:] == pytest.approx([0.0, 0.0, 0.0], abs=1e-12)
+
+
+def test_top_k_and_top_p_filtering():
+    from envs.lm import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.7
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits)).all()
