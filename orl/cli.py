@@ -74,6 +74,13 @@ def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
             suffix += 1
 
 
+def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
+    """config.yaml of the run, written atomically once training starts (a failed resume keeps the old one)."""
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
 def trainer_config(cfg: DictConfig, offline_steps: int) -> TrainerConfig:
     return TrainerConfig(
         offline_steps=offline_steps,
@@ -145,11 +152,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     buffer = TransitionBuffer.from_dataset(prepared.dataset, device, returns_to_go)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ref = (dataset.ref_min_score, dataset.ref_max_score) if dataset.ref_min_score is not None and dataset.ref_max_score is not None else None
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(dataset)} transitions, env {env_id}, device {device}, {cfg.precision}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, offline_steps), buffer, lambda: make_env(env_id), ref,
                       reward_transform=prepared.reward_transform)
+    trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
     if initial_state is not None and not resuming:
         try:
             agent.load_state_dict(initial_state["agent"])  # networks, targets, temperature, optimizer moments, step
@@ -267,9 +274,9 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
 
     run_dir = resolve_run_dir(cfg, agent_name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=evaluator)
+    trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
     result = trainer.train(resume=bool(cfg.resume))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if agent_name != "reward_model":

@@ -105,6 +105,9 @@ class Trainer:
         # Called as fn(trainer, result) after every evaluation (the collection pipeline saves
         # behaviour-policy snapshots this way).
         self.eval_callbacks: list[Callable[["Trainer", EvalResult], None]] = []
+        # Called as fn(trainer) once training is about to start (after a successful resume): the CLI
+        # writes the run's config.yaml there, so a resume that fails leaves the old one.
+        self.start_callbacks: list[Callable[["Trainer"], None]] = []
 
     @property
     def total_steps(self) -> int:
@@ -118,6 +121,8 @@ class Trainer:
         if resume_step is not None and resume_step >= self.total_steps:
             print(f"[orl] {self.run_dir} already finished at step {resume_step}; nothing to resume")
             return None
+        for callback in self.start_callbacks:
+            callback(self)
         self.logger = Logger(self.run_dir, self.cfg.tensorboard, resume_step)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True, unit="step")
         self._bar = bar

@@ -134,3 +134,27 @@ def test_resume_drops_a_torn_metrics_line(tmp_path):
 
     steps = [r["step"] for r in read_metrics(tmp_path) if "train/critic_loss" in r]
     assert steps == [5, 10, 15, 20, 25, 30]
+
+
+def test_failed_resume_keeps_the_old_config(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from orl.cli import CONFIG_DIR, run_train
+    from orl.data import OfflineDataset
+    from tests.conftest import random_pendulum_arrays
+
+    a = random_pendulum_arrays(400)
+    data = tmp_path / "data.npz"
+    OfflineDataset(a["observations"], a["actions"], a["rewards"], a["next_observations"], a["terminals"], a["timeouts"],
+                   env_id="Pendulum-v1").save(data)
+    common = ["agent=td3bc", f"dataset={data}", "device=cpu", "eval.every=0", "log.progress=false", "log.tensorboard=false",
+              f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        run_train(compose(config_name="train", overrides=common + ["steps=5"]))
+        before = (tmp_path / "run" / "config.yaml").read_text()
+        state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+        next(iter(state["agent"]["nets"].values())).fill_(float("nan"))
+        save_checkpoint(state, tmp_path / "run" / "checkpoint.pt")
+        with pytest.raises(DivergenceError):
+            run_train(compose(config_name="train", overrides=common + ["steps=10", "resume=true"]))
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
