@@ -321,17 +321,28 @@ def user_errors(app: str) -> Iterator[None]:
 
 def check_top_level_keys(app: str, config_names: Sequence[str], argv: Sequence[str]) -> None:
     """Reject a mistyped top-level key (agnet=iql) with a did-you-mean before hydra turns it into '+agnet'."""
-    known = set(CONFIG_GROUPS)
+    tree: dict[str, Any] = {}
     for name in config_names:
-        known |= set(OmegaConf.load(Path(CONFIG_DIR) / f"{name}.yaml").keys()) - {"defaults"}
+        tree.update(OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / f"{name}.yaml")))
+    tree.pop("defaults", None)
+    known = set(CONFIG_GROUPS) | set(tree)
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
-        top = arg.split("=", 1)[0].split(".", 1)[0].split("@", 1)[0]
-        if top not in known:
-            close = difflib.get_close_matches(top, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            print(f"{app}: error: unknown option '{top}' (in {arg!r}){hint} `{app} --help` lists every option; "
+        parts = arg.split("=", 1)[0].split("@", 1)[0].split(".")
+        node, options, bad = tree, known, None
+        for depth, part in enumerate(parts):
+            if part not in options:
+                bad = ".".join(parts[: depth + 1])
+                break
+            node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or parts[0] in CONFIG_GROUPS:
+                break  # a leaf, or a config group (agent.*) whose keys the agent's own config checks
+            options = set(node)
+        if bad is not None:
+            close = difflib.get_close_matches(parts[len(bad.split(".")) - 1], sorted(options), n=1)
+            hint = f"; did you mean '{'.'.join(bad.split('.')[:-1] + [close[0]])}'?" if close else ""
+            print(f"{app}: error: unknown option '{bad}' (in {arg!r}){hint} `{app} --help` lists every option; "
                   f"a new key needs a leading '+'", file=sys.stderr)
             sys.exit(2)
 

@@ -105,6 +105,8 @@ def _cli(*args, cwd=None):
 def test_cli_user_errors_are_one_message_and_exit_2(tmp_path):
     typo = _cli("agnet=iql")
     assert typo.returncode == 2 and "did you mean 'agent'" in typo.stderr and "Traceback" not in typo.stderr
+    nested = _cli("online.stepz=3")
+    assert nested.returncode == 2 and "did you mean 'online.steps'" in nested.stderr
     missing = _cli(f"dataset={tmp_path / 'missing.npz'}", "device=cpu")
     assert missing.returncode == 2 and "missing.npz does not exist" in missing.stderr and "Traceback" not in missing.stderr
     (tmp_path / "run").mkdir()
