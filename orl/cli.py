@@ -109,6 +109,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     if is_text_dataset(str(cfg.dataset)):  # .jsonl or a Hugging Face datasets directory
         return run_train_lm(cfg, device)
     dataset = load_or_collect(cfg)
+    seed_everything(int(cfg.seed))  # collecting the embedded dataset on first use consumed RNG: later runs must match
     if dataset.env_id is None:
         raise DatasetError(f"dataset {cfg.dataset} does not say which environment it comes from; pass env=<gymnasium id>")
     env_id = dataset.env_id

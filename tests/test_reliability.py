@@ -160,3 +160,35 @@ def test_failed_resume_keeps_the_old_config(tmp_path):
         with pytest.raises(DivergenceError):
             run_train(compose(config_name="train", overrides=common + ["steps=10", "resume=true"]))
     assert (tmp_path / "run" / "config.yaml").read_text() == before
+
+
+def test_first_run_that_collects_logs_what_later_runs_log(tmp_path, monkeypatch):
+    """Collecting the embedded dataset draws random numbers; the run must re-seed after it."""
+    import orl.cli
+    from hydra import compose, initialize_config_dir
+
+    from orl.data import OfflineDataset, make_dataset
+    from orl.logger import read_metrics
+    from tests.conftest import random_pendulum_arrays
+
+    a = random_pendulum_arrays(400)
+    data = tmp_path / "data.npz"
+    OfflineDataset(a["observations"], a["actions"], a["rewards"], a["next_observations"], a["terminals"], a["timeouts"],
+                   env_id="Pendulum-v1").save(data)
+
+    def collecting(cfg):  # what a first run does: collect (random draws), then load
+        torch.rand(1000)
+        import numpy as np
+
+        np.random.rand(1000)
+        return make_dataset(str(data))
+
+    rows = {}
+    for name, loader in (("first", collecting), ("later", lambda cfg: make_dataset(str(data)))):
+        monkeypatch.setattr(orl.cli, "load_or_collect", loader)
+        with initialize_config_dir(config_dir=orl.cli.CONFIG_DIR, version_base="1.3"):
+            orl.cli.run_train(compose(config_name="train", overrides=["agent=td3bc", f"dataset={data}", "device=cpu", "steps=20", "log.every=10",
+                                                                      "eval.every=0", "log.progress=false", "log.tensorboard=false",
+                                                                      f"run_dir={tmp_path / name}"]))
+        rows[name] = read_metrics(tmp_path / name)
+    assert rows["first"] == rows["later"]
