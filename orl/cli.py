@@ -26,6 +26,31 @@ from orl.trainer import OFFLINE_CHECKPOINT, Trainer, TrainerConfig
 OmegaConf.register_new_resolver("offline_only", lambda online_steps: int(online_steps) == 0, replace=True)
 
 
+# Numeric options checked before any data loads: key -> (smallest allowed value, what it means).
+NUMERIC_OPTIONS = {
+    "steps": (0, "offline gradient steps"), "batch_size": (1, "transitions per batch"), "seed": (0, "random seed"),
+    "eval.every": (0, "steps between evaluations (0: none)"), "eval.episodes": (0, "episodes per evaluation"),
+    "log.every": (1, "steps between log rows"), "checkpoint.every": (1, "steps between checkpoints"),
+    "online.steps": (0, "environment steps online"), "online.utd": (1, "updates per environment step"),
+    "online.warmup_steps": (0, "online steps without updates"), "online.online_capacity": (1, "replay capacity"),
+}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject impossible values up front, naming the key and its allowed range (ConfigError)."""
+    for key, (low, meaning) in NUMERIC_OPTIONS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{key}={value!r} is not valid: it is the number of {meaning} and must be an integer >= {low}")
+    device = str(cfg.get("device", "auto"))
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise ConfigError(f"device={device!r} is not valid: use auto, cpu, cuda, cuda:<index> or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but this machine has no CUDA device torch can use; use device=cpu (or auto)")
+
+
 def setup_torch(device: str, threads: int | None) -> torch.device:
     """Resolve `auto` to CUDA when present; on CPU default to one thread.
 
@@ -102,6 +127,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train one agent on one dataset as `cfg` describes; returns the final evaluation summary."""
     from envs import make_env
 
+    validate_config(cfg)
     device = setup_torch(cfg.device, cfg.threads)
     seed_everything(int(cfg.seed))
     from orl.sequence import is_text_dataset

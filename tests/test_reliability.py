@@ -192,3 +192,18 @@ def test_first_run_that_collects_logs_what_later_runs_log(tmp_path, monkeypatch)
                                                                       f"run_dir={tmp_path / name}"]))
         rows[name] = read_metrics(tmp_path / name)
     assert rows["first"] == rows["later"]
+
+
+@pytest.mark.parametrize("override, message", [("steps=-1", "steps=-1 is not valid"), ("batch_size=0", "batch_size=0 is not valid"),
+                                               ("eval.every=2.5", "eval.every=2.5 is not valid"), ("log.every=0", "log.every=0"),
+                                               ("checkpoint.every=abc", "checkpoint.every='abc'"), ("device=gpu", "device='gpu' is not valid")])
+def test_config_values_are_validated_before_any_data_loads(override, message):
+    from hydra import compose, initialize_config_dir
+
+    from orl.cli import CONFIG_DIR, run_train
+    from orl.errors import ConfigError
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["dataset=/does/not/exist.npz", override])
+    with pytest.raises(ConfigError, match=message):  # not the missing dataset: validation comes first
+        run_train(cfg)
