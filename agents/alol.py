@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from agents.lm_common import LMAgent
+from agents.lm_common import LMAgent, LMConfig
 from orl.agent import register
 from orl.sequence import SequenceBatch, SequenceBuffer, position_ids, token_log_probs
 
@@ -34,17 +34,7 @@ VARIANTS = ("nll", "wbc", "rlol", "alol", "alol_seq", "alol_ref_free", "alol_kl"
 
 
 @dataclass
-class ALoLConfig:
-    model_path: str = "data/tiny-lm"
-    dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
-    disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
-    lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
-    lora_alpha: float = 16.0
-    lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
-    grad_accum_steps: int = 1  # the batch is processed in this many micro-batches (same gradient, less memory)
-    lr_warmup_steps: int = 0  # linear warmup of the learning rate
-    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over lr_decay_steps)
-    lr_decay_steps: int = 0
+class ALoLConfig(LMConfig):
     variant: str = "alol"
     clip_eps: float = 0.9
     kl_beta: float = 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import dataclass
 import math
 import warnings
 from typing import Any, Sequence
@@ -13,6 +14,22 @@ import torch
 
 from orl.agent import Agent
 from orl.sequence import PairBuffer, SequenceBuffer, build_sequences, position_ids
+
+
+@dataclass
+class LMConfig:
+    """What every LM agent's config has: the model, its precision, LoRA and the optimization schedule."""
+
+    model_path: str = "data/tiny-lm"
+    dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
+    disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
+    lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
+    lora_alpha: float = 16.0
+    lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
+    grad_accum_steps: int = 1  # the batch is processed in this many micro-batches (same gradient, less memory)
+    lr_warmup_steps: int = 0  # linear warmup of the learning rate
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over lr_decay_steps)
+    lr_decay_steps: int = 0
 
 
 class LMAgent(Agent):

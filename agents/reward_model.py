@@ -15,23 +15,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from agents.lm_common import LMAgent, _tokenize
+from agents.lm_common import LMAgent, LMConfig, _tokenize
 from orl.agent import register
 from orl.sequence import PairBatch, SequenceBatch, build_sequences, position_ids
 
 
 @dataclass
-class RewardModelConfig:
-    model_path: str = "data/tiny-lm"
-    dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
-    disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
-    lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
-    lora_alpha: float = 16.0
-    lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
-    grad_accum_steps: int = 1  # the batch is processed in this many micro-batches (same gradient, less memory)
-    lr_warmup_steps: int = 0  # linear warmup of the learning rate
-    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over lr_decay_steps)
-    lr_decay_steps: int = 0
+class RewardModelConfig(LMConfig):
     lr: float = 1e-4
     weight_decay: float = 0.0
     margin: float = 0.0

@@ -12,23 +12,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from agents.lm_common import LMAgent
+from agents.lm_common import LMAgent, LMConfig
 from orl.agent import register
 from orl.sequence import PromptBatch, SequenceBatch, build_sequences, response_log_prob
 
 
 @dataclass
-class RLOOConfig:
-    model_path: str = "data/tiny-lm"
-    dtype: str = "float32"  # weights and optimizer state; "auto" keeps the checkpoint's dtype
-    disable_dropout: bool = True  # TRL's default: dropout off in policy and reference
-    lora_r: int = 0  # > 0: train a PEFT LoRA adapter of this rank; the reference is the base model (adapter off)
-    lora_alpha: float = 16.0
-    lora_target_modules: tuple[str, ...] | None = None  # default: every linear layer ("all-linear")
-    grad_accum_steps: int = 1  # the batch is processed in this many micro-batches (same gradient, less memory)
-    lr_warmup_steps: int = 0  # linear warmup of the learning rate
-    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over lr_decay_steps)
-    lr_decay_steps: int = 0
+class RLOOConfig(LMConfig):
     samples_per_prompt: int = 4
     baseline: str = "rloo"  # rloo | greedy
     kl_beta: float = 0.05
