@@ -34,15 +34,9 @@ def load_lm(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | 
     keeps the saved dtype. Dropout is switched off (TRL's `disable_dropout`) so pi_theta == pi_ref
     holds exactly at the start; a tokenizer without a pad token pads with EOS (or UNK).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-        if fallback is None:
-            raise ValueError(f"the tokenizer of {path} has no pad, EOS or UNK token to pad with; add a pad token to it "
-                             "(tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings)")
-        tokenizer.pad_token = fallback
+    tokenizer = load_tokenizer(path)
     if isinstance(dtype, str):
         dtype = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
@@ -54,6 +48,20 @@ def load_lm(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | 
     if disable_dropout:
         switch_off_dropout(model)
     return model.to(device), tokenizer
+
+
+def load_tokenizer(path: str):
+    """The tokenizer at `path`; one without a pad token pads with EOS (or UNK)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"the tokenizer of {path} has no pad, EOS or UNK token to pad with; add a pad token to it "
+                             "(tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings)")
+        tokenizer.pad_token = fallback
+    return tokenizer
 
 
 def switch_off_dropout(model: torch.nn.Module) -> None:

@@ -214,7 +214,7 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     import numpy as np
 
     from agents.lm_common import pair_buffer, render_chat, text_buffer
-    from envs.lm import VectorTokenEnv, context_length, evaluate_lm, load_lm
+    from envs.lm import VectorTokenEnv, context_length, evaluate_lm, load_tokenizer
     from envs.text_rewards import make_text_reward
     from orl.evaluation import EvalResult
     from orl.sequence import JSONL_FIELDS, load_text_rows
@@ -243,7 +243,7 @@ def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     # model by path, or an orl reward_model run directory.
     reward_fn = make_text_reward(str(lm.reward), device)
     rows = load_text_rows(str(cfg.dataset), LM_DATA_KIND[agent_name])
-    _, tokenizer = load_lm(model_path)
+    tokenizer = load_tokenizer(model_path)  # the agent loads the model itself below
     rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[LM_DATA_KIND[agent_name]] if f != "reward"])
     if lm.eval_prompts:
         eval_prompts = [line.strip() for line in Path(str(lm.eval_prompts)).read_text().splitlines() if line.strip()]
