@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from orl.agent import make_agent
 from orl.buffer import TransitionBuffer
@@ -24,6 +24,8 @@ from orl.trainer import OFFLINE_CHECKPOINT, Trainer, TrainerConfig
 
 # `${offline_only:${online.steps}}` in agent configs: true for offline-only runs (e.g. IQL's lr decay).
 OmegaConf.register_new_resolver("offline_only", lambda online_steps: int(online_steps) == 0, replace=True)
+# A sweep run's directory is named by its overrides; dataset ids and paths hold '/', which would nest it.
+OmegaConf.register_new_resolver("path_safe", lambda name: re.sub(r"[^A-Za-z0-9_.,=+:-]+", "-", str(name)).strip("-") or "run", replace=True)
 
 
 # Numeric options checked before any data loads: key -> (smallest allowed value, what it means).
@@ -99,6 +101,23 @@ def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
             suffix += 1
 
 
+def run_is_finished(run_dir: Path) -> bool:
+    """The run in `run_dir` logged its last step (from its config.yaml and metrics.jsonl, so it also holds for
+    committed results without checkpoints). An unfinished run there without a checkpoint cannot be resumed."""
+    from orl.report import load_run
+
+    if not (run_dir / "metrics.jsonl").exists():
+        return False
+    try:
+        finished = load_run(run_dir).finished
+    except ValueError:
+        finished = False
+    if not finished and not (run_dir / "checkpoint.pt").exists():
+        raise RunDirError(f"{run_dir} holds an unfinished run's metrics.jsonl but no checkpoint.pt to resume from; "
+                          "move it away (nothing was changed in it) or choose another run_dir")
+    return finished
+
+
 def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
     """config.yaml of the run, written atomically once training starts (a failed resume keeps the old one)."""
     tmp = run_dir / ".config.yaml.tmp"
@@ -128,6 +147,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     from envs import make_env
 
     validate_config(cfg)
+    if cfg.resume and cfg.run_dir and run_is_finished(Path(cfg.run_dir)):
+        print(f"[orl] {cfg.run_dir} already finished; nothing to do")  # re-running a sweep skips it before loading data
+        return {"run_dir": str(cfg.run_dir)}
     device = setup_torch(cfg.device, cfg.threads)
     seed_everything(int(cfg.seed))
     from orl.sequence import is_text_dataset
@@ -331,7 +353,7 @@ def load_or_collect(cfg: DictConfig):
 
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-CONFIG_GROUPS = ("agent", "preset", "hydra")
+CONFIG_GROUPS = ("agent", "preset", "experiment", "hydra")
 
 
 @contextlib.contextmanager
@@ -356,7 +378,7 @@ def check_top_level_keys(app: str, config_names: Sequence[str], argv: Sequence[s
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
-        parts = arg.split("=", 1)[0].split("@", 1)[0].split(".")
+        parts = arg.split("=", 1)[0].split("@", 1)[0].split("/", 1)[0].split(".")  # hydra/launcher=joblib: group 'hydra'
         node, options, bad = tree, known, None
         for depth, part in enumerate(parts):
             if part not in options:
@@ -374,10 +396,37 @@ def check_top_level_keys(app: str, config_names: Sequence[str], argv: Sequence[s
             sys.exit(2)
 
 
+def in_sweep(cfg: DictConfig) -> DictConfig:
+    """In a hydra multirun, each run lives in the directory hydra made for its overrides and resumes there:
+    re-running a sweep skips finished runs and continues interrupted ones."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN or cfg.run_dir:
+        return cfg
+    with open_dict(cfg):
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+        cfg.resume = True
+    return cfg
+
+
+def sweep_objective(summary: dict[str, Any]) -> float | None:
+    """What a run returns to hydra (an Optuna sweeper maximizes it): the final normalized score, else the mean
+    return; read back from metrics.jsonl when the run had already finished."""
+    for key in ("normalized_mean", "return_mean"):
+        if key in summary:
+            return float(summary[key])
+    from orl.logger import read_metrics
+
+    rows = read_metrics(summary["run_dir"])
+    evals = [r for r in rows if "eval/return_mean" in r]
+    return float(evals[-1].get("eval/normalized_mean", evals[-1]["eval/return_mean"])) if evals else None
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-def _train(cfg: DictConfig) -> None:
+def _train(cfg: DictConfig) -> float | None:
     with user_errors("orl-train"):
-        run_train(cfg)
+        return sweep_objective(run_train(in_sweep(cfg)))
 
 
 def train_main() -> None:
@@ -404,9 +453,9 @@ def collect_main() -> None:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="finetune", version_base="1.3")
-def _finetune(cfg: DictConfig) -> None:
+def _finetune(cfg: DictConfig) -> float | None:
     with user_errors("orl-finetune"):
-        run_train(cfg)
+        return sweep_objective(run_train(in_sweep(cfg)))
 
 
 def finetune_main() -> None:

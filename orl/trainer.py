@@ -121,6 +121,8 @@ class Trainer:
         if resume_step is not None and resume_step >= self.total_steps:
             print(f"[orl] {self.run_dir} already finished at step {resume_step}; nothing to resume")
             return None
+        if resume_step is not None:
+            print(f"[orl] resuming {self.run_dir} from step {resume_step}")
         for callback in self.start_callbacks:
             callback(self)
         self.logger = Logger(self.run_dir, self.cfg.tensorboard, resume_step)

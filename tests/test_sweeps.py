@@ -1,0 +1,204 @@
+"""Sweeps on hydra's launchers and orl-report over their runs (issue 14)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import random_pendulum_arrays
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["env=Pendulum-v1", "ref_min_score=-1500", "ref_max_score=0", "steps=20", "eval.every=10", "eval.episodes=1",
+        "log.every=10", "log.progress=false", "log.tensorboard=false"]
+
+
+def orl(app: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", f"import sys, orl.cli; sys.argv[0] = '{app}'; orl.cli.{app}()", *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_data")
+    for name, seed in (("a", 0), ("b", 1)):
+        np.savez(root / f"{name}.npz", **random_pendulum_arrays(400, seed))
+    return root
+
+
+def run_dirs(sweep: Path) -> list[Path]:
+    return sorted(p.parent for p in sweep.rglob("config.yaml"))
+
+
+def test_joblib_sweep_makes_one_dir_per_run_and_rerun_skips_finished(two_datasets, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "agent=bc,td3bc",
+            f"dataset={two_datasets / 'a.npz'},{two_datasets / 'b.npz'}", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"]
+    first = orl("train_main", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    dirs = run_dirs(sweep)
+    assert len(dirs) == 8
+    # laid out by the sweep's parameters
+    assert all("agent=" in d.name and "seed=" in d.name and "dataset=" in d.name for d in dirs)
+    assert {d.parent for d in dirs} == {sweep}
+    mtimes = {d: (d / "metrics.jsonl").stat().st_mtime_ns for d in dirs}
+
+    second = orl("train_main", *args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.count("already finished") == 8
+    assert {d: (d / "metrics.jsonl").stat().st_mtime_ns for d in run_dirs(sweep)} == mtimes  # nothing re-ran
+
+    from orl.report import main
+
+    assert main([str(sweep), "--reps", "100"]) == 0
+    report = json.loads((sweep / "report" / "summary.json").read_text())
+    assert len(report["runs"]) == 8
+    assert {(row["dataset"], row["agent"], row["n"]) for row in report["per_dataset"]} == {
+        (str(two_datasets / f"{d}.npz"), agent, 2) for d in "ab" for agent in ("bc", "td3bc")}
+    assert set(report["aggregates"]) == {"bc", "td3bc"} and "bc > td3bc" in report["improvements"]
+    for name in ("report.md", "runs.csv", "curves.png", "profiles.png"):
+        assert (sweep / "report" / name).stat().st_size > 0
+
+
+def test_an_interrupted_sweep_run_resumes_from_its_checkpoint(two_datasets, tmp_path):
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "agent=bc", f"dataset={two_datasets / 'a.npz'}", *TINY, "steps=600", "eval.every=200", "checkpoint.every=100",
+            f"hydra.sweep.dir={sweep}"]
+    code = f"import sys, orl.cli; sys.argv[0] = 'train_main'; orl.cli.train_main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(sweep.rglob("checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # killed mid-run, after its first checkpoint
+    proc.wait()
+    (run_dir,) = run_dirs(sweep) or [next(sweep.rglob("checkpoint.pt")).parent]
+    resumed = orl("train_main", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    if "already finished" in resumed.stdout:
+        pytest.skip("the run finished before it could be killed (machine too fast for this budget)")
+    assert "resuming" in resumed.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/return_mean" in r] == [200, 400, 600]  # one uninterrupted curve
+
+
+def test_submitit_local_runs_a_job(two_datasets, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    out = orl("train_main", "-m", "hydra/launcher=submitit_local", "agent=bc", f"dataset={two_datasets / 'a.npz'}", *TINY,
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run_dir,) = run_dirs(sweep)
+    assert any("eval/normalized_mean" in line for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def test_optuna_sweeper_maximizes_the_final_score(two_datasets, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    out = orl("train_main", "-m", "hydra/sweeper=orl_optuna", "hydra.sweeper.n_trials=2", "agent=iql",
+              "agent.expectile=interval(0.5,0.95)", f"dataset={two_datasets / 'a.npz'}", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    finals = []
+    for run_dir in run_dirs(sweep):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        finals.append([r for r in rows if "eval/normalized_mean" in r][-1]["eval/normalized_mean"])
+    assert len(finals) == 2
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"]
+    assert best == pytest.approx(max(finals))
+
+
+# ---------------------------------------------------------------------------------------------------
+# orl-report on hand-made runs
+def fake_run(path: Path, agent: str, dataset: str, seed: int, curve, steps: int = 1000, online_steps: int = 0,
+             switch: int | None = None, online_episodes=()) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(
+        f"agent:\n  name: {agent}\ndataset: {dataset}\nseed: {seed}\nsteps: {steps}\nonline:\n  steps: {online_steps}\ntag: null\n")
+    rows = [{"step": step, "eval/return_mean": score, "eval/normalized_mean": score} for step, score in curve]
+    if switch is not None:
+        rows.append({"step": switch + 1, "train/online_step": 1.0})
+    rows += [{"step": step, "online/episode_normalized": score} for step, score in online_episodes]
+    rows.sort(key=lambda r: r["step"])
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_report_aggregates_equal_rliable_on_a_fixed_score_matrix(tmp_path):
+    from rliable import library as rly
+    from rliable import metrics
+
+    from orl.report import aggregate_metrics, build_report, load_runs
+
+    rng = np.random.default_rng(3)
+    scores = {"x": rng.uniform(0, 100, (5, 3)), "y": rng.uniform(20, 90, (5, 3))}  # runs x datasets
+    for agent, matrix in scores.items():
+        for seed in range(5):
+            for task in range(3):
+                fake_run(tmp_path / f"{agent}-{task}-{seed}", agent, f"d{task}", seed, [(500, 0.0), (1000, float(matrix[seed, task]))])
+    runs, skipped = load_runs([tmp_path])
+    assert not skipped and len(runs) == 30
+    report = build_report(runs, reps=500, seed=7)
+    np.random.seed(7)  # rliable draws its bootstrap indices from numpy's global generator
+    expected_points, expected_cis = rly.get_interval_estimates({k: v / 100 for k, v in scores.items()}, aggregate_metrics,
+                                                               reps=500, random_state=np.random.RandomState(7))
+    for agent in scores:
+        iqm, low, high = report["aggregates"][agent]["IQM"]
+        assert iqm == pytest.approx(metrics.aggregate_iqm(scores[agent] / 100))
+        assert (low, high) == pytest.approx(tuple(expected_cis[agent][:, 0]))
+        assert report["aggregates"][agent]["optimality gap"][0] == pytest.approx(expected_points[agent][3])
+    p_expected = metrics.probability_of_improvement(scores["x"] / 100, scores["y"] / 100)
+    assert report["improvements"]["x > y"][0] == pytest.approx(p_expected)
+
+
+def test_report_skips_missing_and_corrupt_metrics_by_name(tmp_path, capsys):
+    from orl.report import main
+
+    fake_run(tmp_path / "good", "bc", "d", 0, [(1000, 50.0)])
+    fake_run(tmp_path / "corrupt", "bc", "d", 1, [(1000, 40.0)])
+    (tmp_path / "corrupt" / "metrics.jsonl").write_text('{"step": 10, "eval/return_mean": 1.0}\nnot json\n{"step": 20}\n')
+    fake_run(tmp_path / "missing", "bc", "d", 2, [(1000, 40.0)])
+    (tmp_path / "missing" / "metrics.jsonl").unlink()
+    fake_run(tmp_path / "unfinished", "bc", "d", 3, [(500, 40.0)])
+    assert main([str(tmp_path), "--reps", "50"]) == 0
+    err = capsys.readouterr().err
+    for name in ("corrupt", "missing", "unfinished"):
+        assert str(tmp_path / name) in err
+    report = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert [r["run_dir"] for r in report["runs"]] == [str(tmp_path / "good")]
+    assert "Traceback" not in err
+
+
+def test_offline_to_online_columns(tmp_path):
+    from orl.report import load_run
+
+    # switch at 1000: the pre-trained agent scores 40; the online phase bottoms out at 0 (a delayed collapse)
+    run = load_run(fake_run(tmp_path / "a", "calql", "d", 0, [(500, 30.0), (1000, 40.0), (1500, 10.0), (3500, 0.0), (5000, 80.0)],
+                            steps=1000, online_steps=4000, switch=1000, online_episodes=[(1200, 20.0), (2000, 60.0)]))
+    assert (run.offline_score, run.worst_drop, run.final, run.regret) == pytest.approx((40.0, 40.0, 80.0, 0.6))
+    rising = load_run(fake_run(tmp_path / "b", "calql", "d", 1, [(1000, 40.0), (1500, 45.0), (5000, 80.0)], steps=1000,
+                               online_steps=4000, switch=1000))
+    assert rising.worst_drop == pytest.approx(-5.0)  # negative: never below the start
+    scratch = load_run(fake_run(tmp_path / "c", "sac", "d", 0, [(500, 1.0), (4000, 90.0)], steps=0, online_steps=4000, switch=0))
+    assert scratch.offline_score is None and scratch.worst_drop is None and scratch.finished
+    waiting = load_run(fake_run(tmp_path / "d", "calql", "d", 0, [(1000, 40.0)], steps=1000, online_steps=4000))
+    assert not waiting.finished  # never reached the online phase
+
+
+def test_a_results_only_run_is_skipped_and_an_unresumable_one_refused(tmp_path):
+    from orl.cli import run_is_finished
+    from orl.errors import RunDirError
+
+    done = fake_run(tmp_path / "done", "bc", "d", 0, [(500, 1.0), (1000, 2.0)])
+    assert run_is_finished(done)  # committed results: config + metrics, no checkpoint
+    torn = fake_run(tmp_path / "torn", "bc", "d", 0, [(500, 1.0)])
+    with pytest.raises(RunDirError, match="no checkpoint.pt"):
+        run_is_finished(torn)
+    assert (torn / "metrics.jsonl").exists()
