@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from agents.lm_common import LMAgent, LMConfig
+from agents.lm_common import LMAgent, LMConfig, text_buffer
 from orl.agent import register
 from orl.sequence import SequenceBatch, SequenceBuffer, position_ids, token_log_probs
 
@@ -71,6 +71,7 @@ def clipped_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: float
 
 @register("alol")
 class ALoL(LMAgent):
+    data_kind = "rewarded"
     Config = ALoLConfig
 
     def __init__(self, obs_space, action_space, cfg: ALoLConfig, device="cpu"):
@@ -120,6 +121,17 @@ class ALoL(LMAgent):
                 best, best_state = mse, {k: v.clone() for k, v in head.state_dict().items()}
         head.load_state_dict(best_state)
         return history
+
+    def prepare_run(self, run) -> dict[str, float]:
+        """V_ref is fit on the reference policy's greedy generations for held-out (validation) prompts, scored
+        by the run's reward; then the advantages of the training rows are cached."""
+        from envs.lm import evaluate_lm
+
+        prompts = run.eval_prompts[: run.num_value_prompts]
+        reference = evaluate_lm(self.nets["reference"], run.tokenizer, prompts, run.reward_fn, run.max_new_tokens, greedy=True, details=True)
+        encoded = text_buffer(run.tokenizer, prompts, [""] * len(prompts), None, run.device, **run.limits)
+        self.fit_value(encoded.input_ids, encoded.attention_mask * (1 - encoded.response_mask), torch.tensor(reference["rewards"]))
+        return self.prepare(run.buffer)
 
     def prepare(self, buffer: SequenceBuffer, batch_size: int = 64) -> dict[str, float]:
         """Cache A = R - V_ref(x) for every example and turn on priority sampling by A+."""

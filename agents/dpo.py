@@ -36,6 +36,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 @register("dpo")
 class DPO(LMAgent):
+    data_kind = "pairs"
     Config = DPOConfig
 
     def __init__(self, obs_space, action_space, cfg: DPOConfig, device="cpu"):

@@ -33,7 +33,13 @@ class LMConfig:
 
 
 class LMAgent(Agent):
-    """Base for agents whose policy is a Hugging Face causal LM given by `cfg.model_path`."""
+    """Base for agents whose policy is a Hugging Face causal LM given by `cfg.model_path`.
+
+    What `orl-train` needs to run one (agents/lm_run.py) is declared here: `data_kind` (set by each agent),
+    `prepare_run` (work before the first step), `evaluate_run` and `exports_policy`.
+    """
+
+    exports_policy = True  # orl-train writes the trained policy to run_dir/hf
 
     def __init__(self, obs_space, action_space, cfg, device="cpu", with_reference: bool = True):
         super().__init__(obs_space, action_space, cfg, device)
@@ -94,6 +100,20 @@ class LMAgent(Agent):
         if "policy" in self.schedulers:
             self.schedulers["policy"].step()
         return {"loss": total, "grad_norm": grad_norm, "lr": torch.tensor(optimizer.param_groups[0]["lr"]), **sums}
+
+    # --- hooks for orl-train (agents/lm_run.py) ----------------------------------------------------
+    def prepare_run(self, run) -> dict[str, float] | None:
+        """Before the first step: the agent's `prepare(buffer)` if it has one (e.g. DPO's reference log-probs)."""
+        prepare = getattr(self, "prepare", None)
+        return prepare(run.buffer) if prepare is not None else None
+
+    def evaluate_run(self, run):
+        """Sampled responses to the run's held-out prompts, scored by its reward (mean reward, length, distinct-n)."""
+        from envs.lm import evaluate_lm
+        from orl.evaluation import EvalResult
+
+        out = evaluate_lm(self.nets["policy"], run.tokenizer, run.eval_prompts, run.reward_fn, run.max_new_tokens, seed=run.seed, details=True)
+        return EvalResult(np.asarray(out["rewards"]), np.asarray(out["lengths"]), extra={"distinct_1": out["distinct_1"], "distinct_2": out["distinct_2"]})
 
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
         raise TypeError("LM agents act on token observations; call act(obs_dict)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -39,6 +40,8 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | torch.
 @register("reward_model")
 class RewardModel(LMAgent):
     Config = RewardModelConfig
+    data_kind = "pairs"
+    exports_policy = False  # its output is the scorer in the checkpoint, not a policy
 
     def __init__(self, obs_space, action_space, cfg: RewardModelConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device, with_reference=False)
@@ -60,6 +63,13 @@ class RewardModel(LMAgent):
     def update(self, batch: PairBatch) -> dict[str, torch.Tensor]:
         self.step += 1
         return self.optimize(batch, self.losses)
+
+    def evaluate_run(self, run):
+        """Pairwise accuracy on (up to 256 of) the training pairs."""
+        from orl.evaluation import EvalResult
+
+        scores = np.asarray([self(r["prompt"], r["chosen"]) > self(r["prompt"], r["rejected"]) for r in run.rows[:256]], float)
+        return EvalResult(scores, np.ones(len(scores)), extra={"pair_accuracy": float(scores.mean())})
 
     @torch.no_grad()
     def __call__(self, prompt: str, response: str) -> float:

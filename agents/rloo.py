@@ -33,6 +33,7 @@ class RLOOConfig(LMConfig):
 
 @register("rloo")
 class RLOO(LMAgent):
+    data_kind = "prompts"  # it generates its own responses online, scored by agent.reward_fn
     Config = RLOOConfig
 
     def __init__(self, obs_space, action_space, cfg: RLOOConfig, device="cpu"):

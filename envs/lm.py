@@ -54,7 +54,13 @@ def load_tokenizer(path: str):
     """The tokenizer at `path`; one without a pad token pads with EOS (or UNK)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    from orl.errors import DataFileNotFound
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # not a local model directory and not a reachable hub id
+        raise DataFileNotFound(f"lm.model={path}: no Hugging Face model/tokenizer could be loaded from it ({str(exc).splitlines()[0][:200]}); "
+                               "give a local directory written by save_pretrained, or a hub id on a machine with internet") from exc
     if tokenizer.pad_token_id is None:
         fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         if fallback is None:

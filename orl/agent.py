@@ -41,6 +41,9 @@ class Agent(abc.ABC):
 
     name: str = "agent"
     Config: type = object
+    # What the agent trains on: None = control transitions (a Batch from a dataset / replay buffer); text
+    # agents name their rows ("rewarded", "pairs", "prompts": see agents/lm_run.py).
+    data_kind: str | None = None
 
     def __init__(self, obs_space: gym.spaces.Box, action_space: gym.spaces.Space, cfg: Any, device: torch.device | str = "cpu"):
         self.cfg = cfg
@@ -170,6 +173,14 @@ def build_config(cls: type[Agent], cfg: Mapping[str, Any] | Any | None) -> Any:
     return cls.Config(**values)
 
 
+def agent_class(name: str) -> type[Agent]:
+    """The registered class of agent `name` (ConfigError naming the available ones)."""
+    _import_agents()
+    if name not in AGENTS:
+        raise ConfigError(f"unknown agent {name!r}; available: {sorted(AGENTS)}")
+    return AGENTS[name]
+
+
 def make_agent(
     name: str,
     obs_space: gym.spaces.Space,
@@ -183,10 +194,7 @@ def make_agent(
     precision="bf16" runs the hidden layers of the agent's MLPs in bfloat16 (fp32 weights and heads;
     see orl.nn.LayerStack): several times faster on AMX CPUs and tensor-core GPUs.
     """
-    _import_agents()
-    if name not in AGENTS:
-        raise ConfigError(f"unknown agent {name!r}; available: {sorted(AGENTS)}")
-    cls = AGENTS[name]
+    cls = agent_class(name)
     agent = cls(obs_space, action_space, build_config(cls, cfg), device)
     set_precision(agent.nets, precision)
     return agent

@@ -14,7 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from orl.agent import make_agent
+from orl.agent import agent_class, make_agent
 from orl.buffer import TransitionBuffer
 from orl.checkpoint import load_checkpoint, seed_everything
 from orl.data import DataConfig, DatasetError, RewardTransform, check_env_compatible, make_dataset, prepare, reward_transform
@@ -101,15 +101,16 @@ def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
             suffix += 1
 
 
-def run_is_finished(run_dir: Path) -> bool:
-    """The run in `run_dir` logged its last step (from its config.yaml and metrics.jsonl, so it also holds for
-    committed results without checkpoints). An unfinished run there without a checkpoint cannot be resumed."""
+def run_is_finished(run_dir: Path, steps: int, online_steps: int) -> bool:
+    """The run in `run_dir` logged the last step of a run of `steps` + `online_steps` (read from its metrics.jsonl,
+    so it also holds for committed results without checkpoints). An unfinished run there without a checkpoint
+    cannot be resumed."""
     from orl.report import load_run
 
     if not (run_dir / "metrics.jsonl").exists():
         return False
     try:
-        finished = load_run(run_dir).finished
+        finished = load_run(run_dir).reached(steps, online_steps)
     except ValueError:
         finished = False
     if not finished and not (run_dir / "checkpoint.pt").exists():
@@ -147,16 +148,24 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     from envs import make_env
 
     validate_config(cfg)
-    if cfg.resume and cfg.run_dir and run_is_finished(Path(cfg.run_dir)):
+    if cfg.resume and cfg.run_dir and run_is_finished(Path(cfg.run_dir), int(cfg.steps), int(cfg.online.steps)):
         print(f"[orl] {cfg.run_dir} already finished; nothing to do")  # re-running a sweep skips it before loading data
         return {"run_dir": str(cfg.run_dir)}
     device = setup_torch(cfg.device, cfg.threads)
     seed_everything(int(cfg.seed))
     from orl.sequence import is_text_dataset
 
-    if is_text_dataset(str(cfg.dataset)):  # .jsonl or a Hugging Face datasets directory
-        return run_train_lm(cfg, device)
+    if is_text_dataset(str(cfg.dataset)):  # .jsonl or a Hugging Face datasets directory: the LM side's own wiring
+        from agents.lm_run import run_text
+
+        return run_text(cfg, device)
+    if agent_class(str(cfg.agent.name)).data_kind is not None:
+        raise ConfigError(f"agent {cfg.agent.name} trains language models on text data; give a .jsonl file or a Hugging Face "
+                          f"datasets directory as dataset= (got {cfg.dataset}), or a control agent for this dataset")
     dataset = load_or_collect(cfg)
+    if len(dataset) < int(cfg.batch_size):
+        raise DatasetError(f"{cfg.dataset}: {len(dataset)} transitions, fewer than one batch (batch_size={cfg.batch_size}); "
+                           "lower batch_size or give more data")
     seed_everything(int(cfg.seed))  # collecting the embedded dataset on first use consumed RNG: later runs must match
     if dataset.env_id is None:
         raise DatasetError(f"dataset {cfg.dataset} does not say which environment it comes from; pass env=<gymnasium id>")
@@ -220,124 +229,6 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         summary.update(result.metrics(prefix=""))
         score = f"normalized score {result.mean_normalized:.1f} ± {result.normalized.std():.1f}" if result.normalized is not None else "(no reference scores)"
         print(f"[orl] final evaluation over {len(result.returns)} episodes: return {result.mean_return:.1f}, {score}")
-    print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
-    return summary
-
-
-LM_DATA_KIND = {"alol": "rewarded", "dpo": "pairs", "reward_model": "pairs", "rloo": "prompts"}
-
-
-def run_train_lm(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
-    """Text datasets (JSONL): A-LoL on {"prompt","response","reward"}, DPO / reward models on pairs.
-
-    Evaluation generates through the token-level env on held-out prompts and reports mean reward,
-    response length and distinct-n.
-    """
-    import numpy as np
-
-    from agents.lm_common import pair_buffer, render_chat, text_buffer
-    from envs.lm import VectorTokenEnv, context_length, evaluate_lm, load_tokenizer
-    from envs.text_rewards import make_text_reward
-    from orl.evaluation import EvalResult
-    from orl.sequence import JSONL_FIELDS, load_text_rows
-
-    lm = cfg.lm
-    agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
-    agent_name = agent_cfg.pop("name")
-    if agent_name not in LM_DATA_KIND:
-        raise ConfigError(f"agent {agent_name!r} does not train on text; use one of {sorted(LM_DATA_KIND)} with a .jsonl dataset")
-    model_path = str(lm.model)
-    if cfg.get("init_from"):
-        # Offline then online for LMs: start from another LM run's trained policy (its run_dir/hf), e.g. DPO then
-        # RLOO; that policy is also the new reference the KL is measured against.
-        model_path = str(Path(str(cfg.init_from)) / "hf")
-        if not Path(model_path, "config.json").exists():
-            raise DataFileNotFound(f"init_from={cfg.init_from}: no Hugging Face model at {model_path}; give the run directory of an "
-                                   "orl-train LM run (dpo, alol, rloo), which writes run_dir/hf")
-        print(f"[orl] starting from the policy of {cfg.init_from}")
-    elif model_path == str(lm.embedded_model) and not Path(model_path, "config.json").exists():
-        from envs.tiny_lm import build_tiny_lm
-
-        print(f"[orl] building the embedded tiny GPT-2 at {model_path} (first run only)")
-        build_tiny_lm(model_path)
-    agent_cfg["model_path"] = model_path
-    # The reward for A-LoL's value targets and for evaluation: a built-in, a sequence-classification
-    # model by path, or an orl reward_model run directory.
-    reward_fn = make_text_reward(str(lm.reward), device)
-    rows = load_text_rows(str(cfg.dataset), LM_DATA_KIND[agent_name])
-    tokenizer = load_tokenizer(model_path)  # the agent loads the model itself below
-    rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[LM_DATA_KIND[agent_name]] if f != "reward"])
-    if lm.eval_prompts:
-        eval_prompts = [line.strip() for line in Path(str(lm.eval_prompts)).read_text().splitlines() if line.strip()]
-    else:
-        # The dataset's own prompts (distinct, in file order, the last ones first), not a built-in task's.
-        distinct = list(dict.fromkeys(r["prompt"] for r in reversed(rows)))
-        eval_prompts = distinct[: int(lm.num_eval_prompts)]
-    probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
-    agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
-    # Rows longer than the context are truncated (TRL's max_length / max_prompt_length), with a warning.
-    # Defaults: the model's context, and prompts that leave room for max_new_tokens (as generation needs).
-    max_length = int(lm.max_length) if lm.get("max_length") else context_length(agent.nets["policy"], tokenizer)
-    default_prompt = max_length - int(lm.max_new_tokens) if max_length and max_length > int(lm.max_new_tokens) else None
-    limits = dict(max_length=max_length, max_prompt_length=int(lm.max_prompt_length) if lm.get("max_prompt_length") else default_prompt)
-    agent.reward_fn = reward_fn  # agents that generate while training (RLOO) score with it
-    # Generation needs prompt + max_new_tokens within the context: evaluation prompts that do not fit are skipped.
-    context = context_length(agent.nets["policy"], tokenizer)
-    if context:
-        from envs.lm import encode_prompt
-
-        fitting = [p for p in eval_prompts if len(encode_prompt(tokenizer, p)) + int(lm.max_new_tokens) <= context]
-        if not fitting:
-            raise DataError(f"no evaluation prompt fits the model's context ({context} tokens) with lm.max_new_tokens={lm.max_new_tokens}; "
-                            "give shorter prompts with lm.eval_prompts=<file> or lower lm.max_new_tokens")
-        if len(fitting) < len(eval_prompts):
-            import warnings
-
-            warnings.warn(f"skipped {len(eval_prompts) - len(fitting)} of {len(eval_prompts)} evaluation prompts longer than "
-                          f"{context} - {lm.max_new_tokens} tokens", stacklevel=2)
-        eval_prompts = fitting
-    if LM_DATA_KIND[agent_name] == "prompts":
-        from orl.sequence import PromptBuffer
-
-        buffer = PromptBuffer([r["prompt"] for r in rows], device)
-    elif LM_DATA_KIND[agent_name] == "rewarded":
-        buffer = text_buffer(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], [r["reward"] for r in rows], device, **limits)
-    else:
-        buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device, **limits)
-    if agent_name == "alol":
-        # V_ref is fit on the reference policy's greedy generations for held-out (validation) prompts.
-        value_prompts = eval_prompts[: int(lm.num_value_prompts)]
-        ref_eval = evaluate_lm(agent.nets["reference"], tokenizer, value_prompts, reward_fn, int(lm.max_new_tokens), greedy=True, details=True)
-        prompt_buffer = text_buffer(tokenizer, value_prompts, [""] * len(value_prompts), None, device, **limits)
-        agent.fit_value(prompt_buffer.input_ids, prompt_buffer.attention_mask * (1 - prompt_buffer.response_mask), torch.tensor(ref_eval["rewards"]))
-    if hasattr(agent, "prepare"):
-        print(f"[orl] {agent_name} data: {agent.prepare(buffer)}")
-
-    def evaluator(agent_) -> EvalResult:
-        model = agent_.nets["policy"]
-        if agent_name == "reward_model":
-            scores = [agent_(r["prompt"], r["chosen"]) > agent_(r["prompt"], r["rejected"]) for r in rows[:256]]
-            return EvalResult(np.asarray(scores, float), np.ones(len(scores)), extra={"pair_accuracy": float(np.mean(scores))})
-        out = evaluate_lm(model, tokenizer, eval_prompts, reward_fn, int(lm.max_new_tokens), seed=int(cfg.seed), details=True)
-        return EvalResult(np.asarray(out["rewards"]), np.asarray(out["lengths"]), extra={"distinct_1": out["distinct_1"], "distinct_2": out["distinct_2"]})
-
-    run_dir = resolve_run_dir(cfg, agent_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
-    trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=evaluator)
-    trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
-    result = trainer.train(resume=bool(cfg.resume))
-    summary: dict[str, Any] = {"run_dir": str(run_dir)}
-    if agent_name != "reward_model":
-        # The trained policy in Hugging Face format: AutoModelForCausalLM.from_pretrained(run_dir / "hf").
-        from agents.lm_common import save_hf
-
-        save_hf(agent.nets["policy"], tokenizer, run_dir / "hf")
-        summary["hf_model"] = str(run_dir / "hf")
-        print(f"[orl] policy saved in Hugging Face format: {run_dir / 'hf'}")
-    if result is not None:
-        summary.update(result.metrics(prefix=""))
-        print(f"[orl] final evaluation on {len(result.returns)} responses: mean reward {result.mean_return:.3f}, length {result.lengths.mean():.1f}")
     print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
     return summary
 

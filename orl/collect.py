@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from orl.agent import Agent, make_agent
 from orl.checkpoint import seed_everything
+from orl.errors import ConfigError
 from orl.evaluation import evaluate
 from orl.trainer import Trainer, TrainerConfig
 
@@ -218,6 +219,24 @@ def train_behaviour_policy(cfg: CollectConfig, work: Path, env_id: str) -> tuple
     return agent, evals, replay
 
 
+# The settings that decide what is collected: a work directory made with other values is never mixed in.
+RESULT_KEYS = ("env", "size", "sac_steps", "random_steps", "snapshot_every", "snapshot_episodes", "medium_fraction", "ref_episodes", "seed", "sac")
+
+
+def check_same_settings(cfg: CollectConfig, work: Path) -> None:
+    """Stop, naming what differs, when `work` holds a collection made with other settings."""
+    path = work / "collect_config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    differ = [f"{key}={saved.get(key)!r} there, {getattr(cfg, key)!r} now" for key in RESULT_KEYS
+              if json.loads(json.dumps(getattr(cfg, key))) != saved.get(key)]
+    if differ:
+        raise ConfigError(f"{work} holds a collection made with other settings ({'; '.join(differ)}). Pass overwrite=true to "
+                          "collect anew (the existing datasets are replaced only once the new collection has succeeded), or use "
+                          "another work_dir or seed. Nothing was changed.")
+
+
 def collect(cfg: CollectConfig) -> dict[str, str]:
     """Run the whole pipeline; returns {level: minari dataset id}. Levels already written are skipped."""
     from envs import make_env
@@ -226,17 +245,16 @@ def collect(cfg: CollectConfig) -> dict[str, str]:
     env_id = ALIASES.get(cfg.env, cfg.env)
     unknown = sorted(set(cfg.levels) - set(LEVELS))
     if unknown:
-        raise ValueError(f"unknown level(s) {unknown}; choose from {list(LEVELS)}")
-    ids = {level: dataset_id(cfg.namespace, env_id, level) for level in cfg.levels}
+        raise ConfigError(f"unknown level(s) {unknown}; choose from {list(LEVELS)}")
     if cfg.overwrite:
-        for ds_id in ids.values():
-            if minari_dataset_dir(ds_id).exists():
-                shutil.rmtree(minari_dataset_dir(ds_id))
+        return collect_aside_then_swap(cfg, env_id)
+    ids = {level: dataset_id(cfg.namespace, env_id, level) for level in cfg.levels}
+    work = Path(cfg.work_dir) / env_slug(env_id) / f"seed{cfg.seed}"
+    check_same_settings(cfg, work)
     if all(dataset_complete(ds_id) for ds_id in ids.values()):
         return ids
-    work = Path(cfg.work_dir) / env_slug(env_id) / f"seed{cfg.seed}"
     work.mkdir(parents=True, exist_ok=True)
-    (work / "collect_config.json").write_text(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}, indent=2))
+    _write_json(work / "collect_config.json", {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()})
     seed_everything(cfg.seed)
 
     expert, evals, replay = train_behaviour_policy(cfg, work, env_id)
@@ -288,6 +306,47 @@ def collect(cfg: CollectConfig) -> dict[str, str]:
         write_minari(ds_id, episodes_for(level), env_id, ref_min, ref_max, description)
         print(f"[orl-collect] wrote {ds_id} ({sum(len(e['rewards']) for e in episodes_for(level))} transitions)")
     env.close()
+    return ids
+
+
+def collect_aside_then_swap(cfg: CollectConfig, env_id: str) -> dict[str, str]:
+    """overwrite=true: collect from a clean work directory into a Minari root beside the real one, and move the new
+    datasets (and work directory) into place only once every level has been written. A failure or an interrupt
+    leaves the existing datasets as they were; the next overwrite starts clean again."""
+    import dataclasses
+
+    real_root = minari_dataset_dir("")
+    aside_root = real_root.parent / f".{real_root.name}.orl-overwrite"  # a sibling: moving from it is a rename
+    aside_work_dir = Path(cfg.work_dir) / ".orl-overwrite"
+    for stale in (aside_root, aside_work_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(aside_root)
+    try:
+        ids = collect(dataclasses.replace(cfg, overwrite=False, work_dir=str(aside_work_dir)))
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+    moves = [(aside_root / ds_id, real_root / ds_id) for ds_id in ids.values()]
+    work = Path(cfg.work_dir) / env_slug(env_id) / f"seed{cfg.seed}"
+    moves.append((aside_work_dir / env_slug(env_id) / f"seed{cfg.seed}", work))
+    for new, old in moves:
+        old.parent.mkdir(parents=True, exist_ok=True)
+        backup = old.with_name(old.name + ".orl-old")
+        shutil.rmtree(backup, ignore_errors=True)
+        if old.exists():
+            os.replace(old, backup)
+        os.replace(new, old)
+        shutil.rmtree(backup, ignore_errors=True)
+    for path in aside_root.rglob("*"):  # Minari's namespace metadata, where the real root has none yet
+        target = real_root / path.relative_to(aside_root)
+        if path.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    shutil.rmtree(aside_root, ignore_errors=True)
+    shutil.rmtree(aside_work_dir, ignore_errors=True)
     return ids
 
 

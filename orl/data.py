@@ -25,6 +25,8 @@ import numpy as np
 from orl.errors import DataError, DataFileNotFound
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
+# |r| beyond this overflows float32 (max 3.4e38) in a return of horizon 1 / (1 - gamma) ~ 1e3-1e4, with margin.
+REWARD_LIMIT = 1e30
 
 # D4RL gym-mujoco v2 reference scores (d4rl/infos.py), used for the normalized score.
 D4RL_REF_SCORES = {
@@ -169,6 +171,8 @@ def make_dataset(
     if path.suffix in (".npz", ".hdf5", ".h5"):
         if not path.exists():
             raise DataFileNotFound(f"dataset file {path} does not exist; check the path given as dataset=")
+        if path.is_dir():
+            raise DatasetError(f"dataset={path} is a directory; give the .npz/.hdf5 file inside it")
         dataset = _load_npz(path) if path.suffix == ".npz" else _load_hdf5(path)
     elif (match := _D4RL_NAME.match(spec_str)) is not None:
         dataset = _load_d4rl(match)
@@ -177,10 +181,38 @@ def make_dataset(
     if env_id is not None:
         dataset.env_id = env_id
     if ref_min_score is not None:
-        dataset.ref_min_score = float(ref_min_score)
+        dataset.ref_min_score = _reference(ref_min_score, "ref_min_score", "the ref_min_score option")
     if ref_max_score is not None:
-        dataset.ref_max_score = float(ref_max_score)
+        dataset.ref_max_score = _reference(ref_max_score, "ref_max_score", "the ref_max_score option")
+    if dataset.ref_min_score is not None and dataset.ref_min_score == dataset.ref_max_score:
+        raise DatasetError(f"{dataset.source}: ref_min_score and ref_max_score are both {dataset.ref_min_score}, so the normalized "
+                           "score is undefined; give the random and the expert policy's returns (ref_min_score=... ref_max_score=...)")
     return dataset
+
+
+def _reference(value: Any, key: str, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number):
+        raise DatasetError(f"{where}: {key} must be a finite number, got {value!r}")
+    return number
+
+
+def _numeric(arrays: dict[str, np.ndarray], key: str, source: str, rows: int | None = None) -> np.ndarray:
+    """arrays[key] as float32; only real numbers (bool, int, float) are data, whatever else is one clear error."""
+    array = np.asarray(arrays[key])
+    if array.dtype.kind not in "biuf":
+        kind = {"c": "complex numbers", "U": "strings", "S": "bytes", "O": "Python objects", "V": "records", "M": "dates", "m": "time deltas"}
+        raise DatasetError(f"{source}: {key} holds {kind.get(array.dtype.kind, array.dtype)} (dtype {array.dtype}); "
+                           f"every array must hold real numbers: convert {key} to float32 before saving")
+    if key in ("rewards", "terminals", "timeouts") and not (array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)):
+        raise DatasetError(f"{source}: {key} has shape {array.shape}; it needs one value per transition, shape (N,) or (N, 1)")
+    if key in ("observations", "actions", "next_observations") and array.ndim > 2:
+        raise DatasetError(f"{source}: {key} has shape {array.shape}; only flat vectors per transition are supported, shape (N, dim)")
+    with np.errstate(over="ignore"):
+        return array.astype(np.float32)
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], source: str, meta: dict[str, Any]) -> OfflineDataset:
@@ -190,12 +222,12 @@ def _from_arrays(arrays: dict[str, np.ndarray], source: str, meta: dict[str, Any
             f"{source}: missing key(s) {missing}; a D4RL-style file needs {list(REQUIRED_KEYS)} "
             "and optionally 'timeouts' and 'next_observations'"
         )
-    obs = np.asarray(arrays["observations"], dtype=np.float32)
-    actions = np.asarray(arrays["actions"], dtype=np.float32)
-    rewards = np.asarray(arrays["rewards"], dtype=np.float32).reshape(-1)
-    terminals = np.asarray(arrays["terminals"]).astype(np.float32).reshape(-1)
+    obs = _numeric(arrays, "observations", source)
+    actions = _numeric(arrays, "actions", source)
+    rewards = _numeric(arrays, "rewards", source).reshape(-1)
+    terminals = _numeric(arrays, "terminals", source).reshape(-1)
     n = len(obs)
-    timeouts = np.asarray(arrays["timeouts"]).astype(np.float32).reshape(-1) if "timeouts" in arrays else np.zeros(n, np.float32)
+    timeouts = _numeric(arrays, "timeouts", source).reshape(-1) if "timeouts" in arrays else np.zeros(n, np.float32)
     if obs.ndim == 1:
         obs = obs[:, None]
     if actions.ndim == 1:
@@ -209,7 +241,10 @@ def _from_arrays(arrays: dict[str, np.ndarray], source: str, meta: dict[str, Any
         raise DatasetError(f"{source}: the dataset is empty")
 
     if "next_observations" in arrays:
-        next_obs = np.asarray(arrays["next_observations"], dtype=np.float32).reshape(obs.shape)
+        next_obs = _numeric(arrays, "next_observations", source)
+        if next_obs.size != obs.size:
+            raise DatasetError(f"{source}: next_observations has shape {next_obs.shape} but observations {obs.shape}")
+        next_obs = next_obs.reshape(obs.shape)
     else:
         # d4rl.qlearning_dataset: s' = s[t+1]; the last step of each timeout (and of the file) has no
         # valid successor and is dropped.
@@ -221,7 +256,7 @@ def _from_arrays(arrays: dict[str, np.ndarray], source: str, meta: dict[str, Any
         dataset.env_id = str(meta["env_id"])
     for key in ("ref_min_score", "ref_max_score"):
         if key in meta:
-            setattr(dataset, key, float(meta[key]))
+            setattr(dataset, key, _reference(meta[key], key, source))
     validate(dataset)
     return dataset
 
@@ -233,8 +268,22 @@ def _scalar(value: Any) -> Any:
 
 
 def _load_npz(path: Path) -> OfflineDataset:
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # np.savez writes a zip; anything else would reach numpy's pickle fallback
+        size = path.stat().st_size
+        raise DatasetError(f"{path} is not a readable .npz file ({'empty' if size == 0 else f'{size} bytes, not a zip archive'}); "
+                           "re-save it with np.savez")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # object arrays: never unpickle a data file
+            raise DatasetError(f"{path} holds arrays of Python objects, which orl does not load (unpickling runs code); "
+                               "save plain numeric arrays (np.savez with float/int/bool arrays)") from exc
+        raise DatasetError(f"{path} is not a readable .npz file ({exc}); re-save it with np.savez") from exc
+    except Exception as exc:  # zero-byte, truncated, garbage: zipfile, OSError, EOFError, ...
+        raise DatasetError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); re-save it with np.savez") from exc
     meta = {k: _scalar(arrays.pop(k)) for k in ("env_id", "ref_min_score", "ref_max_score") if k in arrays}
     return _from_arrays(arrays, str(path), meta)
 
@@ -242,9 +291,12 @@ def _load_npz(path: Path) -> OfflineDataset:
 def _load_hdf5(path: Path) -> OfflineDataset:
     import h5py
 
-    with h5py.File(path, "r") as f:
-        arrays = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-        meta = {k: _scalar(v) for k, v in f.attrs.items()}
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+            meta = {k: _scalar(v) for k, v in f.attrs.items()}
+    except Exception as exc:  # zero-byte, truncated, not HDF5: OSError and friends from h5py
+        raise DatasetError(f"{path} is not a readable HDF5 file ({type(exc).__name__}: {exc}); check the download or re-save it") from exc
     meta.update({k: _scalar(arrays.pop(k)) for k in ("env_id", "ref_min_score", "ref_max_score") if k in arrays})
     return _from_arrays(arrays, str(path), meta)
 
@@ -274,9 +326,36 @@ def _load_d4rl(match: re.Match) -> OfflineDataset:
     return dataset
 
 
+def minari_hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Minari remote (MINARI_REMOTE, default the Hugging Face hub) answers a TCP connect: minari
+    itself retries an unreachable hub for ~25 s before it gives up."""
+    import socket
+    from urllib.parse import urlparse
+
+    remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+    if remote.startswith("hf://"):
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    elif remote.startswith("gcp://"):
+        host = "storage.googleapis.com"
+    else:
+        return True  # an unknown remote kind: let minari try
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_minari(dataset_id: str, download: bool) -> OfflineDataset:
     import minari
 
+    local = sorted(minari.list_local_datasets().keys())
+    if dataset_id not in local and (not download or not minari_hub_reachable()):
+        raise DatasetError(
+            f"Minari dataset {dataset_id!r} is not on this machine" + (" and the Minari hub cannot be reached" if download else "")
+            + f". Run `minari download {dataset_id}` on a machine with internet (and copy ~/.minari/datasets), or give a path "
+            f"ending in .npz/.hdf5. Local datasets: {local or 'none'}."
+        )
     try:
         ds = minari.load_dataset(dataset_id, download=download)
     except Exception as exc:  # minari raises several types for "not local and not reachable"
@@ -317,6 +396,9 @@ def _load_minari(dataset_id: str, download: bool) -> OfflineDataset:
 # --------------------------------------------------------------------------------------------
 def validate(dataset: OfflineDataset) -> None:
     """Reject data that would silently poison training."""
+    if len(dataset) == 0:
+        raise DatasetError(f"{dataset.source}: no usable transition (without next_observations, the last step of every "
+                           "trajectory is dropped, as in D4RL's qlearning_dataset); give more data or next_observations")
     for name in ("observations", "actions", "rewards", "next_observations"):
         array = getattr(dataset, name)
         bad = ~np.isfinite(array)
@@ -326,6 +408,10 @@ def validate(dataset: OfflineDataset) -> None:
                 f"{dataset.source}: {name} has {bad.sum()} NaN/inf value(s), first at transition(s) {rows[:5].tolist()}; "
                 "clean or drop those transitions before training"
             )
+    largest = float(np.abs(dataset.rewards).max()) if len(dataset) else 0.0
+    if largest > REWARD_LIMIT:
+        raise DatasetError(f"{dataset.source}: rewards reach {largest:.3g}; a discounted return of that (r / (1 - gamma)) overflows "
+                           "float32 in the TD targets. Rescale them (data.reward=scale_shift data.reward_scale=...)")
     for name in ("terminals", "timeouts"):
         values = np.unique(getattr(dataset, name))
         if not np.isin(values, (0.0, 1.0)).all():

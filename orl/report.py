@@ -47,8 +47,16 @@ class Run:
     online_episodes: list[tuple[int, float]] = field(default_factory=list)  # normalized return of online episodes
     q_mean: list[tuple[int, float]] = field(default_factory=list)
     switch_step: int | None = None  # global step where the online phase began (None: offline only)
+    last_step: int = 0              # the last step metrics.jsonl has a row for
     finished: bool = True
     normalized: bool = True         # scored by the D4RL-normalized score (else the mean return)
+
+    def reached(self, steps: int, online_steps: int) -> bool:
+        """Whether the run logged the last step of a run of `steps` offline and `online_steps` online steps (the
+        offline part of an init_from run is the step its online phase started at)."""
+        if online_steps > 0 and self.switch_step is None:
+            return False
+        return self.last_step >= (self.switch_step if self.switch_step is not None else steps) + online_steps
 
     @property
     def final(self) -> float:
@@ -115,18 +123,17 @@ def load_run(path: Path, group_by: Sequence[str] = ()) -> Run:
     key = "eval/normalized_mean" if all("eval/normalized_mean" in r for r in evals) else "eval/return_mean"
     online_rows = [r for r in rows if "train/online_step" in r]
     switch = int(online_rows[0]["step"] - online_rows[0]["train/online_step"]) if online_rows else None
-    online_steps = int(_select(config, "online.steps") or 0)
-    planned = (switch if switch is not None else int(config.get("steps") or 0)) + online_steps
-    finished = max(r["step"] for r in rows) >= planned and (online_steps == 0 or switch is not None)
     label = str(config.get("tag") or config["agent"].get("name", "?"))
     extra = [f"{k}={_select(config, k)}" for k in group_by]
-    return Run(
+    run = Run(
         path=path, label=label + (f"[{','.join(extra)}]" if extra else ""), dataset=str(config.get("dataset")),
         seed=int(config.get("seed") or 0), curve=[(int(r["step"]), float(r[key])) for r in evals],
         online_episodes=[(int(r["step"]), float(r["online/episode_normalized"])) for r in rows if "online/episode_normalized" in r],
         q_mean=[(int(r["step"]), float(r["train/q_mean"])) for r in rows if "train/q_mean" in r],
-        switch_step=switch, finished=finished, normalized=key == "eval/normalized_mean",
+        switch_step=switch, last_step=int(max(r["step"] for r in rows)), normalized=key == "eval/normalized_mean",
     )
+    run.finished = run.reached(int(config.get("steps") or 0), int(_select(config, "online.steps") or 0))
+    return run
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:

@@ -1,10 +1,21 @@
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+try:
+    # rliable (orl-report) imports absl.logging, whose handler keeps the sys.stderr of the moment (here pytest's
+    # capture) and closes it when hydra's logging setup replaces the handlers: pytest's capture then fails.
+    # Pointing it at the real stderr, which absl never closes, keeps in-process CLI tests independent.
+    import absl.logging
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+except ImportError:
+    pass
 
 
 @pytest.fixture(autouse=True)

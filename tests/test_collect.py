@@ -96,3 +96,67 @@ def test_interrupted_collection_resumes_to_identical_datasets(pendulum_collectio
         for field in ("observations", "actions", "rewards", "terminals", "timeouts"):
             np.testing.assert_array_equal(getattr(resumed, field), getattr(reference, field), err_msg=f"{level}.{field}")
         assert resumed.ref_min_score == reference.ref_min_score
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing a user collected is lost (issue 15)
+def _tiny(tmp_path, **changes):
+    from orl.collect import CollectConfig
+
+    values = dict(env="Pendulum-v1", levels=("random", "medium"), size=200, sac_steps=400, random_steps=200, snapshot_every=200,
+                  snapshot_episodes=1, ref_episodes=2, seed=0, work_dir=str(tmp_path / "work"), progress=False)
+    return CollectConfig(**{**values, **changes})
+
+
+def _fingerprint(ds_id):
+    from orl.data import make_dataset
+
+    data = make_dataset(ds_id, download=False)
+    return float(data.rewards.sum()), len(data)
+
+
+def test_collect_with_other_settings_stops_and_names_them(tmp_path, monkeypatch):
+    from orl.collect import collect
+    from orl.errors import ConfigError
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    ids = collect(_tiny(tmp_path))
+    before = {level: _fingerprint(ds_id) for level, ds_id in ids.items()}
+    with pytest.raises(ConfigError, match=r"sac_steps=400 there, 600 now"):
+        collect(_tiny(tmp_path, sac_steps=600))
+    assert {level: _fingerprint(ds_id) for level, ds_id in ids.items()} == before
+
+
+def test_overwrite_swaps_in_new_datasets_only_after_success(tmp_path, monkeypatch):
+    import orl.collect
+    from orl.collect import collect
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    ids = collect(_tiny(tmp_path))
+    before = {level: _fingerprint(ds_id) for level, ds_id in ids.items()}
+    (tmp_path / "work" / ".orl-overwrite" / "stale").mkdir(parents=True)  # a crashed earlier overwrite: started clean
+
+    real_write = orl.collect.write_minari
+    calls = []
+
+    def write_then_fail(ds_id, *args, **kwargs):
+        calls.append(ds_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops it half-way, after one new level was written
+        return real_write(ds_id, *args, **kwargs)
+
+    monkeypatch.setattr(orl.collect, "write_minari", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        collect(_tiny(tmp_path, seed=1, overwrite=True))
+    assert {level: _fingerprint(ds_id) for level, ds_id in ids.items()} == before  # untouched
+    assert not (tmp_path / "work" / ".orl-overwrite" / "stale").exists()
+
+    monkeypatch.setattr(orl.collect, "write_minari", real_write)
+    collect(_tiny(tmp_path, sac_steps=600, overwrite=True))
+    after = {level: _fingerprint(ds_id) for level, ds_id in ids.items()}
+    assert after != before and after["random"][1] == 200
+    saved = json.loads((tmp_path / "work" / "pendulum" / "seed0" / "collect_config.json").read_text())
+    assert saved["sac_steps"] == 600  # the work directory moved in with the datasets
+    assert not (tmp_path / "work" / ".orl-overwrite").exists()
+    assert not any(p.name.endswith(".orl-overwrite") for p in tmp_path.iterdir())
+    collect(_tiny(tmp_path, sac_steps=600))  # the new collection is now the one settings are checked against

@@ -122,25 +122,46 @@ def test_rloo_sampler_follows_its_seed(models):
     assert draws[0] == draws[1] and draws[0] != draws[2]
 
 
-# --- the matrix: every agent runs a few steps on every architecture --------------------------------
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_lm_agent_on_every_architecture(models, arch):
+# --- the matrix: the env and every agent through orl-train on every architecture -----------------
+MATRIX_AGENTS = ("alol", "dpo", "reward_model", "rloo")
+
+
+def matrix_data(root):
+    import json
+
+    files = {"alol": [{"prompt": p, "response": c, "reward": r} for p, c, r in zip(PROMPTS, CHOSEN, [0.9, 0.2, 0.5])],
+             "dpo": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)],
+             "rloo": [{"prompt": p} for p in PROMPTS]}
+    files["reward_model"] = files["dpo"]
+    paths = {}
+    for agent, rows in files.items():
+        paths[agent] = root / f"{agent}.jsonl"
+        paths[agent].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+@pytest.mark.parametrize("arch", (*ARCHS, "llama_bf16"))
+def test_every_lm_agent_through_orl_train_on_every_architecture(models, arch, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from orl.cli import CONFIG_DIR, run_train
+    from orl.logger import read_metrics
+
     path = models[arch]
-    reward = lambda prompt, response: float(len(response.split()))  # noqa: E731
-    dpo = orl.make_agent("dpo", SPACE, SPACE, {"model_path": path})
-    pairs = pair_buffer(dpo.tokenizer, PROMPTS, CHOSEN, REJECTED, device="cpu")
-    dpo.prepare(pairs)
-    assert torch.isfinite(dpo.update(pairs.sample(3))["loss"])
-    alol = orl.make_agent("alol", SPACE, SPACE, {"model_path": path, "value_epochs": 1})
-    rows = text_buffer(alol.tokenizer, PROMPTS, CHOSEN, [0.9, 0.2, 0.5], device="cpu")
-    prompts_only = text_buffer(alol.tokenizer, PROMPTS, [""] * 3, None, device="cpu")
-    alol.fit_value(prompts_only.input_ids, prompts_only.attention_mask * (1 - prompts_only.response_mask), torch.tensor([0.3, 0.3, 0.3]))
-    alol.prepare(rows)
-    assert torch.isfinite(alol.update(rows.sample(3))["loss"])
-    reward_model = orl.make_agent("reward_model", SPACE, SPACE, {"model_path": path})
-    assert torch.isfinite(reward_model.update(pairs.sample(3))["loss"])
-    rloo = orl.make_agent("rloo", SPACE, SPACE, {"model_path": path, "max_new_tokens": 4, "samples_per_prompt": 2})
-    assert math.isfinite(rloo.train_step(PROMPTS, reward)["loss"])
+    data = matrix_data(tmp_path)
+    agent_options = {"alol": ["agent.value_epochs=1"], "rloo": ["agent.max_new_tokens=3", "agent.samples_per_prompt=2"]}
+    for agent in MATRIX_AGENTS:
+        run_dir = tmp_path / agent
+        overrides = [f"agent={agent}", f"dataset={data[agent]}", f"lm.model={path}", "lm.max_new_tokens=3", "lm.num_eval_prompts=2",
+                     "lm.num_value_prompts=3", "steps=2", "eval.every=2", "batch_size=2", "log.every=1", "log.progress=false",
+                     "log.tensorboard=false", "device=cpu", f"run_dir={run_dir}", *agent_options.get(agent, [])]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            summary = run_train(compose(config_name="train", overrides=overrides))
+        rows = read_metrics(run_dir)
+        assert [r["step"] for r in rows if "train/loss" in r] == [1, 2], agent
+        assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r), agent
+        assert math.isfinite(summary["return_mean"]), agent  # evaluated through the token env (pair accuracy for the RM)
+        assert (run_dir / "hf" / "config.json").exists() == (agent != "reward_model")
     model, tokenizer = load_lm(path)
     env = VectorTokenEnv(tokenizer, ["", *PROMPTS], max_new_tokens=3, eos_ids=eos_token_ids(tokenizer, model))
     out = rollout(KVCachePolicy(model), env, greedy=True)

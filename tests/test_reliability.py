@@ -207,3 +207,19 @@ def test_config_values_are_validated_before_any_data_loads(override, message):
         cfg = compose(config_name="train", overrides=["dataset=/does/not/exist.npz", override])
     with pytest.raises(ConfigError, match=message):  # not the missing dataset: validation comes first
         run_train(cfg)
+
+
+def test_unknown_minari_id_fails_fast_when_the_hub_is_unreachable(monkeypatch):
+    import socket
+    import time
+
+    from orl.data import DatasetError, make_dataset
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.time()
+    with pytest.raises(DatasetError, match=r"not on this machine and the Minari hub cannot be reached.*minari download mujoco/hopper/medium-v0"):
+        make_dataset("mujoco/hopper/medium-v0")
+    assert time.time() - start < 5  # minari alone retries for ~25 s

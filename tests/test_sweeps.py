@@ -197,8 +197,10 @@ def test_a_results_only_run_is_skipped_and_an_unresumable_one_refused(tmp_path):
     from orl.errors import RunDirError
 
     done = fake_run(tmp_path / "done", "bc", "d", 0, [(500, 1.0), (1000, 2.0)])
-    assert run_is_finished(done)  # committed results: config + metrics, no checkpoint
+    assert run_is_finished(done, 1000, 0)  # committed results: config + metrics, no checkpoint
     torn = fake_run(tmp_path / "torn", "bc", "d", 0, [(500, 1.0)])
     with pytest.raises(RunDirError, match="no checkpoint.pt"):
-        run_is_finished(torn)
+        run_is_finished(torn, 1000, 0)
+    with pytest.raises(RunDirError, match="no checkpoint.pt"):
+        run_is_finished(done, 2000, 0)  # asked to go on past where it ended: needs its checkpoint
     assert (torn / "metrics.jsonl").exists()

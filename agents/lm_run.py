@@ -1,0 +1,151 @@
+"""`orl-train` on text data: the wiring of a language-model run, beside the LM agents it serves.
+
+The CLI only dispatches here (dataset = a `.jsonl` file or a Hugging Face datasets directory). What differs
+between LM agents is declared by the agents themselves (agents/lm_common.py::LMAgent):
+  * `data_kind`: which rows they train on: "rewarded" {prompt, response, reward} (A-LoL), "pairs"
+    {prompt, chosen, rejected} (DPO, reward models) or "prompts" {prompt} (RLOO, which generates online);
+  * `prepare_run(run)`: work before the first step (A-LoL fits V_ref on the reference's generations,
+    DPO caches reference log-probs);
+  * `evaluate_run(run)`: what an evaluation reports (generation by default; pair accuracy for a reward
+    model); `exports_policy`: whether run_dir/hf receives the trained policy.
+A new LM agent is one file plus one yaml, as for control.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from orl.errors import ConfigError, DataError, DataFileNotFound
+
+
+@dataclass
+class TextRun:
+    """What an LM agent may need before and while it trains."""
+
+    rows: list[dict]               # the validated (and chat-rendered) training rows
+    tokenizer: Any
+    buffer: Any                    # SequenceBuffer | PairBuffer | PromptBuffer, by the agent's data_kind
+    eval_prompts: list[str]        # held-out prompts that fit the context with max_new_tokens
+    reward_fn: Callable[[str, str], float]
+    max_new_tokens: int
+    limits: dict[str, int | None]  # max_length / max_prompt_length of training rows
+    num_value_prompts: int
+    seed: int
+    device: torch.device
+
+
+def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Train one LM agent on a text dataset as `cfg` describes; returns the final evaluation summary."""
+    from agents.lm_common import pair_buffer, render_chat, save_hf, text_buffer
+    from envs.lm import VectorTokenEnv, context_length, encode_prompt, load_tokenizer
+    from envs.text_rewards import make_text_reward
+    from orl.agent import agent_class, make_agent
+    from orl.cli import resolve_run_dir, trainer_config, write_run_config
+    from orl.sequence import JSONL_FIELDS, PromptBuffer, load_text_rows
+    from orl.trainer import Trainer
+
+    lm = cfg.lm
+    agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
+    agent_name = agent_cfg.pop("name")
+    kind = agent_class(agent_name).data_kind
+    if kind is None:
+        raise ConfigError(f"agent {agent_name!r} trains on control transitions, not text; dataset={cfg.dataset} is a text dataset. "
+                          "Use a language-model agent (alol, dpo, reward_model, rloo) or a .npz/.hdf5/Minari dataset")
+    rows = load_text_rows(str(cfg.dataset), kind)  # the data is checked before any model loads
+    model_path = _policy_path(cfg)
+    agent_cfg["model_path"] = model_path
+    # The reward for A-LoL's value targets, RLOO's returns and evaluation: a built-in, a sequence-classification
+    # model by path, or an orl reward_model run directory.
+    reward_fn = make_text_reward(str(lm.reward), device)
+    tokenizer = load_tokenizer(model_path)
+    rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[kind] if f != "reward"])
+    eval_prompts = _eval_prompts(cfg, rows)
+    probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
+    agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
+    agent.reward_fn = reward_fn
+
+    # Rows longer than the context are truncated (TRL's max_length / max_prompt_length), with a warning.
+    # Defaults: the model's context, and prompts that leave room for max_new_tokens (as generation needs).
+    context = context_length(agent.nets["policy"], tokenizer)
+    max_length = int(lm.max_length) if lm.get("max_length") else context
+    default_prompt = max_length - int(lm.max_new_tokens) if max_length and max_length > int(lm.max_new_tokens) else None
+    limits = dict(max_length=max_length, max_prompt_length=int(lm.max_prompt_length) if lm.get("max_prompt_length") else default_prompt)
+    if context:  # generation needs prompt + max_new_tokens within the context: longer evaluation prompts are skipped
+        fitting = [p for p in eval_prompts if len(encode_prompt(tokenizer, p)) + int(lm.max_new_tokens) <= context]
+        if not fitting:
+            raise DataError(f"no evaluation prompt fits the model's context ({context} tokens) with lm.max_new_tokens={lm.max_new_tokens}; "
+                            "give shorter prompts with lm.eval_prompts=<file> or lower lm.max_new_tokens")
+        if len(fitting) < len(eval_prompts):
+            warnings.warn(f"skipped {len(eval_prompts) - len(fitting)} of {len(eval_prompts)} evaluation prompts longer than "
+                          f"{context} - {lm.max_new_tokens} tokens", stacklevel=2)
+        eval_prompts = fitting
+
+    if kind == "prompts":
+        buffer = PromptBuffer([r["prompt"] for r in rows], device)
+    elif kind == "rewarded":
+        buffer = text_buffer(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], [r["reward"] for r in rows], device, **limits)
+    else:
+        buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device, **limits)
+    run = TextRun(rows, tokenizer, buffer, eval_prompts, reward_fn, int(lm.max_new_tokens), limits, int(lm.num_value_prompts),
+                  int(cfg.seed), device)
+    prepared = agent.prepare_run(run)
+    if prepared:
+        print(f"[orl] {agent_name} data: {prepared}")
+
+    run_dir = resolve_run_dir(cfg, agent_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
+    trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
+    trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
+    result = trainer.train(resume=bool(cfg.resume))
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    if agent.exports_policy:
+        # The trained policy in Hugging Face format: AutoModelForCausalLM.from_pretrained(run_dir / "hf").
+        save_hf(agent.nets["policy"], tokenizer, run_dir / "hf")
+        summary["hf_model"] = str(run_dir / "hf")
+        print(f"[orl] policy saved in Hugging Face format: {run_dir / 'hf'}")
+    if result is not None:
+        summary.update(result.metrics(prefix=""))
+        print(f"[orl] final evaluation on {len(result.returns)} responses: mean reward {result.mean_return:.3f}, length {result.lengths.mean():.1f}")
+    print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    return summary
+
+
+def _policy_path(cfg: DictConfig) -> str:
+    """lm.model, or with init_from another LM run's trained policy (its run_dir/hf): offline then online for
+    LMs, e.g. DPO then RLOO, that policy also being the new KL reference. The embedded tiny GPT-2 is built on
+    first use."""
+    lm = cfg.lm
+    if cfg.get("init_from"):
+        path = str(Path(str(cfg.init_from)) / "hf")
+        if not Path(path, "config.json").exists():
+            raise DataFileNotFound(f"init_from={cfg.init_from}: no Hugging Face model at {path}; give the run directory of an "
+                                   "orl-train LM run (dpo, alol, rloo), which writes run_dir/hf")
+        print(f"[orl] starting from the policy of {cfg.init_from}")
+        return path
+    path = str(lm.model)
+    if path == str(lm.embedded_model) and not Path(path, "config.json").exists():
+        from envs.tiny_lm import build_tiny_lm
+
+        print(f"[orl] building the embedded tiny GPT-2 at {path} (first run only)")
+        build_tiny_lm(path)
+    return path
+
+
+def _eval_prompts(cfg: DictConfig, rows: list[dict]) -> list[str]:
+    """lm.eval_prompts (a file, one prompt per line), else the dataset's distinct prompts, the last ones first."""
+    lm = cfg.lm
+    if lm.eval_prompts:
+        path = Path(str(lm.eval_prompts))
+        if not path.is_file():
+            raise DataFileNotFound(f"lm.eval_prompts={path} does not exist; give a text file with one prompt per line")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise DataError(f"lm.eval_prompts={path} holds no prompt")
+        return prompts
+    return list(dict.fromkeys(r["prompt"] for r in reversed(rows)))[: int(lm.num_eval_prompts)]
