@@ -6,6 +6,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 import math
+import os
 import warnings
 from typing import Any, Sequence
 
@@ -56,6 +57,7 @@ class LMAgent(Agent):
             self.nets["reference"] = AdapterDisabled(policy) if lora_r > 0 else copy.deepcopy(policy).eval().requires_grad_(False)
         # R(prompt, response) for agents that generate while training (RLOO); set by whoever runs them.
         self.reward_fn = None
+        self.data_parallel = DataParallel(self.device)
 
     def make_policy_optimizer(self, params, lr: float, weight_decay: float = 0.0) -> None:
         """AdamW on `params` plus the LR schedule of the config: linear warmup over `lr_warmup_steps`,
@@ -88,18 +90,20 @@ class LMAgent(Agent):
         optimizer = self.optimizers["policy"]
         optimizer.zero_grad(set_to_none=True)
         total, sums = 0.0, {}
-        for micro in split_batch(batch, parts):
+        for micro in split_batch(self.data_parallel.shard(batch), parts):
             loss, metrics = losses(micro)
             (loss / parts).backward()
             total = total + loss.detach() / parts
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / parts
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.data_parallel.average_gradients(params)  # the gradient of the whole global batch
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         optimizer.step()
         if "policy" in self.schedulers:
             self.schedulers["policy"].step()
-        return {"loss": total, "grad_norm": grad_norm, "lr": torch.tensor(optimizer.param_groups[0]["lr"]), **sums}
+        metrics = self.data_parallel.average({"loss": total, **sums})
+        return {**metrics, "grad_norm": grad_norm, "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
 
     # --- hooks for orl-train (agents/lm_run.py) ----------------------------------------------------
     def prepare_run(self, run) -> dict[str, float] | None:
@@ -150,6 +154,50 @@ class LMAgent(Agent):
         if "reference" in self.nets:
             nets.update({f"reference.{k}": v for k, v in self.nets["reference"].state_dict().items()})
         super().load_state_dict({**state, "nets": nets}, strict=strict, load_optimizers=load_optimizers)
+
+
+class DataParallel:
+    """This process's share of `accelerate launch` data parallelism (one process, a no-op, outside it).
+
+    Every process samples the same global batch (same seed), takes its equal slice, and the gradients and
+    logged metrics are averaged over the processes (accelerate's `reduce`) before the optimizer step. N
+    processes with batch_size=B therefore take the steps one process takes with B: the same loss curve.
+    """
+
+    def __init__(self, device: torch.device):
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState  # sets up the process group the launcher describes (gloo on CPU)
+
+            state = PartialState(cpu=device.type == "cpu")
+            self.rank, self.world = state.process_index, state.num_processes
+
+    def shard(self, batch):
+        if self.world == 1:
+            return batch
+        if len(batch) % self.world:
+            from orl.errors import ConfigError
+
+            raise ConfigError(f"batch_size={len(batch)} is not divisible by the {self.world} data-parallel processes")
+        return split_batch(batch, self.world)[self.rank]
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        if self.world == 1:
+            return
+        from accelerate.utils import reduce
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")  # one collective, not one per tensor
+        for param, chunk in zip(params, flat.split([g.numel() for g in grads])):
+            param.grad = chunk.view_as(param).clone()
+
+    def average(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.world == 1 or not metrics:
+            return metrics
+        from accelerate.utils import reduce
+
+        values = reduce(torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in metrics.values()]), reduction="mean")
+        return dict(zip(metrics, values))
 
 
 def split_batch(batch, parts: int) -> list:

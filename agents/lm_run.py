@@ -12,6 +12,7 @@ A new LM agent is one file plus one yaml, as for control.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,14 +98,22 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     if prepared:
         print(f"[orl] {agent_name} data: {prepared}")
 
-    run_dir = resolve_run_dir(cfg, agent_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    parallel = agent.data_parallel  # under `accelerate launch`: process 0 picks the run directory, the others learn it
+    run_dir = resolve_run_dir(cfg, agent_name) if parallel.rank == 0 else None
+    if parallel.world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        run_dir = Path(broadcast_object_list([str(run_dir) if run_dir is not None else ""])[0])
+    if parallel.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if parallel.world > 1:
+        print(f"[orl] data parallel: process {parallel.rank} of {parallel.world}, batch_size={cfg.batch_size} in all")
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
     trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
     result = trainer.train(resume=bool(cfg.resume))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
-    if agent.exports_policy:
+    if agent.exports_policy and parallel.rank == 0:
         # The trained policy in Hugging Face format: AutoModelForCausalLM.from_pretrained(run_dir / "hf").
         save_hf(agent.nets["policy"], tokenizer, run_dir / "hf")
         summary["hf_model"] = str(run_dir / "hf")
@@ -129,11 +138,20 @@ def _policy_path(cfg: DictConfig) -> str:
         print(f"[orl] starting from the policy of {cfg.init_from}")
         return path
     path = str(lm.model)
-    if path == str(lm.embedded_model) and not Path(path, "config.json").exists():
+    if path == str(lm.embedded_model):
+        import contextlib
+
         from envs.tiny_lm import build_tiny_lm
 
-        print(f"[orl] building the embedded tiny GPT-2 at {path} (first run only)")
-        build_tiny_lm(path)
+        first = contextlib.nullcontext()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # data parallel: process 0 builds it, the others then load it
+            from accelerate import PartialState
+
+            first = PartialState().main_process_first()
+        with first:
+            if not Path(path, "config.json").exists():
+                print(f"[orl] building the embedded tiny GPT-2 at {path} (first run only)")
+                build_tiny_lm(path)
     return path
 
 

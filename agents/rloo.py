@@ -43,7 +43,7 @@ class RLOO(LMAgent):
             raise ValueError("the leave-one-out baseline needs samples_per_prompt >= 2")
         super().__init__(obs_space, action_space, cfg, device)
         self.make_policy_optimizer(self.nets["policy"].parameters(), cfg.lr)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.data_parallel.rank)
 
     def _generate(self, prompts: Sequence[str], reward_fn, greedy: bool, kl: bool):
         from envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, context_length, eos_token_ids, rollout
@@ -77,6 +77,7 @@ class RLOO(LMAgent):
         loss = -(advantages * log_prob).mean()
         self.optimizers["policy"].zero_grad(set_to_none=True)
         loss.backward()
+        self.data_parallel.average_gradients([p for p in self.nets["policy"].parameters() if p.requires_grad])
         torch.nn.utils.clip_grad_norm_(self.nets["policy"].parameters(), self.cfg.grad_clip)
         self.optimizers["policy"].step()
         if "policy" in self.schedulers:
@@ -91,7 +92,9 @@ class RLOO(LMAgent):
         """One Trainer step (orl-train agent=rloo): k samples per prompt of the batch, one policy-gradient step."""
         if self.reward_fn is None:
             raise RuntimeError("set agent.reward_fn = R(prompt, response) before training RLOO (orl-train does it from lm.reward)")
-        return {k: torch.tensor(v) for k, v in self.train_step(batch.prompts, self.reward_fn).items()}
+        # Data parallel: this process answers its slice of the prompts; its sampler is offset by its rank.
+        metrics = self.train_step(self.data_parallel.shard(batch).prompts, self.reward_fn)
+        return self.data_parallel.average({k: torch.tensor(v) for k, v in metrics.items()})
 
     def extra_state(self) -> dict:
         return {"generator": self.generator.get_state()}  # exact resume: the sampler continues where it was

@@ -60,6 +60,8 @@ def setup_torch(device: str, threads: int | None) -> torch.device:
     busy, and these networks are too small to gain from intra-op parallelism anyway.
     """
     resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if resolved.type == "cuda" and resolved.index is None and "LOCAL_RANK" in os.environ:  # accelerate launch / torchrun
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if threads is not None:
         torch.set_num_threads(int(threads))
     elif resolved.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:

@@ -25,10 +25,16 @@ class Logger:
     On resume, rows past the checkpoint step are dropped so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        # Disabled (the other processes of a data-parallel run): rows are checked and returned, nothing is written.
+        self.enabled = enabled
+        self._file = None
+        self.writer = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [json.dumps(row) for row in _parse_rows(self.path) if row["step"] <= resume_step]
             # Rewritten atomically: a crash here leaves the old file, never half of it.
@@ -38,7 +44,6 @@ class Logger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")
-        self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -56,6 +61,8 @@ class Logger:
                     f"{key} became {value} at step {step}; training diverged (try a lower learning rate, "
                     "reward scaling, or check the dataset for extreme values)"
                 )
+        if self._file is None:
+            return row
         self._file.write(json.dumps({"step": step, **row}) + "\n")
         self._file.flush()
         if self.writer is not None:
@@ -68,7 +75,8 @@ class Logger:
             self.writer.add_histogram(name, values.detach().cpu(), step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self.writer is not None:
             self.writer.close()
 

@@ -11,6 +11,7 @@ state is its RNG, so a resumed run repeats an uninterrupted one exactly on CPU.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,9 @@ class Trainer:
         # Called as fn(trainer) once training is about to start (after a successful resume): the CLI
         # writes the run's config.yaml there, so a resume that fails leaves the old one.
         self.start_callbacks: list[Callable[["Trainer"], None]] = []
+        # Under a distributed launcher (accelerate launch, torchrun) every process trains; process 0 alone
+        # evaluates and writes metrics, checkpoints and the run's files.
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
 
     @property
     def total_steps(self) -> int:
@@ -123,9 +127,9 @@ class Trainer:
             return None
         if resume_step is not None:
             print(f"[orl] resuming {self.run_dir} from step {resume_step}")
-        for callback in self.start_callbacks:
+        for callback in self.start_callbacks if self.is_main else ():
             callback(self)
-        self.logger = Logger(self.run_dir, self.cfg.tensorboard, resume_step)
+        self.logger = Logger(self.run_dir, self.cfg.tensorboard, resume_step, enabled=self.is_main)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True, unit="step")
         self._bar = bar
         try:
@@ -153,8 +157,9 @@ class Trainer:
             # Kept beside checkpoint.pt (which the online phase overwrites) so one pre-training can seed
             # several fine-tuning runs: orl-finetune init_from=<this run dir>.
             self.check_finite()
-            save_checkpoint({"agent": self.agent.state_dict(), "step": self.step, "reward_transform": self.reward_transform.state_dict()},
-                            self.run_dir / OFFLINE_CHECKPOINT)
+            if self.is_main:
+                save_checkpoint({"agent": self.agent.state_dict(), "step": self.step, "reward_transform": self.reward_transform.state_dict()},
+                                self.run_dir / OFFLINE_CHECKPOINT)
 
     def _watch(self, metrics: dict[str, Any]) -> None:
         scalars = [v for v in metrics.values() if isinstance(v, torch.Tensor) and v.dim() == 0]
@@ -190,6 +195,8 @@ class Trainer:
             self.run_evaluation()
 
     def run_evaluation(self) -> EvalResult | None:
+        if not self.is_main:
+            return None
         if self.evaluator is not None:
             result = self.evaluator(self.agent)
         elif self.env_fn is None or self.cfg.eval_episodes <= 0:
@@ -340,6 +347,8 @@ class Trainer:
             "reward_transform": self.reward_transform.state_dict(),
             "time": time.time(),
         }
+        if not self.is_main:
+            return
         if self.online is not None:
             state["online_buffer"] = self.online.state_dict()
             state["env_rng"] = {
