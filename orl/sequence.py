@@ -224,8 +224,6 @@ def _validated_row(row, kind: str, where: str) -> dict:
         elif not isinstance(row[key], str) and not _is_messages(row[key]):
             raise DataError(f"{where}: {key} must be a string or a list of chat messages "
                             f"[{{\"role\": ..., \"content\": ...}}], got {type(row[key]).__name__}")
-        elif not row[key] or (isinstance(row[key], str) and not row[key].strip()):
-            raise DataError(f"{where}: {key} is empty; every row needs a non-empty {key} (drop the row or fill it in)")
     return row
 
 

@@ -53,6 +53,13 @@ def main() -> None:
     parser.add_argument("--rloo-steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--methods", nargs="+", default=["alol", "dpo", "rloo"], choices=["alol", "dpo", "rloo"])
+    parser.add_argument("--dpo-lr", type=float, default=3e-5,
+                        help="DPO's learning rate, chosen on the validation prompts (--select-on val): 3e-4, the A-LoL/RLOO rate, "
+                             "over-optimizes (responses 2-3x longer, one seed in three at or below the reference)")
+    parser.add_argument("--dpo-beta", type=float, default=0.1)
+    parser.add_argument("--select-on", choices=["test", "val"], default="test",
+                        help="val: evaluate on the 128 validation prompts instead (for choosing settings without the test prompts)")
     parser.add_argument("--out", default="results/lm_demo")
     parser.add_argument("--model-dir", default="data/tiny-lm")
     args = parser.parse_args()
@@ -81,46 +88,69 @@ def main() -> None:
                "alol": [], "dpo": [], "rloo": [], "data": {"alol_rows": len(rewarded_rows), "dpo_pairs": len(pair_rows),
                                                            "data_reward_mean": float(np.mean(rewards))}}
     val_texts, val_rewards = sample_responses(ref_model, tokenizer, val_prompts, args.max_new_tokens, seed=0, greedy=True)
+    if args.select_on == "val":
+        test_prompts = val_prompts
+        results["reference"] = [evaluate_lm(ref_model, tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=s) for s in args.seeds]
     for seed in args.seeds:
         torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        # A-LoL: value head on pi_ref's greedy validation generations, then advantage-weighted training.
-        alol = orl.make_agent("alol", SPACE, SPACE, {"model_path": model_path, "lr": 3e-4})
-        prompt_buffer = text_buffer(tokenizer, val_prompts, [""] * len(val_prompts), None, "cpu")
-        alol.fit_value(prompt_buffer.input_ids, prompt_buffer.attention_mask * (1 - prompt_buffer.response_mask), torch.tensor(val_rewards), seed=seed)
-        buffer = text_buffer(tokenizer, [r["prompt"] for r in rewarded_rows], [r["response"] for r in rewarded_rows],
-                             [r["reward"] for r in rewarded_rows], "cpu")
-        stats = alol.prepare(buffer)
-        for _ in range(args.steps):
-            alol.update(buffer.sample(args.batch_size, generator))
-        results["alol"].append({**evaluate_lm(alol.nets["policy"], tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=seed), **stats})
+        # each method samples its batches from its own generator: its numbers do not depend on which others ran
+        if "alol" in args.methods:
+            results["alol"].append(run_alol(args, model_path, tokenizer, val_prompts, val_rewards, rewarded_rows, test_prompts, seed,
+                                            torch.Generator().manual_seed(seed)))
+        if "dpo" in args.methods:
+            torch.manual_seed(seed)
+            results["dpo"].append(run_dpo(args, model_path, tokenizer, pair_rows, test_prompts, seed, torch.Generator().manual_seed(seed)))
+        if "rloo" in args.methods:
+            torch.manual_seed(seed)
+            results["rloo"].append(run_rloo(args, model_path, tokenizer, train_prompts, test_prompts, seed))
+        print(f"seed {seed}: " + ", ".join(f"{k} {results[k][-1]['reward']:.3f}" for k in ("reference", *args.methods)), flush=True)
+    finish(args, results, start, out, len(test_prompts))
 
-        dpo = orl.make_agent("dpo", SPACE, SPACE, {"model_path": model_path, "lr": 3e-4, "beta": 0.1})
-        pbuffer = pair_buffer(tokenizer, [r["prompt"] for r in pair_rows], [r["chosen"] for r in pair_rows], [r["rejected"] for r in pair_rows], "cpu")
-        dpo.prepare(pbuffer)
-        for _ in range(args.steps):
-            metrics = dpo.update(pbuffer.sample(args.batch_size, generator))
-        results["dpo"].append({**evaluate_lm(dpo.nets["policy"], tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=seed),
-                               "train_accuracy": float(metrics["accuracy"])})
 
-        rloo = orl.make_agent("rloo", SPACE, SPACE, {"model_path": model_path, "lr": 3e-4, "max_new_tokens": args.max_new_tokens})
-        rloo.generator.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        for _ in range(args.rloo_steps):
-            rloo.train_step([train_prompts[i] for i in rng.choice(len(train_prompts), args.batch_size)], increasing_numbers)
-        results["rloo"].append(evaluate_lm(rloo.nets["policy"], tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=seed))
-        print(f"seed {seed}: " + ", ".join(f"{k} {results[k][-1]['reward']:.3f}" for k in ("reference", "alol", "dpo", "rloo")), flush=True)
+def run_alol(args, model_path, tokenizer, val_prompts, val_rewards, rewarded_rows, test_prompts, seed, generator) -> dict:
+    # A-LoL: value head on pi_ref's greedy validation generations, then advantage-weighted training.
+    alol = orl.make_agent("alol", SPACE, SPACE, {"model_path": model_path, "lr": 3e-4})
+    prompt_buffer = text_buffer(tokenizer, val_prompts, [""] * len(val_prompts), None, "cpu")
+    alol.fit_value(prompt_buffer.input_ids, prompt_buffer.attention_mask * (1 - prompt_buffer.response_mask), torch.tensor(val_rewards), seed=seed)
+    buffer = text_buffer(tokenizer, [r["prompt"] for r in rewarded_rows], [r["response"] for r in rewarded_rows],
+                         [r["reward"] for r in rewarded_rows], "cpu")
+    stats = alol.prepare(buffer)
+    for _ in range(args.steps):
+        alol.update(buffer.sample(args.batch_size, generator))
+    return {**evaluate_lm(alol.nets["policy"], tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=seed), **stats}
 
+
+def run_dpo(args, model_path, tokenizer, pair_rows, test_prompts, seed, generator) -> dict:
+    dpo = orl.make_agent("dpo", SPACE, SPACE, {"model_path": model_path, "lr": args.dpo_lr, "beta": args.dpo_beta})
+    pbuffer = pair_buffer(tokenizer, [r["prompt"] for r in pair_rows], [r["chosen"] for r in pair_rows], [r["rejected"] for r in pair_rows], "cpu")
+    dpo.prepare(pbuffer)
+    for _ in range(args.steps):
+        metrics = dpo.update(pbuffer.sample(args.batch_size, generator))
+    return {**evaluate_lm(dpo.nets["policy"], tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=seed),
+            "train_accuracy": float(metrics["accuracy"])}
+
+
+def run_rloo(args, model_path, tokenizer, train_prompts, test_prompts, seed) -> dict:
+    rloo = orl.make_agent("rloo", SPACE, SPACE, {"model_path": model_path, "lr": 3e-4, "max_new_tokens": args.max_new_tokens})
+    rloo.generator.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(args.rloo_steps):
+        rloo.train_step([train_prompts[i] for i in rng.choice(len(train_prompts), args.batch_size)], increasing_numbers)
+    return evaluate_lm(rloo.nets["policy"], tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=seed)
+
+
+def finish(args, results: dict, start: float, out: Path, n_prompts: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results["seconds"] = round(time.time() - start, 1)
     results["command"] = "python scripts/lm_demo.py " + " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items())
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = ["| model | reward | length (tokens) | distinct-1 | distinct-2 |", "|---|---:|---:|---:|---:|"]
-    for name in ("reference", "alol", "dpo", "rloo"):
+    for name in ("reference", *args.methods):
         rows = results[name]
         cell = lambda key: f"{np.mean([r[key] for r in rows]):.3f} ± {np.std([r[key] for r in rows]):.3f}"  # noqa: E731
         lines.append(f"| {name} | {cell('reward')} | {cell('length')} | {cell('distinct_1')} | {cell('distinct_2')} |")
-    table = "\n".join(lines) + f"\n\n{len(args.seeds)} seeds, {len(test_prompts)} held-out prompts, sampled responses; {results['seconds']:.0f} s on CPU.\n"
+    where = "validation" if args.select_on == "val" else "held-out test"
+    table = "\n".join(lines) + f"\n\n{len(args.seeds)} seeds, {n_prompts} {where} prompts, sampled responses; {results['seconds']:.0f} s on CPU.\n"
     (out / "table.md").write_text(table)
     print(table)
 

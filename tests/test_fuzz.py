@@ -139,8 +139,9 @@ TEXT_CASES = {
     "non-UTF-8 bytes": (b'{"prompt": "a", "response": "b", "reward": 1.0}\n{"prompt": "\xff\xfe", "response": "b", "reward": 1.0}\n', [":2", "UTF-8"]),
     "a line that is not an object": (b'{"prompt": "a", "response": "b", "reward": 1.0}\n[1, 2]\n', [":2", "object"]),
     "invalid JSON": (b'{"prompt": "a", "response": "b", "reward": 1.0}\n{"prompt": \n', [":2", "JSON"]),
-    "empty prompt": (b'{"prompt": "", "response": "b", "reward": 1.0}\n', [":1", "prompt", "empty"]),
-    "empty response": (b'{"prompt": "a", "response": "  ", "reward": 1.0}\n', [":1", "response", "empty"]),
+    # (empty prompts and responses are valid data: a response that is only EOS, a prompt that is only BOS)
+    "a prompt that is a number": (b'{"prompt": 3, "response": "b", "reward": 1.0}\n', [":1", "prompt"]),
+    "a chat message without content": (b'{"prompt": [{"role": "user"}], "response": "b", "reward": 1.0}\n', [":1", "prompt"]),
     "reward not a number": (b'{"prompt": "a", "response": "b", "reward": "high"}\n', [":1", "reward"]),
     "no rows": (b"\n\n", ["no rows"]),
 }
