@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from agents.lm_common import LMAgent, LMConfig, _tokenize
 from orl.agent import register
+from orl.preferences import preference_loss
 from orl.sequence import PairBatch, SequenceBatch, build_sequences, position_ids
 
 
@@ -31,10 +31,8 @@ class RewardModelConfig(LMConfig):
 
 
 def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | torch.Tensor = 0.0, center_coef: float = 0.0) -> torch.Tensor:
-    loss = -F.logsigmoid(chosen - rejected - margin).mean()
-    if center_coef:
-        loss = loss + center_coef * (chosen + rejected).pow(2).mean()
-    return loss
+    """-log sigma(r_chosen - r_rejected - margin) (+ centering): the one Bradley–Terry loss of orl.preferences, label 1."""
+    return preference_loss(chosen, rejected, 1.0, margin, center_coef)
 
 
 @register("reward_model")

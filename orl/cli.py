@@ -105,20 +105,16 @@ def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
 
 def run_is_finished(run_dir: Path, steps: int, online_steps: int) -> bool:
     """The run in `run_dir` logged the last step of a run of `steps` + `online_steps` (read from its metrics.jsonl,
-    so it also holds for committed results without checkpoints). An unfinished run there without a checkpoint
-    cannot be resumed."""
+    so it also holds for committed results without checkpoints). An unfinished run without a checkpoint (killed
+    before its first one) starts again from step 0 and logs the same rows again."""
     from orl.report import load_run
 
     if not (run_dir / "metrics.jsonl").exists():
         return False
     try:
-        finished = load_run(run_dir).reached(steps, online_steps)
+        return load_run(run_dir).reached(steps, online_steps)
     except ValueError:
-        finished = False
-    if not finished and not (run_dir / "checkpoint.pt").exists():
-        raise RunDirError(f"{run_dir} holds an unfinished run's metrics.jsonl but no checkpoint.pt to resume from; "
-                          "move it away (nothing was changed in it) or choose another run_dir")
-    return finished
+        return False
 
 
 def write_run_config(run_dir: Path, cfg: DictConfig) -> None:

@@ -192,15 +192,11 @@ def test_offline_to_online_columns(tmp_path):
     assert not waiting.finished  # never reached the online phase
 
 
-def test_a_results_only_run_is_skipped_and_an_unresumable_one_refused(tmp_path):
+def test_a_results_only_run_is_skipped_and_an_unfinished_one_is_not(tmp_path):
     from orl.cli import run_is_finished
-    from orl.errors import RunDirError
 
     done = fake_run(tmp_path / "done", "bc", "d", 0, [(500, 1.0), (1000, 2.0)])
     assert run_is_finished(done, 1000, 0)  # committed results: config + metrics, no checkpoint
-    torn = fake_run(tmp_path / "torn", "bc", "d", 0, [(500, 1.0)])
-    with pytest.raises(RunDirError, match="no checkpoint.pt"):
-        run_is_finished(torn, 1000, 0)
-    with pytest.raises(RunDirError, match="no checkpoint.pt"):
-        run_is_finished(done, 2000, 0)  # asked to go on past where it ended: needs its checkpoint
-    assert (torn / "metrics.jsonl").exists()
+    assert not run_is_finished(done, 2000, 0)  # asked to go on past where it ended
+    killed_early = fake_run(tmp_path / "early", "bc", "d", 0, [(500, 1.0)])  # killed before its first checkpoint
+    assert not run_is_finished(killed_early, 1000, 0)

@@ -1,0 +1,103 @@
+"""Preference data for control (issue 13, first part): segment pairs as start indices, scripted teachers,
+label files checked against their data, and the one Bradley–Terry loss."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from orl.data import OfflineDataset
+from orl.errors import DataError
+from orl.preferences import PreferencePairs, Teacher, dataset_checksum, preference_loss, scripted_preferences, segment_starts
+
+
+def hand_made(lengths=(5, 3, 7), rewards=None) -> OfflineDataset:
+    """Trajectories of the given lengths (each ends in a timeout), reward = position in the file unless given."""
+    n = sum(lengths)
+    obs = np.arange(n, dtype=np.float32)[:, None]
+    timeouts = np.zeros(n, np.float32)
+    timeouts[np.cumsum(lengths) - 1] = 1
+    next_obs = obs + 1  # continuous: trajectory boundaries come from the timeouts only
+    reward = np.arange(n, dtype=np.float32) if rewards is None else np.asarray(rewards, np.float32)
+    return OfflineDataset(obs, np.zeros((n, 1), np.float32), reward, next_obs, np.zeros(n, np.float32), timeouts, source="hand-made")
+
+
+def test_bt_loss_with_soft_labels_and_ties():
+    a, b = torch.tensor([2.0]), torch.tensor([0.0])
+    assert preference_loss(a, b, 1.0).item() == pytest.approx(math.log(1 + math.exp(-2)))
+    assert preference_loss(a, b, 0.0).item() == pytest.approx(math.log(1 + math.exp(2)))
+    tie = 0.5 * (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2)))
+    assert preference_loss(a, b, 0.5).item() == pytest.approx(tie)
+    # segment scores are sums of per-step rewards: a tie is minimized where the sums are equal
+    diff = torch.zeros(1, requires_grad=True)
+    preference_loss(diff, torch.zeros(1), 0.5).backward()
+    assert diff.grad.item() == pytest.approx(0.0)
+    # batched, mixed labels: the mean of the per-query losses
+    scores_a, scores_b, labels = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 1.0, 3.0]), torch.tensor([1.0, 0.0, 0.5])
+    assert preference_loss(scores_a, scores_b, labels).item() == pytest.approx((2 * math.log(1 + math.exp(-1)) + math.log(2)) / 3)
+
+
+def test_segments_never_cross_a_trajectory_boundary():
+    data = hand_made((5, 3, 7))
+    assert segment_starts(data, 3).tolist() == [0, 1, 2, 5, 8, 9, 10, 11, 12]
+    assert segment_starts(data, 6).tolist() == [8, 9]
+    assert segment_starts(data, 8).tolist() == []
+    pairs = scripted_preferences(hand_made((40, 25, 35)), queries=300, length=10, seed=1)
+    episodes = hand_made((40, 25, 35)).episode_ids()
+    index = pairs.segment_indices()
+    assert (episodes[index] == episodes[index[:, :, :1]]).all()
+    assert (pairs.starts[:, 0] != pairs.starts[:, 1]).all()
+
+
+def test_teachers_on_known_returns():
+    rng = np.random.default_rng(0)
+    # segment a: returns 10, 3, 5, 5; segment b: 4, 3, 9, 5 (H = 2)
+    a = np.array([[5.0, 5.0], [1.0, 2.0], [5.0, 0.0], [2.5, 2.5]])
+    b = np.array([[2.0, 2.0], [2.0, 1.0], [0.0, 9.0], [2.0, 3.0]])
+    labels, kept = Teacher().label(a, b, rng)
+    assert labels.tolist() == [1.0, 0.5, 0.0, 0.5] and kept.all()  # rational: the larger return; equal returns tie
+    labels, _ = Teacher(tie_threshold=1.5).label(a, b, rng)
+    assert labels.tolist() == [1.0, 0.5, 0.0, 0.5]
+    labels, _ = Teacher(tie_threshold=5.0).label(a, b, rng)  # return gaps 6, 0, 4, 0
+    assert labels.tolist() == [1.0, 0.5, 0.5, 0.5]
+    # myopic gamma = 0: only the last step counts (5 vs 2, 2 vs 1, 0 vs 9, 2.5 vs 3)
+    labels, _ = Teacher(gamma=0.0).label(a, b, rng)
+    assert labels.tolist() == [1.0, 1.0, 0.0, 0.0]
+    labels, _ = Teacher(mistake=1.0).label(a, b, rng)
+    assert labels.tolist() == [0.0, 0.5, 1.0, 0.5]  # every preference flipped, ties stay ties
+    labels, kept = Teacher(skip_threshold=6.0).label(a, b, rng)
+    assert kept.tolist() == [True, False, True, False] and labels.tolist() == [1.0, 0.0]
+    # stochastic: beta = 0 is a coin flip, a large beta the rational teacher
+    many_a, many_b = np.tile(a[:1], (4000, 1)), np.tile(b[:1], (4000, 1))
+    assert abs(Teacher(beta=0.0).label(many_a, many_b, rng)[0].mean() - 0.5) < 0.05
+    assert Teacher(beta=50.0).label(many_a, many_b, rng)[0].mean() == 1.0
+    p = 1 / (1 + math.exp(-0.2 * 6))  # beta 0.2, R_a - R_b = 6
+    assert abs(Teacher(beta=0.2).label(many_a, many_b, rng)[0].mean() - p) < 0.03
+
+
+def test_label_file_roundtrip_and_checks(tmp_path):
+    data = hand_made((40, 25, 35))
+    pairs = scripted_preferences(data, queries=50, length=10, teacher=Teacher(mistake=0.1), seed=3)
+    pairs.save(tmp_path / "labels.npz")
+    loaded = PreferencePairs.load(tmp_path / "labels.npz", data)
+    assert np.array_equal(loaded.starts, pairs.starts) and np.array_equal(loaded.labels, pairs.labels)
+    assert loaded.teacher["mistake"] == 0.1 and loaded.checksum == dataset_checksum(data)
+    # labels made on other data: refused by checksum
+    other = hand_made((40, 25, 35), rewards=np.ones(100))
+    with pytest.raises(DataError, match="holds other data"):
+        PreferencePairs.load(tmp_path / "labels.npz", other)
+    # indices beyond the data, and a segment across a boundary: clear errors
+    from orl.preferences import check_segments
+
+    with pytest.raises(DataError, match="reach index 104, but hand-made has 100 transitions"):
+        check_segments(np.array([[0, 95]]), 10, data, "labels.npz")
+    with pytest.raises(DataError, match="query 1 has a segment that crosses a trajectory boundary"):
+        check_segments(np.array([[0, 1], [35, 0]]), 10, data, "labels.npz")
+
+
+def test_split_keeps_every_query_once():
+    pairs = scripted_preferences(hand_made((40, 25, 35)), queries=40, length=5, seed=0)
+    train, held_out = pairs.split(0.25, seed=1)
+    assert len(train) == 30 and len(held_out) == 10
+    seen = {tuple(s) for s in train.starts} | {tuple(s) for s in held_out.starts}
+    assert seen == {tuple(s) for s in pairs.starts}
