@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import os
 import re
 import sys
@@ -161,6 +162,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"agent {cfg.agent.name} trains language models on text data; give a .jsonl file or a Hugging Face "
                           f"datasets directory as dataset= (got {cfg.dataset}), or a control agent for this dataset")
     dataset = load_or_collect(cfg)
+    learned = None
+    if str(cfg.data.reward).startswith("learned:"):
+        dataset, learned = relabel_with_reward_model(dataset, cfg)
     if len(dataset) < int(cfg.batch_size):
         raise DatasetError(f"{cfg.dataset}: {len(dataset)} transitions, fewer than one batch (batch_size={cfg.batch_size}); "
                            "lower batch_size or give more data")
@@ -213,6 +217,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     trainer = Trainer(agent, run_dir, trainer_config(cfg, offline_steps), buffer, lambda: make_env(env_id), ref,
                       reward_transform=prepared.reward_transform)
     trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
+    if learned is not None:  # the run records which reward model labelled its data
+        trainer.start_callbacks.append(lambda _: (run_dir / "learned_reward.json").write_text(json.dumps(learned, indent=1)))
     if initial_state is not None and not resuming:
         try:
             agent.load_state_dict(initial_state["agent"])  # networks, targets, temperature, optimizer moments, step
@@ -229,6 +235,29 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[orl] final evaluation over {len(result.returns)} episodes: return {result.mean_return:.1f}, {score}")
     print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
     return summary
+
+
+def relabel_with_reward_model(dataset, cfg: DictConfig):
+    """data.reward=learned:<reward model>: every reward replaced by the ensemble-mean learned reward (P-IQL and
+    friends); returns the relabelled dataset and a record of the model (path, sha256, labels, metrics)."""
+    import hashlib
+
+    from orl.preferences import dataset_checksum, load_reward_model, relabel
+
+    if int(cfg.online.steps) > 0:
+        raise ConfigError("data.reward=learned:... relabels offline data only; an online phase would mix learned and environment "
+                          "rewards. Run it offline (online.steps=0)")
+    path = Path(str(cfg.data.reward).split(":", 1)[1])
+    model, record = load_reward_model(path)
+    if (model.obs_dim, model.action_dim) != (dataset.obs_dim, dataset.action_dim):
+        raise DataError(f"reward model {path} takes observations of size {model.obs_dim} and actions of size {model.action_dim}, "
+                        f"but {cfg.dataset} has {dataset.obs_dim} and {dataset.action_dim}")
+    file = path / "reward_model.pt" if path.is_dir() else path
+    learned = {"reward_model": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "normalize": str(cfg.data.learned_reward_norm),
+               "labels_source": record["source"], "labels": record["labels"], "metrics": record["metrics"],
+               "same_data_as_labels": record["checksum"] == dataset_checksum(dataset)}
+    print(f"[orl] rewards relabelled by {file} (held-out accuracy {record['metrics'].get('held_out_accuracy', float('nan')):.3f})")
+    return relabel(dataset, model, str(cfg.data.learned_reward_norm)), learned
 
 
 def load_or_collect(cfg: DictConfig):

@@ -449,7 +449,8 @@ def check_env_compatible(dataset: OfflineDataset, env: Any, action_tolerance: fl
 class DataConfig:
     normalize_obs: bool = True
     obs_std_eps: float = 1e-3
-    reward: str = "raw"  # raw | scale_shift | iql_locomotion
+    reward: str = "raw"  # raw | scale_shift | iql_locomotion | learned:<orl-prefs reward model dir or file>
+    learned_reward_norm: str = "none"  # learned rewards: none | minmax | standard
     reward_scale: float = 1.0
     reward_shift: float = 0.0
     clip_actions: float | None = None  # e.g. 0.99999 for tanh log-probs of dataset actions
@@ -493,8 +494,10 @@ class PreparedData:
 
 def reward_transform(dataset: OfflineDataset, cfg: DataConfig) -> RewardTransform:
     """The run's reward transform from `data.reward*` (iql_locomotion reads the dataset's return range)."""
+    if cfg.reward.startswith("learned:"):  # rewards already relabelled by a preference reward model (orl-train does it)
+        return RewardTransform(1.0, 0.0, cfg.reward)
     if cfg.reward not in ("raw", "scale_shift", "iql_locomotion"):
-        raise DatasetError(f"data.reward must be raw, scale_shift or iql_locomotion, got {cfg.reward!r}")
+        raise DatasetError(f"data.reward must be raw, scale_shift, iql_locomotion or learned:<reward model>, got {cfg.reward!r}")
     scale = 1.0
     if cfg.reward == "iql_locomotion":
         # IQL (locomotion): r * 1000 / (max trajectory return - min trajectory return).

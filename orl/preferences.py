@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -175,3 +176,213 @@ def scripted_preferences(dataset: OfflineDataset, queries: int, length: int, tea
     labels, kept = teacher.label(dataset.rewards[steps[:, 0]].astype(np.float64), dataset.rewards[steps[:, 1]].astype(np.float64), rng)
     return PreferencePairs(pairs[kept], labels, length, dataset.source, dataset_checksum(dataset),
                            {"kind": "scripted", "seed": seed, **asdict(teacher)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# A Bradley–Terry reward model for control: an ensemble of MLPs r(s, a), trained on segment pairs
+@dataclass
+class RewardModelConfig:
+    """Defaults follow Uni-RLHF's MLP reward model (Clean-Offline-RLHF rlhf/train_reward_model.py): an
+    ensemble of 3 MLPs with a tanh output, Adam 3e-4; training stops early once the ensemble's accuracy on
+    the training queries reaches `stop_accuracy`."""
+
+    ensemble_size: int = 3
+    hidden: tuple[int, ...] = (256, 256)
+    lr: float = 3e-4
+    batch_size: int = 64           # queries per step
+    max_epochs: int = 300
+    stop_accuracy: float = 0.97    # ensemble-mean accuracy on the non-tie training queries
+    held_out: float = 0.1          # share of the queries kept out of training, for the held-out accuracy
+    tanh_output: bool = True       # r in (-1, 1)
+    seed: int = 0
+
+
+class RewardEnsemble(torch.nn.Module):
+    """r_k(s, a) for k members, one batched network (orl.nn.Critic); observations are standardized with the
+    statistics of the data it was trained on (kept in the module, so it relabels raw data)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, cfg: RewardModelConfig):
+        super().__init__()
+        from orl.nn import Critic
+
+        self.cfg, self.obs_dim, self.action_dim = cfg, obs_dim, action_dim
+        self.net = Critic(obs_dim, action_dim, cfg.ensemble_size, cfg.hidden)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """(E, *batch) per-step rewards of every member."""
+        shape = obs.shape[:-1]
+        rewards = self.net((obs.reshape(-1, obs.shape[-1]) - self.obs_mean) / self.obs_std, action.reshape(-1, action.shape[-1]))
+        rewards = torch.tanh(rewards) if self.cfg.tanh_output else rewards
+        return rewards.reshape(len(rewards), *shape)
+
+    @torch.no_grad()
+    def predict(self, obs: np.ndarray, action: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        """Ensemble-mean reward of every (s, a), as float32 numpy."""
+        device = self.obs_mean.device
+        out = [self(torch.as_tensor(obs[i:i + chunk], device=device), torch.as_tensor(action[i:i + chunk], device=device)).mean(0)
+               for i in range(0, len(obs), chunk)]
+        return torch.cat(out).cpu().numpy().astype(np.float32)
+
+
+def _accuracy(returns_a: torch.Tensor, returns_b: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of non-tie queries where the larger predicted return is the preferred segment's."""
+    decided = labels != 0.5
+    if not bool(decided.any()):
+        return float("nan")
+    return float(((returns_a > returns_b).float() == labels)[decided].float().mean())
+
+
+def train_reward_model(dataset: OfflineDataset, pairs: PreferencePairs, cfg: RewardModelConfig | None = None,
+                       device: torch.device | str = "cpu") -> tuple[RewardEnsemble, dict[str, float]]:
+    """Fit a RewardEnsemble on `pairs` (each member on every minibatch, its own initialization) and report
+    training and held-out accuracy on non-tie queries and, as the data has true rewards, the correlation of
+    the learned with the true per-step reward."""
+    cfg = cfg or RewardModelConfig()
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    train, held_out = pairs.split(cfg.held_out, cfg.seed)
+    model = RewardEnsemble(dataset.obs_dim, dataset.action_dim, cfg).to(device)
+    model.obs_mean.copy_(torch.as_tensor(dataset.observations.mean(0)))
+    model.obs_std.copy_(torch.as_tensor(dataset.observations.std(0) + 1e-3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    obs, actions = torch.as_tensor(dataset.observations, device=device), torch.as_tensor(dataset.actions, device=device)
+
+    def returns(part: PreferencePairs, rows: torch.Tensor | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(part.segment_indices(), device=device)[rows]          # (M, 2, H)
+        rewards = model(obs[index], actions[index])                                     # (E, M, 2, H)
+        segment = rewards.sum(-1)
+        return segment[..., 0], segment[..., 1]                                         # (E, M) each
+
+    labels = torch.as_tensor(train.labels, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    epochs, train_accuracy = 0, float("nan")
+    for epochs in range(1, cfg.max_epochs + 1):
+        for rows in torch.randperm(len(train), generator=generator, device=device).split(cfg.batch_size):
+            ret_a, ret_b = returns(train, rows)
+            # one BT loss per member, summed: the members train independently on the same queries
+            loss = sum(preference_loss(ret_a[k], ret_b[k], labels[rows]) for k in range(cfg.ensemble_size))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            ret_a, ret_b = returns(train)
+            train_accuracy = _accuracy(ret_a.mean(0), ret_b.mean(0), labels)
+        if train_accuracy >= cfg.stop_accuracy:
+            break
+    metrics = {"epochs": float(epochs), "train_accuracy": train_accuracy, "train_queries": float(len(train)),
+               "held_out_queries": float(len(held_out))}
+    with torch.no_grad():
+        if len(held_out):
+            ret_a, ret_b = returns(held_out)
+            metrics["held_out_accuracy"] = _accuracy(ret_a.mean(0), ret_b.mean(0), torch.as_tensor(held_out.labels, device=device))
+    learned = model.predict(dataset.observations, dataset.actions)
+    if learned.std() > 0 and dataset.rewards.std() > 0:
+        metrics["reward_correlation"] = float(np.corrcoef(learned, dataset.rewards)[0, 1])
+    return model, metrics
+
+
+def save_reward_model(path: str | Path, model: RewardEnsemble, pairs: PreferencePairs, metrics: dict[str, float]) -> None:
+    """One file with the weights, the config, the labels' provenance and the training metrics."""
+    from orl.checkpoint import save_checkpoint
+
+    save_checkpoint({"state": model.state_dict(), "config": asdict(model.cfg), "obs_dim": model.obs_dim, "action_dim": model.action_dim,
+                     "source": pairs.source, "checksum": pairs.checksum, "labels": {"queries": len(pairs), "length": pairs.length,
+                                                                                    "teacher": pairs.teacher},
+                     "metrics": metrics}, Path(path))
+
+
+def load_reward_model(path: str | Path) -> tuple[RewardEnsemble, dict]:
+    """(model, record) from a file written by save_reward_model, or a directory holding reward_model.pt."""
+    from orl.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "reward_model.pt"
+    if not path.is_file():
+        raise DataError(f"no reward model at {path}; train one with `orl-prefs reward` (it writes <out>/reward_model.pt)")
+    record = load_checkpoint(path, map_location="cpu")
+    config = dict(record["config"])
+    config["hidden"] = tuple(config["hidden"])
+    model = RewardEnsemble(record["obs_dim"], record["action_dim"], RewardModelConfig(**config))
+    model.load_state_dict(record["state"])
+    return model.eval(), record
+
+
+def relabel(dataset: OfflineDataset, model: RewardEnsemble, normalize: str = "none") -> OfflineDataset:
+    """A copy of `dataset` whose rewards are the ensemble-mean learned reward; `normalize`: none (Uni-RLHF's
+    P-IQL uses the tanh output as it is) | minmax (to [0, 1]) | standard (zero mean, unit std)."""
+    import dataclasses
+
+    rewards = model.predict(dataset.observations, dataset.actions)
+    if normalize == "minmax":
+        rewards = (rewards - rewards.min()) / max(float(rewards.max() - rewards.min()), 1e-8)
+    elif normalize == "standard":
+        rewards = (rewards - rewards.mean()) / max(float(rewards.std()), 1e-8)
+    elif normalize != "none":
+        raise DataError(f"learned reward normalization must be none, minmax or standard, got {normalize!r}")
+    return dataclasses.replace(dataset, rewards=rewards.astype(np.float32), source=dataset.source)
+
+
+# ---------------------------------------------------------------------------------------------------
+def prefs_main(argv: list[str] | None = None) -> None:
+    """orl-prefs: from an orl dataset to preference labels, and from labels to a reward model.
+
+        orl-prefs label orl/hopper/medium-replay-v0 --queries 2000 --length 50 --out prefs.npz [--mistake 0.1]
+        orl-prefs reward orl/hopper/medium-replay-v0 prefs.npz --out runs/rm/hopper
+        orl-train agent=iql dataset=orl/hopper/medium-replay-v0 data.reward=learned:runs/rm/hopper      # P-IQL
+    """
+    import argparse
+    import sys
+
+    from orl.data import make_dataset
+    from orl.errors import OrlError
+
+    parser = argparse.ArgumentParser(prog="orl-prefs", description=prefs_main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    label = sub.add_parser("label", help="scripted preference labels over segment pairs of a dataset")
+    label.add_argument("dataset", help="a Minari id, D4RL name or .npz/.hdf5 path (as orl-train's dataset=)")
+    label.add_argument("--queries", type=int, default=2000)
+    label.add_argument("--length", type=int, default=50, help="segment length H")
+    label.add_argument("--beta", type=float, default=math.inf, help="stochastic teacher: P(a > b) = sigmoid(beta (R_a - R_b)); inf = rational")
+    label.add_argument("--gamma", type=float, default=1.0, help="myopic teacher: step t of H weighs gamma^(H-1-t)")
+    label.add_argument("--mistake", type=float, default=0.0, help="flip each label with this probability")
+    label.add_argument("--tie-threshold", type=float, default=0.0, help="returns closer than this are a tie (label 0.5)")
+    label.add_argument("--skip-threshold", type=float, default=None, help="drop queries where neither return reaches this")
+    label.add_argument("--seed", type=int, default=0)
+    label.add_argument("--out", required=True, help="label file (.npz)")
+    reward = sub.add_parser("reward", help="train a Bradley-Terry reward ensemble on labels")
+    reward.add_argument("dataset")
+    reward.add_argument("labels", help="a label file from `orl-prefs label` made on this dataset")
+    reward.add_argument("--out", required=True, help="directory for reward_model.pt and metrics.json")
+    reward.add_argument("--ensemble-size", type=int, default=RewardModelConfig.ensemble_size)
+    reward.add_argument("--max-epochs", type=int, default=RewardModelConfig.max_epochs)
+    reward.add_argument("--stop-accuracy", type=float, default=RewardModelConfig.stop_accuracy)
+    reward.add_argument("--held-out", type=float, default=RewardModelConfig.held_out)
+    reward.add_argument("--seed", type=int, default=0)
+    reward.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if getattr(args, "device", "cpu") == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # small networks; a second thread only contends on shared machines
+    try:
+        dataset = make_dataset(args.dataset)
+        if args.command == "label":
+            teacher = Teacher(args.beta, args.gamma, args.mistake, args.tie_threshold, args.skip_threshold)
+            pairs = scripted_preferences(dataset, args.queries, args.length, teacher, args.seed)
+            pairs.save(args.out)
+            ties = float((pairs.labels == 0.5).mean())
+            print(f"[orl-prefs] {len(pairs)} queries of {args.length} steps from {dataset.source} ({ties:.0%} ties) -> {args.out}")
+        else:
+            pairs = PreferencePairs.load(args.labels, dataset)
+            cfg = RewardModelConfig(ensemble_size=args.ensemble_size, max_epochs=args.max_epochs, stop_accuracy=args.stop_accuracy,
+                                    held_out=args.held_out, seed=args.seed)
+            model, metrics = train_reward_model(dataset, pairs, cfg, args.device)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            save_reward_model(out / "reward_model.pt", model.cpu(), pairs, metrics)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            print(f"[orl-prefs] reward model -> {out / 'reward_model.pt'}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    except OrlError as exc:
+        print(f"orl-prefs: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -101,3 +101,104 @@ def test_split_keeps_every_query_once():
     assert len(train) == 30 and len(held_out) == 10
     seen = {tuple(s) for s in train.starts} | {tuple(s) for s in held_out.starts}
     assert seen == {tuple(s) for s in pairs.starts}
+
+
+# --- the Bradley–Terry reward model for control -----------------------------------------------------
+def pendulum_like(n=3000, seed=0) -> OfflineDataset:
+    """Random 3-d states and 1-d actions with a known reward r = -(s_0^2 + 0.1 a^2), trajectories of 50 steps."""
+    rng = np.random.default_rng(seed)
+    obs = rng.uniform(-1, 1, (n, 3)).astype(np.float32)
+    actions = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    rewards = -(obs[:, 0] ** 2 + 0.1 * actions[:, 0] ** 2)
+    timeouts = np.zeros(n, np.float32)
+    timeouts[49::50] = 1
+    next_obs = np.roll(obs, -1, 0)
+    return OfflineDataset(obs, actions, rewards.astype(np.float32), next_obs, np.zeros(n, np.float32), timeouts, source="known-reward")
+
+
+def test_reward_model_ranks_held_out_pairs_and_recovers_the_reward(tmp_path):
+    from orl.preferences import RewardModelConfig, load_reward_model, relabel, save_reward_model, train_reward_model
+
+    data = pendulum_like()
+    pairs = scripted_preferences(data, queries=400, length=10, seed=0)
+    model, metrics = train_reward_model(data, pairs, RewardModelConfig(ensemble_size=2, hidden=(64, 64), max_epochs=40, held_out=0.2))
+    assert metrics["held_out_accuracy"] > 0.85  # chance is 0.5
+    assert metrics["reward_correlation"] > 0.8
+    save_reward_model(tmp_path / "reward_model.pt", model, pairs, metrics)
+    loaded, record = load_reward_model(tmp_path)
+    assert record["checksum"] == dataset_checksum(data) and record["metrics"] == metrics
+    relabelled = relabel(data, loaded)
+    np.testing.assert_allclose(relabelled.rewards, model.predict(data.observations, data.actions), rtol=1e-6)
+    assert np.abs(relabelled.rewards).max() < 1  # tanh output
+    unit = relabel(data, loaded, "minmax").rewards
+    assert unit.min() == pytest.approx(0.0) and unit.max() == pytest.approx(1.0)
+    assert np.array_equal(relabelled.observations, data.observations)  # only the rewards change
+
+
+def test_ties_pull_segment_returns_together():
+    from orl.preferences import RewardModelConfig, train_reward_model
+
+    data = pendulum_like(1000)
+    pairs = scripted_preferences(data, queries=200, length=5, teacher=Teacher(tie_threshold=1e9), seed=0)  # every query a tie
+    assert (pairs.labels == 0.5).all()
+    index = torch.as_tensor(pairs.segment_indices())
+
+    def gap(epochs):
+        model, _ = train_reward_model(data, pairs, RewardModelConfig(ensemble_size=1, hidden=(32,), max_epochs=epochs, held_out=0.0))
+        with torch.no_grad():
+            returns = model(torch.as_tensor(data.observations)[index], torch.as_tensor(data.actions)[index]).sum(-1)[0]
+        return float((returns[:, 0] - returns[:, 1]).abs().mean())
+
+    assert gap(150) < 0.3 * gap(0)  # a tie is fit by equal segment returns
+
+
+def test_from_a_dataset_to_labels_to_a_reward_model_to_a_relabelled_run_that_resumes_exactly(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    from orl.cli import CONFIG_DIR, run_train
+    from orl.logger import read_metrics
+    from tests.conftest import random_pendulum_arrays
+
+    data = tmp_path / "pendulum.npz"
+    np.savez(data, **random_pendulum_arrays(1200, seed=4))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def prefs(*args):
+        out = subprocess.run([sys.executable, "-c", "import orl.preferences as p; p.prefs_main()", *args], capture_output=True, text=True,
+                             env=env, timeout=300)
+        return out
+
+    assert prefs("label", str(data), "--queries", "150", "--length", "20", "--out", str(tmp_path / "prefs.npz")).returncode == 0
+    made = prefs("reward", str(data), str(tmp_path / "prefs.npz"), "--out", str(tmp_path / "rm"), "--ensemble-size", "2", "--max-epochs", "20")
+    assert made.returncode == 0, made.stderr[-2000:]
+    metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert metrics["held_out_accuracy"] > 0.6 and "reward_correlation" in metrics
+    # labels applied to other data: one clear message, exit 2
+    other = tmp_path / "other.npz"
+    np.savez(other, **random_pendulum_arrays(1200, seed=5))
+    refused = prefs("reward", str(other), str(tmp_path / "prefs.npz"), "--out", str(tmp_path / "rm2"))
+    assert refused.returncode == 2 and "holds other data" in refused.stderr and "Traceback" not in refused.stderr
+
+    def train(run_dir, steps, resume=False):
+        overrides = ["agent=td3bc", f"dataset={data}", "env=Pendulum-v1", f"data.reward=learned:{tmp_path / 'rm'}", f"steps={steps}",
+                     "eval.every=10", "eval.episodes=1", "log.every=5", "checkpoint.every=10", "batch_size=64", "log.progress=false",
+                     "log.tensorboard=false", "device=cpu", f"run_dir={run_dir}", f"resume={str(resume).lower()}"]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return run_train(compose(config_name="train", overrides=overrides))
+
+    train(tmp_path / "full", 20)
+    train(tmp_path / "resumed", 10)
+    train(tmp_path / "resumed", 20, resume=True)
+    assert read_metrics(tmp_path / "full") == read_metrics(tmp_path / "resumed")
+    record = json.loads((tmp_path / "full" / "learned_reward.json").read_text())
+    assert record["reward_model"] == str(tmp_path / "rm" / "reward_model.pt") and record["same_data_as_labels"]
+    assert record["metrics"] == metrics
+    # the run trained on the learned reward, not the environment's
+    from orl.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "full" / "checkpoint.pt")["reward_transform"]["kind"] == f"learned:{tmp_path / 'rm'}"
