@@ -158,7 +158,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         from agents.lm_run import run_text
 
         return run_text(cfg, device)
-    if agent_class(str(cfg.agent.name)).data_kind is not None:
+    if agent_class(str(cfg.agent.name)).data_kind not in (None, "segments"):
         raise ConfigError(f"agent {cfg.agent.name} trains language models on text data; give a .jsonl file or a Hugging Face "
                           f"datasets directory as dataset= (got {cfg.dataset}), or a control agent for this dataset")
     dataset = load_or_collect(cfg)
@@ -209,7 +209,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     returns_to_go = None
     if getattr(agent, "needs_returns_to_go", False):
         returns_to_go = prepared.dataset.returns_to_go(discount, getattr(agent.cfg, "failure_reward", None))
-    buffer = TransitionBuffer.from_dataset(prepared.dataset, device, returns_to_go)
+    if agent.data_kind == "segments":  # CPL: labelled segment pairs of this dataset instead of transitions
+        buffer = segment_buffer(cfg, dataset, prepared.dataset, device)
+    else:
+        buffer = TransitionBuffer.from_dataset(prepared.dataset, device, returns_to_go)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ref = (dataset.ref_min_score, dataset.ref_max_score) if dataset.ref_min_score is not None and dataset.ref_max_score is not None else None
@@ -235,6 +238,19 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[orl] final evaluation over {len(result.returns)} episodes: return {result.mean_return:.1f}, {score}")
     print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
     return summary
+
+
+def segment_buffer(cfg: DictConfig, dataset, prepared_dataset, device: torch.device):
+    """The label file of data.preferences, checked against the raw dataset, over the prepared (normalized) arrays."""
+    from orl.preferences import PreferencePairs, SegmentPairBuffer
+
+    if not cfg.data.get("preferences"):
+        raise ConfigError(f"agent {cfg.agent.name} learns from preferences: give data.preferences=<label file from `orl-prefs label`>")
+    if int(cfg.online.steps) > 0:
+        raise ConfigError(f"agent {cfg.agent.name} learns from labelled segments offline; it has no online phase (online.steps=0)")
+    pairs = PreferencePairs.load(str(cfg.data.preferences), dataset)
+    print(f"[orl] {len(pairs)} preference queries of {pairs.length} steps from {cfg.data.preferences}")
+    return SegmentPairBuffer(prepared_dataset, pairs, device)
 
 
 def relabel_with_reward_model(dataset, cfg: DictConfig):

@@ -386,3 +386,39 @@ def prefs_main(argv: list[str] | None = None) -> None:
     except OrlError as exc:
         print(f"orl-prefs: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segment batches for agents that learn from preferences directly (CPL)
+@dataclass
+class SegmentPairBatch:
+    """B queries: obs (B, 2, H, obs_dim), actions (B, 2, H, action_dim), labels (B,) = P(segment 0 preferred)."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class SegmentPairBuffer:
+    """Labelled segment pairs over device tensors of the (prepared) dataset: a batch is an index gather."""
+
+    def __init__(self, dataset: OfflineDataset, pairs: PreferencePairs, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.obs = torch.as_tensor(dataset.observations, device=self.device)
+        self.actions = torch.as_tensor(dataset.actions, device=self.device)
+        self.index = torch.as_tensor(pairs.segment_indices(), device=self.device)  # (M, 2, H)
+        self.labels = torch.as_tensor(pairs.labels, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> SegmentPairBatch:
+        rows = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
+        index = self.index[rows]
+        return SegmentPairBatch(self.obs[index], self.actions[index], self.labels[rows])
+
+    def state_dict(self) -> dict:
+        return {}  # the pairs are data, re-read from the label file on resume

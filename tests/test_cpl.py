@@ -1,0 +1,113 @@
+"""CPL (issue 13): the loss on known values, lambda on the dispreferred score only, the BC -> CPL switch,
+and a run from a label file through orl-train."""
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import orl
+from agents.cpl import cpl_loss
+from orl.preferences import PreferencePairs, SegmentPairBatch, SegmentPairBuffer, scripted_preferences
+from tests.test_preferences import pendulum_like
+
+SPACE_OBS = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+SPACE_ACT = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def test_cpl_loss_is_its_closed_form():
+    s1, s2 = torch.tensor([2.0]), torch.tensor([1.0])
+    assert cpl_loss(s1, s2, torch.tensor([1.0]), 0.5).item() == pytest.approx(softplus(-(2.0 - 0.5 * 1.0)))
+    assert cpl_loss(s1, s2, torch.tensor([0.0]), 0.5).item() == pytest.approx(softplus(-(1.0 - 0.5 * 2.0)))
+    tie = 0.5 * softplus(-(2.0 - 0.5)) + 0.5 * softplus(-(1.0 - 1.0))
+    assert cpl_loss(s1, s2, torch.tensor([0.5]), 0.5).item() == pytest.approx(tie)
+    # lambda = 1: the Bradley-Terry loss on the scores
+    from orl.preferences import preference_loss
+
+    assert cpl_loss(s1, s2, torch.tensor([0.7]), 1.0).item() == pytest.approx(preference_loss(s1, s2, 0.7).item())
+
+
+def test_lambda_scales_only_the_dispreferred_score():
+    s1, s2 = torch.tensor([2.0], requires_grad=True), torch.tensor([1.0], requires_grad=True)
+    cpl_loss(s1, s2, torch.tensor([1.0]), 0.3).backward()  # segment 1 preferred
+    slope = torch.sigmoid(torch.tensor(-(2.0 - 0.3 * 1.0))).item()
+    assert s1.grad.item() == pytest.approx(-slope)          # the preferred score enters unscaled
+    assert s2.grad.item() == pytest.approx(0.3 * slope)     # the dispreferred one scaled by lambda
+
+
+def segment_batch(batch=8, length=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return SegmentPairBatch(torch.randn(batch, 2, length, 3, generator=g), torch.rand(batch, 2, length, 1, generator=g) * 2 - 1,
+                            torch.randint(0, 2, (batch,), generator=g).float())
+
+
+def test_bc_steps_then_cpl_with_a_fresh_optimizer():
+    import copy
+
+    torch.manual_seed(0)
+    agent = orl.make_agent("cpl", SPACE_OBS, SPACE_ACT, {"bc_steps": 3, "alpha": 1.0, "bc_coef": 0.0})
+    batch = segment_batch()
+    # a BC-phase step is an Adam step on the BC loss alone (no CPL term)
+    replica = copy.deepcopy(agent.nets["actor"])
+    adam = torch.optim.Adam(replica.parameters(), lr=agent.cfg.lr)
+    (-replica.log_prob(batch.obs, batch.actions).mean()).backward()
+    adam.step()
+    first_optimizer = agent.optimizers["actor"]
+    assert agent.update(batch)["bc_phase"].item() == 1.0
+    for mine, theirs in zip(agent.nets["actor"].parameters(), replica.parameters()):
+        torch.testing.assert_close(mine, theirs)
+    assert first_optimizer.state  # moments accumulated during BC
+    for _ in range(2):
+        agent.update(batch)
+    assert agent.optimizers["actor"] is not first_optimizer and not agent.optimizers["actor"].state  # rebuilt at the switch
+    # the first CPL step is a fresh Adam step on the CPL loss
+    replica = copy.deepcopy(agent.nets["actor"])
+    adam = torch.optim.Adam(replica.parameters(), lr=agent.cfg.lr)
+    score = replica.log_prob(batch.obs, batch.actions).sum(-1)
+    cpl_loss(score[:, 0], score[:, 1], batch.labels, agent.cfg.contrastive_bias).backward()
+    adam.step()
+    assert agent.update(batch)["bc_phase"].item() == 0.0
+    for mine, theirs in zip(agent.nets["actor"].parameters(), replica.parameters()):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_cpl_through_orl_train_from_a_label_file(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from orl.cli import CONFIG_DIR, run_train
+    from orl.logger import read_metrics
+    from tests.conftest import random_pendulum_arrays
+
+    data = tmp_path / "pendulum.npz"
+    np.savez(data, **random_pendulum_arrays(1200, seed=4))
+    from orl.data import make_dataset
+
+    dataset = make_dataset(data)
+    scripted_preferences(dataset, queries=100, length=20, seed=0).save(tmp_path / "prefs.npz")
+    overrides = ["agent=cpl", f"dataset={data}", "env=Pendulum-v1", "ref_min_score=-1500", "ref_max_score=0", f"data.preferences={tmp_path / 'prefs.npz'}",
+                 "steps=60", "batch_size=16", "eval.every=60", "eval.episodes=1", "log.every=20", "log.progress=false", "log.tensorboard=false",
+                 "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        summary = run_train(compose(config_name="train", overrides=overrides))
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "train/cpl_loss" in r] == [20, 40, 60]
+    assert math.isfinite(summary["normalized_mean"])
+    # the segment accuracy of the policy's scores rises on the training queries
+    assert rows[-2]["train/accuracy"] >= 0.5 or rows[-3]["train/accuracy"] >= 0.5
+
+
+def test_segment_buffer_gathers_the_labelled_segments():
+    data = pendulum_like(500)
+    pairs = scripted_preferences(data, queries=30, length=6, seed=2)
+    buffer = SegmentPairBuffer(data, pairs)
+    batch = buffer.sample(5, torch.Generator().manual_seed(0))
+    assert batch.obs.shape == (5, 2, 6, 3) and batch.actions.shape == (5, 2, 6, 1)
+    rows = torch.randint(len(buffer), (5,), generator=torch.Generator().manual_seed(0))
+    index = pairs.segment_indices()[rows.numpy()]
+    np.testing.assert_array_equal(batch.obs.numpy(), data.observations[index])
+    np.testing.assert_array_equal(batch.labels.numpy(), pairs.labels[rows.numpy()])
