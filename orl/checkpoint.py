@@ -1,6 +1,7 @@
 """Atomic checkpoints and the random-number state needed for exact resume."""
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orl.errors import DataFileNotFound
+from orl.errors import CheckpointError, DataFileNotFound
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -27,6 +28,11 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a quota, a vanished mount: the previous checkpoint is untouched
+        kept = f"the previous checkpoint {path} is kept" if path.exists() else "no earlier checkpoint exists"
+        reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}. Free space (or fix the path) and "
+                              "continue with resume=true") from exc
     finally:
         if tmp.exists():
             tmp.unlink()

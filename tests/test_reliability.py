@@ -223,3 +223,25 @@ def test_unknown_minari_id_fails_fast_when_the_hub_is_unreachable(monkeypatch):
     with pytest.raises(DatasetError, match=r"not on this machine and the Minari hub cannot be reached.*minari download mujoco/hopper/medium-v0"):
         make_dataset("mujoco/hopper/medium-v0")
     assert time.time() - start < 5  # minari alone retries for ~25 s
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_message_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    from orl.errors import CheckpointError
+
+    save_checkpoint({"step": 1}, tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def half_then_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")  # some bytes land, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_full)
+    with pytest.raises(CheckpointError, match=r"no space left on the device; the previous checkpoint .* is kept.*resume=true"):
+        save_checkpoint({"step": 2}, tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary file left behind
