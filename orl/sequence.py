@@ -176,10 +176,15 @@ def _is_messages(value) -> bool:
                                            for m in value)
 
 
+HUB_PREFIX = "hf:"  # dataset=hf:<hub id>[:<split>], e.g. hf:trl-lib/ultrafeedback_binarized:train
+
+
 def is_text_dataset(spec: str) -> bool:
-    """A `.jsonl` file or a directory written by Hugging Face `datasets` (`save_to_disk`)."""
+    """A `.jsonl` file, a directory written by Hugging Face `datasets` (`save_to_disk`), or `hf:<hub id>`."""
     from pathlib import Path
 
+    if str(spec).startswith(HUB_PREFIX):
+        return True
     path = Path(str(spec)).expanduser()
     return path.suffix == ".jsonl" or (path.is_dir() and any((path / name).exists() for name in ("dataset_dict.json", "state.json")))
 
@@ -189,13 +194,27 @@ def load_text_rows(spec, kind: str) -> list[dict]:
     (its "train" split if it holds several)."""
     from pathlib import Path
 
+    hub = str(spec).startswith(HUB_PREFIX)
     path = Path(str(spec)).expanduser()
-    if path.suffix == ".jsonl" or not path.is_dir():
+    if not hub and (path.suffix == ".jsonl" or not path.is_dir()):
         return load_jsonl(path, kind)
     try:
         import datasets
     except ImportError as exc:
-        raise DataError(f"{path} is a Hugging Face datasets directory; reading it needs `pip install datasets`") from exc
+        raise DataError(f"{spec} is a Hugging Face dataset; reading it needs `pip install datasets`") from exc
+    if hub:
+        # hf:<id>[:<split>] through datasets.load_dataset (downloaded once, then read from the local cache)
+        name, _, split = str(spec)[len(HUB_PREFIX):].partition(":")
+        try:
+            loaded = datasets.load_dataset(name, split=split or "train")
+        except Exception as exc:  # offline, unknown id, missing split: one message
+            raise DataError(f"dataset={spec}: could not load {name!r} (split {split or 'train'!r}) from the Hugging Face hub or its cache "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); on a machine without internet, save it with "
+                            "datasets' save_to_disk elsewhere and give that directory") from exc
+        rows = [_validated_row(dict(row), kind, f"{spec}[{index}]") for index, row in enumerate(loaded)]
+        if not rows:
+            raise DataError(f"{spec} holds no rows")
+        return rows
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:

@@ -460,3 +460,24 @@ def test_top_k_and_top_p_filtering():
     assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.7
     assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
     assert torch.isfinite(filter_logits(logits)).all()
+
+
+def test_hub_dataset_ids_go_through_load_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from orl.errors import DataError
+    from orl.sequence import is_text_dataset, load_text_rows
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        if name == "nobody/missing":
+            raise ConnectionError("hub unreachable")
+        return datasets.Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert is_text_dataset("hf:trl-lib/some-prefs") and not is_text_dataset("mujoco/hopper/medium-v0")
+    rows = load_text_rows("hf:trl-lib/some-prefs:test", "pairs")
+    assert calls == [("trl-lib/some-prefs", "test")] and rows[0]["chosen"] == CHOSEN[0]
+    with pytest.raises(DataError, match="could not load 'nobody/missing'.*save_to_disk"):
+        load_text_rows("hf:nobody/missing", "pairs")
