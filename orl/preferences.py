@@ -179,6 +179,57 @@ def scripted_preferences(dataset: OfflineDataset, queries: int, length: int, tea
 
 
 # ---------------------------------------------------------------------------------------------------
+# Public crowd-sourced label releases
+_NUMPY_GLOBALS = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")} | {
+    ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+def _load_numpy_pickle(path: Path):
+    """A pickle that may hold only numpy arrays, numpy scalars and plain Python containers: any other global
+    (a function, a class with side effects) is refused, so a label file cannot run code."""
+    import pickle
+
+    class NumpyOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in _NUMPY_GLOBALS:
+                return super().find_class(module, name)
+            raise DataError(f"{path} refers to {module}.{name}; a label file may hold only numpy arrays and lists (not loaded)")
+
+    try:
+        with open(path, "rb") as f:
+            return NumpyOnly(f).load()
+    except DataError:
+        raise
+    except Exception as exc:  # truncated, not a pickle
+        raise DataError(f"{path} is not a readable label pickle ({type(exc).__name__}: {exc})") from exc
+
+
+def load_uni_rlhf_labels(directory: str | Path, dataset: OfflineDataset, queries: int, length: int) -> PreferencePairs:
+    """Uni-RLHF crowd-sourced labels (Clean-Offline-RLHF's `<env>_human_labels/` folders): three pickles whose
+    names contain `num_<queries>_len_<length>`, which sorted are (labels, indices_1, indices_2). Indices point
+    into D4RL's qlearning_dataset arrays (timeout steps dropped, as orl reads a file without next_observations);
+    label 0 prefers the first segment, 1 the second, -1 is a tie."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory} is not a directory of Uni-RLHF label files")
+    matched = sorted(p for p in directory.iterdir() if f"num_{queries}_len_{length}" in p.name)
+    if len(matched) != 3:
+        raise DataError(f"{directory}: expected 3 files with 'num_{queries}_len_{length}' in their names (labels, indices_1, "
+                        f"indices_2), found {[p.name for p in matched]}")
+    raw_labels, first, second = (np.asarray(_load_numpy_pickle(p)).reshape(-1) for p in matched)
+    if not (len(raw_labels) == len(first) == len(second)):
+        raise DataError(f"{directory}: {len(raw_labels)} labels but {len(first)} and {len(second)} indices")
+    unknown = sorted(set(np.unique(raw_labels).tolist()) - {0, 1, -1})
+    if unknown:
+        raise DataError(f"{matched[0]}: labels must be 0 (first preferred), 1 (second) or -1 (tie), found {unknown[:5]}")
+    starts = np.stack([first, second], 1).astype(np.int64)
+    check_segments(starts, length, dataset, str(directory))
+    labels = np.select([raw_labels == 0, raw_labels == 1], [1.0, 0.0], 0.5).astype(np.float32)
+    return PreferencePairs(starts, labels, length, dataset.source, dataset_checksum(dataset),
+                           {"kind": "uni-rlhf", "files": [str(p) for p in matched]})
+
+
+# ---------------------------------------------------------------------------------------------------
 # A Bradley–Terry reward model for control: an ensemble of MLPs r(s, a), trained on segment pairs
 @dataclass
 class RewardModelConfig:
@@ -352,6 +403,12 @@ def prefs_main(argv: list[str] | None = None) -> None:
     label.add_argument("--skip-threshold", type=float, default=None, help="drop queries where neither return reaches this")
     label.add_argument("--seed", type=int, default=0)
     label.add_argument("--out", required=True, help="label file (.npz)")
+    imported = sub.add_parser("import-uni-rlhf", help="Uni-RLHF crowd-sourced labels (pickled index/label files) -> an orl label file")
+    imported.add_argument("dataset", help="the dataset the labels index (D4RL layout, e.g. hopper-medium-replay-v2)")
+    imported.add_argument("directory", help="the <env>_human_labels folder")
+    imported.add_argument("--queries", type=int, required=True)
+    imported.add_argument("--length", type=int, required=True)
+    imported.add_argument("--out", required=True)
     reward = sub.add_parser("reward", help="train a Bradley-Terry reward ensemble on labels")
     reward.add_argument("dataset")
     reward.add_argument("labels", help="a label file from `orl-prefs label` made on this dataset")
@@ -367,7 +424,11 @@ def prefs_main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)  # small networks; a second thread only contends on shared machines
     try:
         dataset = make_dataset(args.dataset)
-        if args.command == "label":
+        if args.command == "import-uni-rlhf":
+            pairs = load_uni_rlhf_labels(args.directory, dataset, args.queries, args.length)
+            pairs.save(args.out)
+            print(f"[orl-prefs] {len(pairs)} Uni-RLHF queries ({float((pairs.labels == 0.5).mean()):.0%} ties) -> {args.out}")
+        elif args.command == "label":
             teacher = Teacher(args.beta, args.gamma, args.mistake, args.tie_threshold, args.skip_threshold)
             pairs = scripted_preferences(dataset, args.queries, args.length, teacher, args.seed)
             pairs.save(args.out)

@@ -202,3 +202,32 @@ def test_from_a_dataset_to_labels_to_a_reward_model_to_a_relabelled_run_that_res
     from orl.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "full" / "checkpoint.pt")["reward_transform"]["kind"] == f"learned:{tmp_path / 'rm'}"
+
+
+def test_uni_rlhf_label_files_are_read_without_running_code(tmp_path):
+    import pickle
+
+    from orl.preferences import load_uni_rlhf_labels
+
+    data = hand_made((40, 25, 35))
+    folder = tmp_path / "hopper-medium-replay-v2_human_labels"
+    folder.mkdir()
+    suffix = "domain_mujoco_env_hopper-medium-replay-v2_num_3_len_10"
+    for name, value in ((f"human_labels_{suffix}.pkl", np.array([0, 1, -1])), (f"indices_1_{suffix}.pkl", np.array([0, 40, 70])),
+                        (f"indices_2_{suffix}.pkl", np.array([20, 65, 80]))):
+        (folder / name).write_bytes(pickle.dumps(value))
+    pairs = load_uni_rlhf_labels(folder, data, queries=3, length=10)
+    assert pairs.starts.tolist() == [[0, 20], [40, 65], [70, 80]] and pairs.labels.tolist() == [1.0, 0.0, 0.5]
+    assert pairs.checksum == dataset_checksum(data)
+    # indices for other data: the clear error of every label file
+    (folder / f"indices_2_{suffix}.pkl").write_bytes(pickle.dumps(np.array([20, 65, 95])))
+    with pytest.raises(DataError, match="reach index 104"):
+        load_uni_rlhf_labels(folder, data, queries=3, length=10)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (folder / f"indices_2_{suffix}.pkl").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(DataError, match="builtins.print; a label file may hold only numpy arrays"):
+        load_uni_rlhf_labels(folder, data, queries=3, length=10)
