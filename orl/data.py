@@ -510,6 +510,11 @@ def reward_transform(dataset: OfflineDataset, cfg: DataConfig) -> RewardTransfor
     return RewardTransform(scale * cfg.reward_scale, cfg.reward_shift, cfg.reward)
 
 
+def observation_statistics(dataset: OfflineDataset, std_eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std + std_eps) of the observations, float32: what every network standardizes its inputs with."""
+    return dataset.observations.mean(0).astype(np.float32), (dataset.observations.std(0) + std_eps).astype(np.float32)
+
+
 def prepare(dataset: OfflineDataset, cfg: DataConfig, transform: RewardTransform | None = None) -> PreparedData:
     """Apply reward/action/observation transforms; returns a new dataset, the obs statistics and the
     reward transform (which the online phase applies to every new transition).
@@ -525,8 +530,7 @@ def prepare(dataset: OfflineDataset, cfg: DataConfig, transform: RewardTransform
     obs_std = np.ones(dataset.obs_dim, np.float32)
     observations, next_observations = dataset.observations, dataset.next_observations
     if cfg.normalize_obs:
-        obs_mean = dataset.observations.mean(0).astype(np.float32)
-        obs_std = (dataset.observations.std(0) + cfg.obs_std_eps).astype(np.float32)
+        obs_mean, obs_std = observation_statistics(dataset, cfg.obs_std_eps)
         observations = (observations - obs_mean) / obs_std
         next_observations = (next_observations - obs_mean) / obs_std
     out = dataclasses.replace(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orl.data import OfflineDataset
+from orl.data import OfflineDataset, observation_statistics
 from orl.errors import DataError
 
 
@@ -295,8 +295,9 @@ def train_reward_model(dataset: OfflineDataset, pairs: PreferencePairs, cfg: Rew
     torch.manual_seed(cfg.seed)
     train, held_out = pairs.split(cfg.held_out, cfg.seed)
     model = RewardEnsemble(dataset.obs_dim, dataset.action_dim, cfg).to(device)
-    model.obs_mean.copy_(torch.as_tensor(dataset.observations.mean(0)))
-    model.obs_std.copy_(torch.as_tensor(dataset.observations.std(0) + 1e-3))
+    obs_mean, obs_std = observation_statistics(dataset)
+    model.obs_mean.copy_(torch.as_tensor(obs_mean))
+    model.obs_std.copy_(torch.as_tensor(obs_std))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     obs, actions = torch.as_tensor(dataset.observations, device=device), torch.as_tensor(dataset.actions, device=device)
 
