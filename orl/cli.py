@@ -104,18 +104,19 @@ def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
             suffix += 1
 
 
-def run_is_finished(run_dir: Path, steps: int, online_steps: int) -> bool:
-    """The run in `run_dir` logged the last step of a run of `steps` + `online_steps` (read from its metrics.jsonl,
-    so it also holds for committed results without checkpoints). An unfinished run without a checkpoint (killed
-    before its first one) starts again from step 0 and logs the same rows again."""
+def finished_run(run_dir: Path, steps: int, online_steps: int):
+    """The run in `run_dir` (an orl.report.Run) if it logged the last step of a run of `steps` + `online_steps`
+    (read from its metrics.jsonl, so it also holds for committed results without checkpoints), else None. An
+    unfinished run without a checkpoint (killed before its first one) starts again from step 0."""
     from orl.report import load_run
 
     if not (run_dir / "metrics.jsonl").exists():
-        return False
+        return None
     try:
-        return load_run(run_dir).reached(steps, online_steps)
+        run = load_run(run_dir)
     except ValueError:
-        return False
+        return None
+    return run if run.reached(steps, online_steps) else None
 
 
 def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -147,9 +148,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     from envs import make_env
 
     validate_config(cfg)
-    if cfg.resume and cfg.run_dir and run_is_finished(Path(cfg.run_dir), int(cfg.steps), int(cfg.online.steps)):
-        print(f"[orl] {cfg.run_dir} already finished; nothing to do")  # re-running a sweep skips it before loading data
-        return {"run_dir": str(cfg.run_dir)}
+    done = finished_run(Path(cfg.run_dir), int(cfg.steps), int(cfg.online.steps)) if cfg.resume and cfg.run_dir else None
+    if done is not None:  # re-running a sweep skips it before loading any data
+        print(f"[orl] {cfg.run_dir} already finished; nothing to do")
+        return {"run_dir": str(cfg.run_dir), ("normalized_mean" if done.normalized else "return_mean"): done.final}
     device = setup_torch(cfg.device, cfg.threads)
     seed_everything(int(cfg.seed))
     from orl.sequence import is_text_dataset
@@ -346,15 +348,11 @@ def in_sweep(cfg: DictConfig) -> DictConfig:
 
 def sweep_objective(summary: dict[str, Any]) -> float | None:
     """What a run returns to hydra (an Optuna sweeper maximizes it): the final normalized score, else the mean
-    return; read back from metrics.jsonl when the run had already finished."""
+    return (None for a run without evaluation)."""
     for key in ("normalized_mean", "return_mean"):
         if key in summary:
             return float(summary[key])
-    from orl.logger import read_metrics
-
-    rows = read_metrics(summary["run_dir"])
-    evals = [r for r in rows if "eval/return_mean" in r]
-    return float(evals[-1].get("eval/normalized_mean", evals[-1]["eval/return_mean"])) if evals else None
+    return None
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")

@@ -193,10 +193,10 @@ def test_offline_to_online_columns(tmp_path):
 
 
 def test_a_results_only_run_is_skipped_and_an_unfinished_one_is_not(tmp_path):
-    from orl.cli import run_is_finished
+    from orl.cli import finished_run
 
     done = fake_run(tmp_path / "done", "bc", "d", 0, [(500, 1.0), (1000, 2.0)])
-    assert run_is_finished(done, 1000, 0)  # committed results: config + metrics, no checkpoint
-    assert not run_is_finished(done, 2000, 0)  # asked to go on past where it ended
+    assert finished_run(done, 1000, 0).final == 2.0  # committed results: config + metrics, no checkpoint
+    assert finished_run(done, 2000, 0) is None  # asked to go on past where it ended
     killed_early = fake_run(tmp_path / "early", "bc", "d", 0, [(500, 1.0)])  # killed before its first checkpoint
-    assert not run_is_finished(killed_early, 1000, 0)
+    assert finished_run(killed_early, 1000, 0) is None
