@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench compare lm-demo clean
+.PHONY: prefs-bench setup run test bench compare lm-demo clean
 
 # torch is pinned before the project is installed: on a CPU-only machine `torch==2.13.0` resolves to
 # the CPU build, and the project's `torch>=2.4` is then already satisfied (no CUDA download).
@@ -35,6 +35,26 @@ COMPARE_DATASETS ?= orl/halfcheetah/medium-v0 orl/halfcheetah/medium-replay-v0 o
 compare: setup .venv-d3rlpy/.installed
 	$(BIN)/python scripts/compare_d3rlpy.py run --datasets $(COMPARE_DATASETS) --d3rlpy-python .venv-d3rlpy/bin/python
 	$(BIN)/python scripts/compare_d3rlpy.py report
+
+# Preference-based learning benchmark (README): labels -> Bradley-Terry reward models -> P-IQL, P-TD3+BC, CPL;
+# IQL on the true reward as the oracle. Every sweep skips runs that finished.
+PREFS_DATASET ?= orl/halfcheetah/medium-replay-v0
+PREFS_NAME ?= halfcheetah-medium-replay
+PREFS_SETS ?= rational-2000 mistake0.1-2000 rational-500
+PREFS_SWEEP = $(BIN)/orl-train -m hydra/launcher=joblib hydra.launcher.n_jobs=2 seed=0,1,2 dataset=$(PREFS_DATASET) log.progress=false
+prefs-bench: setup
+	@for set in $(PREFS_SETS); do \
+	  queries=$${set##*-}; teacher=$${set%-*}; mistake=0; [ "$$teacher" = "mistake0.1" ] && mistake=0.1; \
+	  labels=results/prefs/labels/$(PREFS_NAME)-$$set.npz; \
+	  [ -f $$labels ] || $(BIN)/orl-prefs label $(PREFS_DATASET) --queries $$queries --length 50 --mistake $$mistake --seed 0 --out $$labels || exit 1; \
+	  for seed in 0 1 2; do rm_dir=results/prefs/rm/$(PREFS_NAME)-$$set/seed$$seed; \
+	    [ -f $$rm_dir/reward_model.pt ] || $(BIN)/orl-prefs reward $(PREFS_DATASET) $$labels --seed $$seed --out $$rm_dir || exit 1; done; \
+	  for method in ptd3bc piql; do $(PREFS_SWEEP) +experiment=prefs/$$method tag=$$method@$$set \
+	    "data.reward=learned:results/prefs/rm/$(PREFS_NAME)-$$set/seed\$${seed}" hydra.sweep.dir=results/prefs/$(PREFS_NAME)-$$set || exit 1; done; \
+	  $(PREFS_SWEEP) +experiment=prefs/cpl tag=cpl@$$set data.preferences=$$labels hydra.sweep.dir=results/prefs/$(PREFS_NAME)-$$set || exit 1; \
+	done
+	$(PREFS_SWEEP) +experiment=prefs/oracle_iql hydra.sweep.dir=results/prefs/$(PREFS_NAME)-oracle
+	$(BIN)/python scripts/prefs_table.py results/prefs
 
 lm-demo: setup
 	$(BIN)/python scripts/lm_demo.py

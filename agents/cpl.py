@@ -1,17 +1,27 @@
 """Contrastive Preference Learning (Hejna et al., ICLR 2024): a policy learned from segment preferences
 directly, with no reward model and no RL. Checked against the official code (jhejna/cpl,
-research/algs/cpl.py); where the spec and it differ, the official code is followed.
+research/algs/cpl.py, cpl_kl.py, utils/schedules.py, configs/mw_state_dense/); where the spec and it
+differ, the official code is followed.
 
-The score of a segment is its summed scaled log-likelihood, S(sigma) = alpha * sum_t log pi(a_t | s_t)
-(no discount, as the official code). With y = P(segment 1 preferred) and lambda in (0, 1] (the
-"contrastive bias", which scales only the dispreferred segment's score):
+With the policy's log-likelihood l_t = log pi(a_t | s_t) (CPL-KL: l_t = log pi - log pi_ref, pi_ref the
+frozen BC policy), a segment's score is S(sigma) = alpha * sum_t gamma^t l_t (gamma = 1 in the official
+code, the default here). With y = P(segment 1 preferred) and lambda in (0, 1] (the "contrastive bias",
+which scales only the dispreferred segment's score):
 
     L_CPL = y * softplus(-(S_1 - lambda S_2)) + (1 - y) * softplus(-(S_2 - lambda S_1))     (two-term form)
-    L     = L_CPL + bc_coef * E[-log pi(a|s)]                                             (BC regularizer)
+    L     = L_CPL + bc_coef * E[-l_t]   over all segments, or only the preferred ones     (BC regularizer)
 
-For the first `bc_steps` steps only the BC term trains; at the switch the optimizer (and its moments) is
-rebuilt, as the official code does. The policy is IQL's Gaussian (tanh-bounded mean, state-independent
-log-std), or with `deterministic=true` the official unit-variance shortcut log pi = -||pi(s) - a||^2.
+Schedule (official): BC alone for the first `bc_steps` steps at the constant rate `lr`; at the switch the
+optimizer is rebuilt (no moments carried over), CPL-KL freezes the current policy as its reference, and
+the rate warms up linearly, lr * lr_multiplier * min(1, (t - bc_steps + 1) / lr_warmup_steps), the
+official `linear_warmup` LambdaLR started at the switch and stepped once before the first CPL update.
+The one difference: with bc_steps = 0 the official code never starts its schedule (constant lr), orl
+starts it at step 0, so the two phases always behave the same way.
+
+The official configs use a deterministic tanh MLP, 512-512, dropout 0.25 (off at evaluation), with the
+unit-variance shortcut log pi = -||pi(s) - a||^2 (`deterministic=true`, the default here), batches of
+96 segments of length 64, and BC for 200k of 500k steps. Orthogonal initialization is not used (orl's
+MLP initialization is PyTorch's default). `deterministic=false` uses IQL's Gaussian instead.
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ import torch
 from torch.nn import functional as F
 
 from orl.agent import Agent, register
+from orl.errors import ConfigError
 from orl.nn import DeterministicActor, GaussianActor, make_optimizer
 from orl.preferences import SegmentPairBatch
 
@@ -34,14 +45,19 @@ def cpl_loss(score_1: torch.Tensor, score_2: torch.Tensor, label: torch.Tensor, 
 
 @dataclass
 class CPLConfig:
-    hidden: tuple[int, ...] = (256, 256)
+    hidden: tuple[int, ...] = (512, 512)
     lr: float = 1e-4
     alpha: float = 0.1             # temperature: S = alpha * sum log pi
     contrastive_bias: float = 0.5  # lambda in (0, 1]; 1 = the plain Bradley-Terry form
+    discount: float = 1.0          # gamma in the segment score (the official code sums undiscounted)
     bc_coef: float = 0.0           # weight of -log pi on the segments' own actions
-    bc_steps: int = 0              # BC only before this step, then CPL with a fresh optimizer
-    deterministic: bool = False    # log pi = -||pi(s) - a||^2 (the official shortcut for unit variance)
-    dropout: float = 0.0           # off at evaluation (the actor is in eval mode when acting)
+    bc_data: str = "all"           # "all" segments or only the "preferred" one of each pair, in the BC term
+    bc_steps: int = 12_000         # BC only before this step, then CPL (official: 40% of the run; 40% of orl-train's 30k)
+    lr_warmup_steps: int = 10_000  # linear LR warmup from the switch (official linear_warmup); 0 = none
+    lr_multiplier: float = 1.0     # the warmup's end point as a fraction of lr (CPL-KL: 0.1)
+    reference: bool = False        # CPL-KL: scores are log pi - log pi_ref, pi_ref frozen at the switch
+    deterministic: bool = True     # log pi = -||pi(s) - a||^2 (the official unit-variance shortcut)
+    dropout: float = 0.25          # off at evaluation (the actor is in eval mode when acting)
 
 
 @register("cpl")
@@ -52,38 +68,83 @@ class CPL(Agent):
     def __init__(self, obs_space, action_space, cfg: CPLConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device)
         if not 0.0 < cfg.contrastive_bias <= 1.0:
-            from orl.errors import ConfigError
-
             raise ConfigError(f"agent.contrastive_bias must be in (0, 1], got {cfg.contrastive_bias}")
+        if cfg.bc_data not in ("all", "preferred"):
+            raise ConfigError(f"agent.bc_data must be 'all' or 'preferred', got {cfg.bc_data!r}")
+        if cfg.reference and cfg.bc_steps <= 0:
+            raise ConfigError("agent.reference=true (CPL-KL) takes its reference from BC pre-training: set agent.bc_steps > 0")
         actor = DeterministicActor if cfg.deterministic else GaussianActor
         self.nets["actor"] = actor(self.obs_dim, self.action_dim, cfg.hidden, self.max_action, cfg.dropout).to(self.device)
+        if cfg.reference:  # a net (not an attribute) so checkpoints carry it; overwritten with the BC policy at the switch
+            self.nets["reference"] = actor(self.obs_dim, self.action_dim, cfg.hidden, self.max_action, cfg.dropout).to(self.device)
+            self.nets["reference"].requires_grad_(False)
         self.optimizers["actor"] = make_optimizer(self.nets["actor"].parameters(), cfg.lr)
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, actor: torch.nn.Module | None = None) -> torch.Tensor:
+        actor = self.nets["actor"] if actor is None else actor
         if self.cfg.deterministic:
-            return -(self.nets["actor"](obs) - actions).pow(2).sum(-1)
-        return self.nets["actor"].log_prob(obs, actions)
+            return -(actor(obs) - actions).pow(2).sum(-1)
+        return actor.log_prob(obs, actions)
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of the update at `step`: lr through BC, then the warmup from the switch."""
+        cfg = self.cfg
+        if step < cfg.bc_steps:
+            return cfg.lr
+        warmup = min(1.0, (step - cfg.bc_steps + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps > 0 else 1.0
+        return cfg.lr * cfg.lr_multiplier * warmup
 
     def update(self, batch: SegmentPairBatch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         log_prob = self.log_prob(batch.obs, batch.actions)               # (B, 2, H)
-        bc_loss = -log_prob.mean()
-        score = cfg.alpha * log_prob.sum(-1)                             # S = alpha * sum_t log pi(a_t|s_t), (B, 2)
+        if cfg.bc_data == "preferred":  # the BC term on the preferred segment of each pair (both on a tie)
+            weight = torch.stack([batch.labels >= 0.5, batch.labels <= 0.5], dim=1).float()  # (B, 2)
+            bc_loss = -(log_prob.mean(-1) * weight).sum() / weight.sum()
+        else:
+            bc_loss = -log_prob.mean()
+        advantage = log_prob
+        if cfg.reference:                                                 # CPL-KL: A = alpha (log pi - log pi_ref)
+            with torch.no_grad():
+                self.nets["reference"].eval()
+                advantage = log_prob - self.log_prob(batch.obs, batch.actions, self.nets["reference"])
+        discounts = cfg.discount ** torch.arange(log_prob.shape[-1], device=log_prob.device, dtype=log_prob.dtype)
+        score = cfg.alpha * (advantage * discounts).sum(-1)              # S = alpha * sum_t gamma^t A_t, (B, 2)
         preference = cpl_loss(score[:, 0], score[:, 1], batch.labels, cfg.contrastive_bias)
         bc_phase = self.step < cfg.bc_steps
         loss = bc_loss if bc_phase else preference + cfg.bc_coef * bc_loss
-        self.optimizers["actor"].zero_grad(set_to_none=True)
+        optimizer = self.optimizers["actor"]
+        for group in optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizers["actor"].step()
+        optimizer.step()
         self.step += 1
-        if self.step == cfg.bc_steps:  # the switch to CPL: a fresh optimizer, no moments carried over from BC
+        if self.step == cfg.bc_steps:  # the switch to CPL: a fresh optimizer, the BC policy frozen as reference
             self.optimizers["actor"] = make_optimizer(self.nets["actor"].parameters(), cfg.lr)
+            if cfg.reference:
+                self.nets["reference"].load_state_dict(self.nets["actor"].state_dict())
         with torch.no_grad():
             accuracy = ((score[:, 0] > score[:, 1]).float() == batch.labels)[batch.labels != 0.5].float().mean()
-        return {"cpl_loss": preference.detach(), "bc_loss": bc_loss.detach(), "accuracy": accuracy, "bc_phase": torch.tensor(float(bc_phase))}
+        return {"cpl_loss": preference.detach(), "bc_loss": bc_loss.detach(), "accuracy": accuracy,
+                "bc_phase": torch.tensor(float(bc_phase)), "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
 
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
         actor = self.nets["actor"]
         if self.cfg.deterministic:
             return actor(obs)
         return actor(obs, deterministic)
+
+
+@dataclass
+class CPLKLConfig(CPLConfig):
+    """CPL-KL with the official state-dense settings (configs/mw_state_dense/cpl_kl.yaml)."""
+    alpha: float = 0.2
+    contrastive_bias: float = 0.75
+    lr_multiplier: float = 0.1
+    reference: bool = True
+
+
+@register("cpl_kl")
+class CPLKL(CPL):
+    """CPL with log pi - log pi_ref in the score (the KL-to-reference variant), pi_ref the BC policy."""
+    Config = CPLKLConfig

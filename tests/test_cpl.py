@@ -50,7 +50,8 @@ def test_bc_steps_then_cpl_with_a_fresh_optimizer():
     import copy
 
     torch.manual_seed(0)
-    agent = orl.make_agent("cpl", SPACE_OBS, SPACE_ACT, {"bc_steps": 3, "alpha": 1.0, "bc_coef": 0.0})
+    agent = orl.make_agent("cpl", SPACE_OBS, SPACE_ACT, {"bc_steps": 3, "alpha": 1.0, "bc_coef": 0.0, "deterministic": False,
+                                                         "dropout": 0.0, "lr_warmup_steps": 0})
     batch = segment_batch()
     # a BC-phase step is an Adam step on the BC loss alone (no CPL term)
     replica = copy.deepcopy(agent.nets["actor"])
@@ -76,6 +77,81 @@ def test_bc_steps_then_cpl_with_a_fresh_optimizer():
         torch.testing.assert_close(mine, theirs)
 
 
+def test_lr_restarts_at_the_switch_with_the_official_linear_warmup():
+    """Constant lr through BC; then lr * multiplier * min(1, (t - bc_steps + 1) / warmup), as the official
+    LambdaLR created at the switch and stepped once before the first CPL update."""
+    agent = orl.make_agent("cpl", SPACE_OBS, SPACE_ACT, {"bc_steps": 2, "lr": 1e-3, "lr_warmup_steps": 4, "lr_multiplier": 0.5, "dropout": 0.0})
+    batch = segment_batch()
+    rates = [agent.update(batch)["lr"].item() for _ in range(8)]
+    assert rates == pytest.approx([1e-3, 1e-3, 0.5e-3 / 4, 0.5e-3 * 2 / 4, 0.5e-3 * 3 / 4, 0.5e-3, 0.5e-3, 0.5e-3])
+
+
+def test_cpl_kl_scores_against_the_frozen_bc_policy():
+    torch.manual_seed(0)
+    agent = orl.make_agent("cpl_kl", SPACE_OBS, SPACE_ACT, {"bc_steps": 2, "dropout": 0.0, "hidden": [32, 32]})
+    assert agent.cfg.reference and agent.cfg.alpha == 0.2 and agent.cfg.contrastive_bias == 0.75  # official CPL-KL defaults
+    batch = segment_batch()
+    for _ in range(2):
+        agent.update(batch)
+    actor, reference = agent.nets["actor"], agent.nets["reference"]
+    for mine, ref in zip(actor.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, ref)   # the reference is the policy at the end of BC
+        assert not ref.requires_grad
+    # at the switch pi == pi_ref, so every score is 0 and the loss is softplus(0) = log 2 whatever the labels
+    assert agent.update(batch)["cpl_loss"].item() == pytest.approx(math.log(2.0))
+    frozen = [p.clone() for p in reference.parameters()]
+    for _ in range(3):
+        agent.update(batch)
+    for before, after in zip(frozen, reference.parameters()):
+        torch.testing.assert_close(before, after)   # pi_ref never trains
+    # the score is alpha * sum_t (log pi - log pi_ref)
+    with torch.no_grad():
+        advantage = agent.log_prob(batch.obs, batch.actions) - agent.log_prob(batch.obs, batch.actions, reference)
+        score = 0.2 * advantage.sum(-1)
+        expected = cpl_loss(score[:, 0], score[:, 1], batch.labels, 0.75)
+    agent.optimizers["actor"].param_groups[0]["lr"] = 0.0
+    assert agent.update(batch)["cpl_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(orl.errors.ConfigError, match="bc_steps"):
+        orl.make_agent("cpl_kl", SPACE_OBS, SPACE_ACT, {"bc_steps": 0})
+
+
+def test_discounted_score_and_bc_on_preferred_segments_only():
+    batch = segment_batch(batch=6, length=3)
+    batch.labels[:] = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 1.0])
+    agent = orl.make_agent("cpl", SPACE_OBS, SPACE_ACT, {"bc_steps": 10, "bc_data": "preferred", "dropout": 0.0})
+    with torch.no_grad():
+        log_prob = agent.log_prob(batch.obs, batch.actions)          # (6, 2, 3)
+    per_segment = log_prob.mean(-1)
+    preferred = [per_segment[0, 0], per_segment[1, 1], per_segment[2, 0], per_segment[2, 1], per_segment[3, 0], per_segment[4, 1], per_segment[5, 0]]
+    assert agent.update(batch)["bc_loss"].item() == pytest.approx(-torch.stack(preferred).mean().item(), rel=1e-5)
+
+    agent = orl.make_agent("cpl", SPACE_OBS, SPACE_ACT, {"bc_steps": 0, "discount": 0.5, "alpha": 1.0, "contrastive_bias": 1.0, "dropout": 0.0})
+    with torch.no_grad():
+        log_prob = agent.log_prob(batch.obs, batch.actions)
+        score = (log_prob * torch.tensor([1.0, 0.5, 0.25])).sum(-1)
+    assert agent.update(batch)["cpl_loss"].item() == pytest.approx(cpl_loss(score[:, 0], score[:, 1], batch.labels, 1.0).item(), rel=1e-5)
+
+
+def test_cpl_kl_resumed_across_the_switch_equals_an_uninterrupted_run():
+    batches = [segment_batch(seed=seed) for seed in range(7)]
+    torch.manual_seed(1)
+    settings = {"bc_steps": 3, "lr_warmup_steps": 2, "dropout": 0.0, "hidden": [16, 16], "lr": 1e-2}
+    straight = orl.make_agent("cpl_kl", SPACE_OBS, SPACE_ACT, settings)
+    first = orl.make_agent("cpl_kl", SPACE_OBS, SPACE_ACT, settings)
+    first.load_state_dict(straight.state_dict())
+    for batch in batches:
+        straight.update(batch)
+    for batch in batches[:4]:       # past the switch: fresh optimizer, reference set, warmup started
+        first.update(batch)
+    resumed = orl.make_agent("cpl_kl", SPACE_OBS, SPACE_ACT, settings)
+    resumed.load_state_dict(first.state_dict())
+    for batch in batches[4:]:
+        resumed.update(batch)
+    for name in ("actor", "reference"):
+        for mine, theirs in zip(resumed.nets[name].parameters(), straight.nets[name].parameters()):
+            torch.testing.assert_close(mine, theirs)
+
+
 def test_cpl_through_orl_train_from_a_label_file(tmp_path):
     from hydra import compose, initialize_config_dir
 
@@ -90,7 +166,7 @@ def test_cpl_through_orl_train_from_a_label_file(tmp_path):
     dataset = make_dataset(data)
     scripted_preferences(dataset, queries=100, length=20, seed=0).save(tmp_path / "prefs.npz")
     overrides = ["agent=cpl", f"dataset={data}", "env=Pendulum-v1", "ref_min_score=-1500", "ref_max_score=0", f"data.preferences={tmp_path / 'prefs.npz'}",
-                 "steps=60", "batch_size=16", "eval.every=60", "eval.episodes=1", "log.every=20", "log.progress=false", "log.tensorboard=false",
+                 "steps=60", "agent.bc_steps=20", "agent.lr_warmup_steps=0", "agent.hidden=[64,64]", "batch_size=16", "eval.every=60", "eval.episodes=1", "log.every=20", "log.progress=false", "log.tensorboard=false",
                  "device=cpu", f"run_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         summary = run_train(compose(config_name="train", overrides=overrides))
