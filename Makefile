@@ -37,18 +37,19 @@ compare: setup .venv-d3rlpy/.installed
 	$(BIN)/python scripts/compare_d3rlpy.py report
 
 # Preference-based learning benchmark (README): labels -> Bradley-Terry reward models -> P-IQL, P-TD3+BC, CPL;
-# IQL on the true reward as the oracle. Every sweep skips runs that finished.
+# IQL on the true reward as the oracle. Every sweep skips runs that finished. Noisy labels never reach the
+# reward model's 97% training-accuracy stop, so that set trains for at most 50 epochs (~10 s each here).
 PREFS_DATASET ?= orl/halfcheetah/medium-replay-v0
 PREFS_NAME ?= halfcheetah-medium-replay
 PREFS_SETS ?= rational-2000 mistake0.1-2000 rational-500
 PREFS_SWEEP = $(BIN)/orl-train -m hydra/launcher=joblib hydra.launcher.n_jobs=2 seed=0,1,2 dataset=$(PREFS_DATASET) log.progress=false
 prefs-bench: setup
 	@for set in $(PREFS_SETS); do \
-	  queries=$${set##*-}; teacher=$${set%-*}; mistake=0; [ "$$teacher" = "mistake0.1" ] && mistake=0.1; \
+	  queries=$${set##*-}; teacher=$${set%-*}; mistake=0; epochs=300; [ "$$teacher" = "mistake0.1" ] && mistake=0.1 && epochs=50; \
 	  labels=results/prefs/labels/$(PREFS_NAME)-$$set.npz; \
 	  [ -f $$labels ] || $(BIN)/orl-prefs label $(PREFS_DATASET) --queries $$queries --length 50 --mistake $$mistake --seed 0 --out $$labels || exit 1; \
 	  for seed in 0 1 2; do rm_dir=results/prefs/rm/$(PREFS_NAME)-$$set/seed$$seed; \
-	    [ -f $$rm_dir/reward_model.pt ] || $(BIN)/orl-prefs reward $(PREFS_DATASET) $$labels --seed $$seed --out $$rm_dir || exit 1; done; \
+	    [ -f $$rm_dir/reward_model.pt ] || $(BIN)/orl-prefs reward $(PREFS_DATASET) $$labels --max-epochs $$epochs --seed $$seed --out $$rm_dir || exit 1; done; \
 	  for method in ptd3bc piql; do $(PREFS_SWEEP) +experiment=prefs/$$method tag=$$method@$$set \
 	    "data.reward=learned:results/prefs/rm/$(PREFS_NAME)-$$set/seed\$${seed}" hydra.sweep.dir=results/prefs/$(PREFS_NAME)-$$set || exit 1; done; \
 	  $(PREFS_SWEEP) +experiment=prefs/cpl tag=cpl@$$set data.preferences=$$labels hydra.sweep.dir=results/prefs/$(PREFS_NAME)-$$set || exit 1; \

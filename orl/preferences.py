@@ -217,16 +217,47 @@ def load_uni_rlhf_labels(directory: str | Path, dataset: OfflineDataset, queries
         raise DataError(f"{directory}: expected 3 files with 'num_{queries}_len_{length}' in their names (labels, indices_1, "
                         f"indices_2), found {[p.name for p in matched]}")
     raw_labels, first, second = (np.asarray(_load_numpy_pickle(p)).reshape(-1) for p in matched)
+    return _human_label_pairs(raw_labels, first, second, length, dataset, directory, {"kind": "uni-rlhf", "files": [str(p) for p in matched]})
+
+
+def load_preference_transformer_labels(directory: str | Path, dataset: OfflineDataset, length: int, queries: int | None = None) -> PreferencePairs:
+    """Preference Transformer's human labels (csmile-1006/PreferenceTransformer `human_label/<env>/`): pickles
+    `indices_num<N>` (first segments), `indices_2_num<N>` (second segments) and `label_human`, with the label
+    convention of Uni-RLHF. As PT's loader does, `queries` takes the *last* N labels (all when None).
+    Indices point into D4RL's qlearning_dataset arrays, as for Uni-RLHF."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory} is not a directory of Preference Transformer label files")
+    names = sorted(p.name for p in directory.iterdir())
+    found = {role: [n for n in names if match(n)] for role, match in (
+        ("indices_num*", lambda n: n.startswith("indices_num")), ("indices_2_num*", lambda n: n.startswith("indices_2_num")),
+        ("label_human", lambda n: n == "label_human"))}
+    for role, matched in found.items():
+        if len(matched) != 1:
+            raise DataError(f"{directory}: expected one {role} file (Preference Transformer's human_label/<env>/ layout), found {matched}")
+    first, second, raw_labels = (np.asarray(_load_numpy_pickle(directory / found[role][0])).reshape(-1) for role in found)
     if not (len(raw_labels) == len(first) == len(second)):
         raise DataError(f"{directory}: {len(raw_labels)} labels but {len(first)} and {len(second)} indices")
+    if queries is not None:
+        if not 0 < queries <= len(raw_labels):
+            raise DataError(f"{directory}: --queries {queries} but the folder holds {len(raw_labels)} labels")
+        raw_labels, first, second = raw_labels[-queries:], first[-queries:], second[-queries:]
+    return _human_label_pairs(raw_labels, first, second, length, dataset, directory,
+                              {"kind": "preference-transformer", "files": [str(directory / f[0]) for f in found.values()]})
+
+
+def _human_label_pairs(raw_labels: np.ndarray, first: np.ndarray, second: np.ndarray, length: int, dataset: OfflineDataset,
+                       where: Path, teacher: dict) -> PreferencePairs:
+    """Released human labels -> PreferencePairs: 0 prefers the first segment, 1 the second, -1 is a tie."""
+    if not (len(raw_labels) == len(first) == len(second)):
+        raise DataError(f"{where}: {len(raw_labels)} labels but {len(first)} and {len(second)} indices")
     unknown = sorted(set(np.unique(raw_labels).tolist()) - {0, 1, -1})
     if unknown:
-        raise DataError(f"{matched[0]}: labels must be 0 (first preferred), 1 (second) or -1 (tie), found {unknown[:5]}")
+        raise DataError(f"{where}: labels must be 0 (first preferred), 1 (second) or -1 (tie), found {unknown[:5]}")
     starts = np.stack([first, second], 1).astype(np.int64)
-    check_segments(starts, length, dataset, str(directory))
+    check_segments(starts, length, dataset, str(where))
     labels = np.select([raw_labels == 0, raw_labels == 1], [1.0, 0.0], 0.5).astype(np.float32)
-    return PreferencePairs(starts, labels, length, dataset.source, dataset_checksum(dataset),
-                           {"kind": "uni-rlhf", "files": [str(p) for p in matched]})
+    return PreferencePairs(starts, labels, length, dataset.source, dataset_checksum(dataset), teacher)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,6 +283,8 @@ class RewardEnsemble(torch.nn.Module):
     """r_k(s, a) for k members, one batched network (orl.nn.Critic); observations are standardized with the
     statistics of the data it was trained on (kept in the module, so it relabels raw data)."""
 
+    kind = "mlp_ensemble"
+
     def __init__(self, obs_dim: int, action_dim: int, cfg: RewardModelConfig):
         super().__init__()
         from orl.nn import Critic
@@ -275,6 +308,10 @@ class RewardEnsemble(torch.nn.Module):
         out = [self(torch.as_tensor(obs[i:i + chunk], device=device), torch.as_tensor(action[i:i + chunk], device=device)).mean(0)
                for i in range(0, len(obs), chunk)]
         return torch.cat(out).cpu().numpy().astype(np.float32)
+
+    def predict_dataset(self, dataset: OfflineDataset) -> np.ndarray:
+        """Per-transition rewards of a dataset (Markovian: each (s, a) on its own)."""
+        return self.predict(dataset.observations, dataset.actions)
 
 
 def _accuracy(returns_a: torch.Tensor, returns_b: torch.Tensor, labels: torch.Tensor) -> float:
@@ -335,17 +372,18 @@ def train_reward_model(dataset: OfflineDataset, pairs: PreferencePairs, cfg: Rew
     return model, metrics
 
 
-def save_reward_model(path: str | Path, model: RewardEnsemble, pairs: PreferencePairs, metrics: dict[str, float]) -> None:
-    """One file with the weights, the config, the labels' provenance and the training metrics."""
+def save_reward_model(path: str | Path, model: torch.nn.Module, pairs: PreferencePairs, metrics: dict[str, float]) -> None:
+    """One file with the model's kind, weights and config, the labels' provenance and the training metrics
+    (a RewardEnsemble or an orl.preference_transformer.PreferenceTransformer)."""
     from orl.checkpoint import save_checkpoint
 
-    save_checkpoint({"state": model.state_dict(), "config": asdict(model.cfg), "obs_dim": model.obs_dim, "action_dim": model.action_dim,
+    save_checkpoint({"kind": model.kind, "state": model.state_dict(), "config": asdict(model.cfg), "obs_dim": model.obs_dim, "action_dim": model.action_dim,
                      "source": pairs.source, "checksum": pairs.checksum, "labels": {"queries": len(pairs), "length": pairs.length,
                                                                                     "teacher": pairs.teacher},
                      "metrics": metrics}, Path(path))
 
 
-def load_reward_model(path: str | Path) -> tuple[RewardEnsemble, dict]:
+def load_reward_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """(model, record) from a file written by save_reward_model, or a directory holding reward_model.pt."""
     from orl.checkpoint import load_checkpoint
 
@@ -356,18 +394,27 @@ def load_reward_model(path: str | Path) -> tuple[RewardEnsemble, dict]:
         raise DataError(f"no reward model at {path}; train one with `orl-prefs reward` (it writes <out>/reward_model.pt)")
     record = load_checkpoint(path, map_location="cpu")
     config = dict(record["config"])
-    config["hidden"] = tuple(config["hidden"])
-    model = RewardEnsemble(record["obs_dim"], record["action_dim"], RewardModelConfig(**config))
+    kind = record.get("kind", RewardEnsemble.kind)
+    if kind == RewardEnsemble.kind:
+        config["hidden"] = tuple(config["hidden"])
+        model = RewardEnsemble(record["obs_dim"], record["action_dim"], RewardModelConfig(**config))
+    elif kind == "preference_transformer":
+        from orl.preference_transformer import PreferenceTransformer, PreferenceTransformerConfig
+
+        model = PreferenceTransformer(record["obs_dim"], record["action_dim"], PreferenceTransformerConfig(**config))
+    else:
+        raise DataError(f"{path} holds a reward model of kind {kind!r}, which this version of orl does not know")
     model.load_state_dict(record["state"])
     return model.eval(), record
 
 
-def relabel(dataset: OfflineDataset, model: RewardEnsemble, normalize: str = "none") -> OfflineDataset:
-    """A copy of `dataset` whose rewards are the ensemble-mean learned reward; `normalize`: none (Uni-RLHF's
-    P-IQL uses the tanh output as it is) | minmax (to [0, 1]) | standard (zero mean, unit std)."""
+def relabel(dataset: OfflineDataset, model: torch.nn.Module, normalize: str = "none") -> OfflineDataset:
+    """A copy of `dataset` whose rewards are the learned ones (the ensemble mean, or the Preference
+    Transformer's "last"-mode reward); `normalize`: none (Uni-RLHF's P-IQL uses the tanh output as it is) |
+    minmax (to [0, 1]) | standard (zero mean, unit std)."""
     import dataclasses
 
-    rewards = model.predict(dataset.observations, dataset.actions)
+    rewards = model.predict_dataset(dataset)
     if normalize == "minmax":
         rewards = (rewards - rewards.min()) / max(float(rewards.max() - rewards.min()), 1e-8)
     elif normalize == "standard":
@@ -410,12 +457,22 @@ def prefs_main(argv: list[str] | None = None) -> None:
     imported.add_argument("--queries", type=int, required=True)
     imported.add_argument("--length", type=int, required=True)
     imported.add_argument("--out", required=True)
+    imported_pt = sub.add_parser("import-pt", help="Preference Transformer's human labels (human_label/<env>/ pickles) -> an orl label file")
+    imported_pt.add_argument("dataset", help="the dataset the labels index (D4RL layout, e.g. hopper-medium-replay-v2)")
+    imported_pt.add_argument("directory", help="the human_label/<env> folder (indices_num*, indices_2_num*, label_human)")
+    imported_pt.add_argument("--length", type=int, required=True, help="segment length the labels were made with (PT: 100 on MuJoCo)")
+    imported_pt.add_argument("--queries", type=int, default=None, help="use the last N labels, as PT's loader (default: all)")
+    imported_pt.add_argument("--out", required=True)
     reward = sub.add_parser("reward", help="train a Bradley-Terry reward ensemble on labels")
     reward.add_argument("dataset")
     reward.add_argument("labels", help="a label file from `orl-prefs label` made on this dataset")
     reward.add_argument("--out", required=True, help="directory for reward_model.pt and metrics.json")
+    reward.add_argument("--model", choices=("mlp", "transformer"), default="mlp",
+                        help="mlp: Uni-RLHF's MLP ensemble (Markovian); transformer: Preference Transformer (non-Markovian)")
     reward.add_argument("--ensemble-size", type=int, default=RewardModelConfig.ensemble_size)
-    reward.add_argument("--max-epochs", type=int, default=RewardModelConfig.max_epochs)
+    reward.add_argument("--max-epochs", type=int, default=None,
+                        help=f"mlp: at most this many (default {RewardModelConfig.max_epochs}); transformer: exactly (default 100)")
+    reward.add_argument("--window", type=int, default=25, help="transformer: relabelling window (the official seq_len)")
     reward.add_argument("--stop-accuracy", type=float, default=RewardModelConfig.stop_accuracy)
     reward.add_argument("--held-out", type=float, default=RewardModelConfig.held_out)
     reward.add_argument("--seed", type=int, default=0)
@@ -429,6 +486,10 @@ def prefs_main(argv: list[str] | None = None) -> None:
             pairs = load_uni_rlhf_labels(args.directory, dataset, args.queries, args.length)
             pairs.save(args.out)
             print(f"[orl-prefs] {len(pairs)} Uni-RLHF queries ({float((pairs.labels == 0.5).mean()):.0%} ties) -> {args.out}")
+        elif args.command == "import-pt":
+            pairs = load_preference_transformer_labels(args.directory, dataset, args.length, args.queries)
+            pairs.save(args.out)
+            print(f"[orl-prefs] {len(pairs)} Preference Transformer queries ({float((pairs.labels == 0.5).mean()):.0%} ties) -> {args.out}")
         elif args.command == "label":
             teacher = Teacher(args.beta, args.gamma, args.mistake, args.tie_threshold, args.skip_threshold)
             pairs = scripted_preferences(dataset, args.queries, args.length, teacher, args.seed)
@@ -437,9 +498,15 @@ def prefs_main(argv: list[str] | None = None) -> None:
             print(f"[orl-prefs] {len(pairs)} queries of {args.length} steps from {dataset.source} ({ties:.0%} ties) -> {args.out}")
         else:
             pairs = PreferencePairs.load(args.labels, dataset)
-            cfg = RewardModelConfig(ensemble_size=args.ensemble_size, max_epochs=args.max_epochs, stop_accuracy=args.stop_accuracy,
-                                    held_out=args.held_out, seed=args.seed)
-            model, metrics = train_reward_model(dataset, pairs, cfg, args.device)
+            if args.model == "transformer":
+                from orl.preference_transformer import PreferenceTransformerConfig, train_preference_transformer
+
+                transformer_cfg = PreferenceTransformerConfig(epochs=args.max_epochs or PreferenceTransformerConfig.epochs, held_out=args.held_out, window=args.window, seed=args.seed)
+                model, metrics = train_preference_transformer(dataset, pairs, transformer_cfg, args.device)
+            else:
+                cfg = RewardModelConfig(ensemble_size=args.ensemble_size, max_epochs=args.max_epochs or RewardModelConfig.max_epochs, stop_accuracy=args.stop_accuracy,
+                                        held_out=args.held_out, seed=args.seed)
+                model, metrics = train_reward_model(dataset, pairs, cfg, args.device)
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             save_reward_model(out / "reward_model.pt", model.cpu(), pairs, metrics)

@@ -231,3 +231,41 @@ def test_uni_rlhf_label_files_are_read_without_running_code(tmp_path):
     (folder / f"indices_2_{suffix}.pkl").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(DataError, match="builtins.print; a label file may hold only numpy arrays"):
         load_uni_rlhf_labels(folder, data, queries=3, length=10)
+
+
+def test_preference_transformer_label_files_and_the_last_n_queries(tmp_path, capsys):
+    """PT's human_label/<env>/ layout: indices_num<N>, indices_2_num<N>, label_human (a plain list); PT's
+    loader keeps the *last* N labels."""
+    import pickle
+
+    from orl.data import make_dataset
+    from orl.preferences import PreferencePairs, load_preference_transformer_labels, prefs_main
+
+    data = hand_made((40, 25, 35))
+    folder = tmp_path / "hopper-medium-replay-v2"
+    folder.mkdir()
+    for name, value in (("indices_num4", np.array([0, 5, 40, 70])), ("indices_2_num4", np.array([20, 26, 65, 80])),
+                        ("label_human", [1, 0, -1, 1])):
+        (folder / name).write_bytes(pickle.dumps(value))
+    pairs = load_preference_transformer_labels(folder, data, length=10)
+    assert pairs.starts.tolist() == [[0, 20], [5, 26], [40, 65], [70, 80]] and pairs.labels.tolist() == [0.0, 1.0, 0.5, 0.0]
+    last = load_preference_transformer_labels(folder, data, length=10, queries=2)
+    assert last.starts.tolist() == [[40, 65], [70, 80]] and last.labels.tolist() == [0.5, 0.0]
+    assert last.teacher["kind"] == "preference-transformer"
+    # through the CLI, from a dataset file, to a label file orl-train reads
+    path = tmp_path / "hand.npz"
+    np.savez(path, observations=data.observations, actions=data.actions, rewards=data.rewards, next_observations=data.next_observations,
+             terminals=data.terminals, timeouts=data.timeouts)
+    prefs_main(["import-pt", str(path), str(folder), "--length", "10", "--queries", "3", "--out", str(tmp_path / "pt.npz")])
+    assert "3 Preference Transformer queries" in capsys.readouterr().out
+    loaded = PreferencePairs.load(tmp_path / "pt.npz", make_dataset(path))
+    assert loaded.starts.tolist() == [[5, 26], [40, 65], [70, 80]]
+    with pytest.raises(DataError, match="holds 4 labels"):
+        load_preference_transformer_labels(folder, data, length=10, queries=5)
+    # a segment that crosses a trajectory boundary (39 + 10 > 40): refused, as for every label file
+    (folder / "indices_num4").write_bytes(pickle.dumps(np.array([0, 5, 35, 70])))
+    with pytest.raises(DataError):
+        load_preference_transformer_labels(folder, data, length=10)
+    (folder / "indices_num4").unlink()
+    with pytest.raises(DataError, match="expected one indices_num"):
+        load_preference_transformer_labels(folder, data, length=10)

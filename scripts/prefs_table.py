@@ -1,0 +1,85 @@
+"""The README's preference-learning table from the runs `make prefs-bench` writes under results/prefs/.
+
+    python scripts/prefs_table.py results/prefs [--baselines results/baselines] [--step 10000]
+
+Rows: the oracle (IQL on the true reward), BC (read at the same step of its `results/baselines` runs,
+BC has no schedule, so a prefix of a longer run is a shorter run), and every preference method; columns:
+the label sets (`<dataset name>-<teacher>-<queries>` sweep directories, runs tagged `<method>@<set>`).
+The reward models' held-out accuracy (non-tie queries, 10% of the labels held out) and the correlation
+of the learned with the true reward are read from results/prefs/rm/<set>/seed*/metrics.json. Writes
+results/prefs/table.md and results/prefs/summary.json; prints the markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from orl.report import load_runs
+
+METHODS = {"oracle_iql": "IQL, true reward (oracle)", "bc": "BC (no reward)", "piql": "P-IQL (BT ensemble + IQL)",
+           "ptd3bc": "P-TD3+BC (BT ensemble + TD3+BC)", "cpl": "CPL (no reward model)", "cpl_kl": "CPL-KL"}
+SET_NAMES = {"rational-2000": "rational, 2000 queries", "mistake0.1-2000": "mistakes eps=0.1, 2000 queries",
+             "rational-500": "rational, 500 queries"}
+
+
+def mean_std(values: list[float], digits: int = 1) -> str:
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f} (n={len(values)})" if values else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", nargs="?", default="results/prefs")
+    parser.add_argument("--baselines", default="results/baselines")
+    parser.add_argument("--step", type=int, default=10000, help="score every run at this step")
+    args = parser.parse_args()
+    root = Path(args.root)
+
+    runs, skipped = load_runs([p for p in root.iterdir() if p.is_dir() and p.name not in ("rm", "labels")], at_step=args.step)
+    scores: dict[tuple[str, str, str], list[float]] = defaultdict(list)  # (dataset, method, label set) -> scores
+    for run in runs:
+        method, _, label_set = run.label.partition("@")
+        scores[(run.dataset, method, label_set or "*")].append(run.final)
+    datasets = sorted({run.dataset for run in runs})
+    if Path(args.baselines).exists():
+        bc_runs, _ = load_runs([args.baselines], at_step=args.step)
+        for run in bc_runs:
+            if run.label == "bc" and run.dataset in datasets:
+                scores[(run.dataset, "bc", "*")].append(run.final)
+
+    reward_models: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted((root / "rm").glob("*/seed*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        for key in ("held_out_accuracy", "reward_correlation"):
+            reward_models[path.parent.parent.name][key].append(float(metrics[key]))
+
+    lines, summary = [], {"step": args.step, "scores": {}, "reward_models": {}, "skipped": skipped}
+    for dataset in datasets:
+        name = dataset.split("/")[-2] + "-" + dataset.split("/")[-1].rsplit("-v", 1)[0]  # orl/halfcheetah/medium-replay-v0 -> halfcheetah-medium-replay
+        sets = [s for s in SET_NAMES if any(k[0] == dataset and k[2] == s for k in scores)]
+        lines += [f"**{dataset}**, D4RL-normalized score at step {args.step} (mean ± std over seeds):", "",
+                  "| method | " + " | ".join(SET_NAMES[s] for s in sets) + " |", "|---|" + "---:|" * len(sets)]
+        for method, title in METHODS.items():
+            row = [scores.get((dataset, method, s)) or scores.get((dataset, method, "*")) or [] for s in sets]
+            if any(row):
+                lines.append(f"| {title} | " + " | ".join(mean_std(v) for v in row) + " |")
+                summary["scores"].update({f"{dataset}|{method}|{s}": v for s, v in zip(sets, row) if v})
+        for key, title in (("held_out_accuracy", "reward model: held-out accuracy"), ("reward_correlation", "reward model: corr(learned, true reward)")):
+            row = [reward_models.get(f"{name}-{s}", {}).get(key, []) for s in sets]
+            if any(row):
+                lines.append(f"| {title} | " + " | ".join(mean_std(v, 3) for v in row) + " |")
+        summary["reward_models"].update({k: dict(v) for k, v in reward_models.items()})
+        lines.append("")
+    if skipped:
+        lines += ["Skipped: " + "; ".join(skipped), ""]
+    text = "\n".join(lines)
+    (root / "table.md").write_text(text)
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
