@@ -259,7 +259,9 @@ class DeterministicActor(nn.Module):
 class GaussianActor(nn.Module):
     """Unsquashed Gaussian with tanh-bounded mean and a state-independent log-std (IQL, AWAC-style).
 
-    log pi(a|s) is summed over action dimensions.
+    log pi(a|s) is summed over action dimensions. The log-std is clipped to [-10, 2], the official IQL
+    policy's LOG_STD_MIN / LOG_STD_MAX (ikostrikov/implicit_q_learning policy.py), which FamO2O and
+    jaxrl's AWAC share.
     """
 
     def __init__(
@@ -269,7 +271,7 @@ class GaussianActor(nn.Module):
         hidden: Sequence[int] = (256, 256),
         max_action: float = 1.0,
         dropout: float = 0.0,
-        log_std_bounds: tuple[float, float] = (-20.0, 2.0),
+        log_std_bounds: tuple[float, float] = (-10.0, 2.0),
     ):
         super().__init__()
         self.max_action = max_action

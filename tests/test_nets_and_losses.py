@@ -168,3 +168,20 @@ def test_make_agent_precision_applies_to_every_mlp():
     batch = make_batch()
     metrics = agent.update(batch)
     assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_gaussian_actor_log_std_is_clipped_as_the_official_iql_policy():
+    """LOG_STD_MIN = -10, LOG_STD_MAX = 2 in ikostrikov/implicit_q_learning policy.py (orl clipped at -20)."""
+    import math
+
+    from orl.nn import GaussianActor
+
+    actor = GaussianActor(3, 2, (8,))
+    obs, action = torch.zeros(1, 3), torch.full((1, 2), 0.01)
+    with torch.no_grad():
+        actor.log_std.copy_(torch.tensor([-15.0, 5.0]))
+    std = actor.distribution(obs).stddev[0]
+    assert std.tolist() == pytest.approx([math.exp(-10.0), math.exp(2.0)], rel=1e-5)
+    mean = actor.distribution(obs).mean
+    expected = torch.distributions.Normal(mean, torch.tensor([math.exp(-10.0), math.exp(2.0)])).log_prob(action).sum(-1)
+    torch.testing.assert_close(actor.log_prob(obs, action), expected)
