@@ -152,7 +152,8 @@ def test_cpl_kl_resumed_across_the_switch_equals_an_uninterrupted_run():
             torch.testing.assert_close(mine, theirs)
 
 
-def test_cpl_through_orl_train_from_a_label_file(tmp_path):
+@pytest.mark.parametrize("agent", ["cpl", "cpl_kl"])
+def test_cpl_through_orl_train_from_a_label_file(tmp_path, agent):
     from hydra import compose, initialize_config_dir
 
     from orl.cli import CONFIG_DIR, run_train
@@ -165,7 +166,7 @@ def test_cpl_through_orl_train_from_a_label_file(tmp_path):
 
     dataset = make_dataset(data)
     scripted_preferences(dataset, queries=100, length=20, seed=0).save(tmp_path / "prefs.npz")
-    overrides = ["agent=cpl", f"dataset={data}", "env=Pendulum-v1", "ref_min_score=-1500", "ref_max_score=0", f"data.preferences={tmp_path / 'prefs.npz'}",
+    overrides = [f"agent={agent}", f"dataset={data}", "env=Pendulum-v1", "ref_min_score=-1500", "ref_max_score=0", f"data.preferences={tmp_path / 'prefs.npz'}",
                  "steps=60", "agent.bc_steps=20", "agent.lr_warmup_steps=0", "agent.hidden=[64,64]", "batch_size=16", "eval.every=60", "eval.episodes=1", "log.every=20", "log.progress=false", "log.tensorboard=false",
                  "device=cpu", f"run_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
