@@ -200,3 +200,36 @@ def test_a_results_only_run_is_skipped_and_an_unfinished_one_is_not(tmp_path):
     assert finished_run(done, 2000, 0) is None  # asked to go on past where it ended
     killed_early = fake_run(tmp_path / "early", "bc", "d", 0, [(500, 1.0)])  # killed before its first checkpoint
     assert finished_run(killed_early, 1000, 0) is None
+
+
+def test_prefs_table_reads_tagged_sweeps_reward_models_and_bc_at_the_same_step(tmp_path, monkeypatch, capsys):
+    """scripts/prefs_table.py (README's preference-learning table): one row per method, one column per label set."""
+    import runpy
+    import sys
+
+    root, baselines = tmp_path / "prefs", tmp_path / "baselines"
+    dataset = "orl/halfcheetah/medium-replay-v0"
+
+    def tagged(path, tag, seed, curve, steps=10000, agent="iql"):
+        run = fake_run(path, agent, dataset, seed, curve, steps=steps)
+        config = run / "config.yaml"
+        config.write_text(config.read_text().replace("tag: null", f"tag: '{tag}'" if tag else "tag: null"))
+
+    for seed, score in enumerate([40.0, 44.0]):
+        tagged(root / "halfcheetah-medium-replay-oracle" / f"s{seed}", "oracle_iql", seed, [(5000, 1.0), (10000, score)])
+        tagged(root / "halfcheetah-medium-replay-rational-2000" / f"p{seed}", "piql@rational-2000", seed, [(10000, score - 10)])
+        tagged(root / "halfcheetah-medium-replay-rational-500" / f"p{seed}", "piql@rational-500", seed, [(10000, score - 20)])
+        # BC is read at step 10k of its 20k baseline runs
+        tagged(baselines / f"bc{seed}", None, seed, [(10000, 7.0 + seed), (20000, 99.0)], steps=20000, agent="bc")
+        rm = root / "rm" / "halfcheetah-medium-replay-rational-2000" / f"seed{seed}"
+        rm.mkdir(parents=True)
+        (rm / "metrics.json").write_text(json.dumps({"held_out_accuracy": 0.9 + 0.02 * seed, "reward_correlation": 0.7}))
+    monkeypatch.setattr(sys, "argv", ["prefs_table.py", str(root), "--baselines", str(baselines), "--step", "10000"])
+    runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "prefs_table.py"), run_name="__main__")
+    table = (root / "table.md").read_text()
+    assert "| method | rational, 2000 queries | rational, 500 queries |" in table
+    assert "| IQL, true reward (oracle) | 42.0 ± 2.0 (n=2) | 42.0 ± 2.0 (n=2) |" in table
+    assert "| BC (no reward) | 7.5 ± 0.5 (n=2) | 7.5 ± 0.5 (n=2) |" in table
+    assert "| P-IQL (BT ensemble + IQL) | 32.0 ± 2.0 (n=2) | 22.0 ± 2.0 (n=2) |" in table
+    assert "| reward model: held-out accuracy | 0.910 ± 0.010 (n=2) | - |" in table
+    assert json.loads((root / "summary.json").read_text())["scores"][f"{dataset}|piql|rational-500"] == [20.0, 24.0]
