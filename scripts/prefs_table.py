@@ -44,11 +44,6 @@ def main() -> None:
         method, _, label_set = run.label.partition("@")
         scores[(run.dataset, method, label_set or "*")].append(run.final)
     datasets = sorted({run.dataset for run in runs})
-    if Path(args.baselines).exists():
-        bc_runs, _ = load_runs([args.baselines], at_step=args.step)
-        for run in bc_runs:
-            if run.label == "bc" and run.dataset in datasets:
-                scores[(run.dataset, "bc", "*")].append(run.final)
 
     reward_models: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for path in sorted((root / "rm").glob("*/seed*/metrics.json")):
@@ -56,10 +51,25 @@ def main() -> None:
         for key in ("held_out_accuracy", "reward_correlation"):
             reward_models[path.parent.parent.name][key].append(float(metrics[key]))
 
-    lines, summary = [], {"step": args.step, "scores": {}, "reward_models": {}, "skipped": skipped}
-    for dataset in datasets:
-        name = dataset.split("/")[-2] + "-" + dataset.split("/")[-1].rsplit("-v", 1)[0]  # orl/halfcheetah/medium-replay-v0 -> halfcheetah-medium-replay
-        sets = [s for s in SET_NAMES if any(k[0] == dataset and k[2] == s for k in scores)]
+    def short(dataset: str) -> str:  # orl/halfcheetah/medium-replay-v0 -> halfcheetah-medium-replay (the sweep and RM dir prefix)
+        parts = dataset.split("/")
+        return parts[-2] + "-" + parts[-1].rsplit("-v", 1)[0] if len(parts) >= 2 else dataset
+
+    names = {short(d): d for d in datasets}
+    for rm_name in reward_models:  # datasets with reward models but no policy runs yet still get their accuracy rows
+        for set_name in SET_NAMES:
+            labels = root / "labels" / f"{rm_name}.npz"
+            if rm_name.endswith("-" + set_name) and labels.exists():
+                with np.load(labels) as file:  # the label file names its dataset
+                    names.setdefault(rm_name[: -len(set_name) - 1], str(file["source"]))
+    if Path(args.baselines).exists():
+        bc_runs, _ = load_runs([args.baselines], at_step=args.step)
+        for run in bc_runs:
+            if run.label == "bc" and run.dataset in names.values():
+                scores[(run.dataset, "bc", "*")].append(run.final)
+    lines, summary = [], {"step": args.step, "scores": {}, "reward_models": {k: dict(v) for k, v in reward_models.items()}, "skipped": skipped}
+    for name, dataset in sorted(names.items()):
+        sets = [s for s in SET_NAMES if any(k[0] == dataset and k[2] == s for k in scores) or f"{name}-{s}" in reward_models]
         lines += [f"**{dataset}**, D4RL-normalized score at step {args.step} (mean ± std over seeds):", "",
                   "| method | " + " | ".join(SET_NAMES[s] for s in sets) + " |", "|---|" + "---:|" * len(sets)]
         for method, title in METHODS.items():
@@ -71,7 +81,6 @@ def main() -> None:
             row = [reward_models.get(f"{name}-{s}", {}).get(key, []) for s in sets]
             if any(row):
                 lines.append(f"| {title} | " + " | ".join(mean_std(v, 3) for v in row) + " |")
-        summary["reward_models"].update({k: dict(v) for k, v in reward_models.items()})
         lines.append("")
     if skipped:
         lines += ["Skipped: " + "; ".join(skipped), ""]

@@ -224,6 +224,12 @@ def test_prefs_table_reads_tagged_sweeps_reward_models_and_bc_at_the_same_step(t
         rm = root / "rm" / "halfcheetah-medium-replay-rational-2000" / f"seed{seed}"
         rm.mkdir(parents=True)
         (rm / "metrics.json").write_text(json.dumps({"held_out_accuracy": 0.9 + 0.02 * seed, "reward_correlation": 0.7}))
+    # a dataset with reward models and no policy runs yet: its accuracy rows, named by its label file
+    (root / "rm" / "hopper-medium-replay-rational-2000" / "seed0").mkdir(parents=True)
+    (root / "rm" / "hopper-medium-replay-rational-2000" / "seed0" / "metrics.json").write_text(
+        json.dumps({"held_out_accuracy": 0.98, "reward_correlation": 0.9}))
+    (root / "labels").mkdir()
+    np.savez(root / "labels" / "hopper-medium-replay-rational-2000.npz", source="orl/hopper/medium-replay-v0")
     monkeypatch.setattr(sys, "argv", ["prefs_table.py", str(root), "--baselines", str(baselines), "--step", "10000"])
     runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "prefs_table.py"), run_name="__main__")
     table = (root / "table.md").read_text()
@@ -233,3 +239,5 @@ def test_prefs_table_reads_tagged_sweeps_reward_models_and_bc_at_the_same_step(t
     assert "| P-IQL (BT ensemble + IQL) | 32.0 ± 2.0 (n=2) | 22.0 ± 2.0 (n=2) |" in table
     assert "| reward model: held-out accuracy | 0.910 ± 0.010 (n=2) | - |" in table
     assert json.loads((root / "summary.json").read_text())["scores"][f"{dataset}|piql|rational-500"] == [20.0, 24.0]
+    hopper = table[table.index("**orl/hopper/medium-replay-v0**"):]
+    assert "| reward model: held-out accuracy | 0.980 ± 0.000 (n=1) |" in hopper and "P-IQL" not in hopper
