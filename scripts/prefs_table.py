@@ -2,8 +2,9 @@
 
     python scripts/prefs_table.py results/prefs [--baselines results/baselines] [--step 10000]
 
-Rows: the oracle (IQL on the true reward), BC (read at the same step of its `results/baselines` runs,
-BC has no schedule, so a prefix of a longer run is a shorter run), and every preference method; columns:
+Rows: the oracle (IQL on the true reward), TD3+BC on the true reward and BC (read at the same step of
+their `results/baselines` runs: neither has a schedule, so a prefix of a longer run is a shorter run),
+and every preference method; columns:
 the label sets (`<dataset name>-<teacher>-<queries>` sweep directories, runs tagged `<method>@<set>`).
 The reward models' held-out accuracy (non-tie queries, 10% of the labels held out) and the correlation
 of the learned with the true reward are read from results/prefs/rm/<set>/seed*/metrics.json. Writes
@@ -20,7 +21,7 @@ import numpy as np
 
 from orl.report import load_runs
 
-METHODS = {"oracle_iql": "IQL, true reward (oracle)", "bc": "BC (no reward)", "piql": "P-IQL (BT ensemble + IQL)",
+METHODS = {"oracle_iql": "IQL, true reward (oracle)", "td3bc": "TD3+BC, true reward", "bc": "BC (no reward)", "piql": "P-IQL (BT ensemble + IQL)",
            "ptd3bc": "P-TD3+BC (BT ensemble + TD3+BC)", "cpl": "CPL (no reward model)", "cpl_kl": "CPL-KL"}
 SET_NAMES = {"rational-2000": "rational, 2000 queries", "mistake0.1-2000": "mistakes eps=0.1, 2000 queries",
              "rational-500": "rational, 500 queries"}
@@ -65,8 +66,8 @@ def main() -> None:
     if Path(args.baselines).exists():
         bc_runs, _ = load_runs([args.baselines], at_step=args.step)
         for run in bc_runs:
-            if run.label == "bc" and run.dataset in names.values():
-                scores[(run.dataset, "bc", "*")].append(run.final)
+            if run.label in ("bc", "td3bc") and run.dataset in names.values():
+                scores[(run.dataset, run.label, "*")].append(run.final)
     lines, summary = [], {"step": args.step, "scores": {}, "reward_models": {k: dict(v) for k, v in reward_models.items()}, "skipped": skipped}
     for name, dataset in sorted(names.items()):
         sets = [s for s in SET_NAMES if any(k[0] == dataset and k[2] == s for k in scores) or f"{name}-{s}" in reward_models]
