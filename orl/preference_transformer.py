@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from orl.data import OfflineDataset, observation_statistics
+from orl.data import OfflineDataset
+from orl.errors import ConfigError
 
 
 @dataclass
@@ -100,9 +101,7 @@ class PreferenceTransformer(nn.Module):
         window = self.cfg.window
         episodes = dataset.episode_ids()
         n = len(dataset)
-        first = np.r_[True, episodes[1:] != episodes[:-1]]
-        episode_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
-        starts = np.maximum(episode_start, np.arange(n) - window + 1)
+        starts = np.maximum(np.searchsorted(episodes, episodes), np.arange(n) - window + 1)  # episode ids are sorted
         positions = np.arange(n) - starts                                                   # < window
         index = np.minimum(starts[:, None] + np.arange(window)[None], n - 1)               # past an episode's end: causally unseen
         obs, actions = torch.as_tensor(dataset.observations, device=device), torch.as_tensor(dataset.actions, device=device)
@@ -120,20 +119,15 @@ def train_preference_transformer(dataset: OfflineDataset, pairs, cfg: Preference
     """Fit a Preference Transformer on `pairs`; metrics as `orl.preferences.train_reward_model` reports them."""
     import copy
 
-    from orl.preferences import _accuracy, preference_loss
+    from orl.preferences import _accuracy, preference_loss, reward_correlation, standardize_inputs
 
     cfg = cfg or PreferenceTransformerConfig()
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     if pairs.length > cfg.max_timestep:
-        from orl.errors import ConfigError
-
         raise ConfigError(f"segments of {pairs.length} steps exceed the model's max_timestep {cfg.max_timestep}")
     train, held_out = pairs.split(cfg.held_out, cfg.seed)
-    model = PreferenceTransformer(dataset.obs_dim, dataset.action_dim, cfg).to(device)
-    obs_mean, obs_std = observation_statistics(dataset)
-    model.obs_mean.copy_(torch.as_tensor(obs_mean))
-    model.obs_std.copy_(torch.as_tensor(obs_std))
+    model = standardize_inputs(PreferenceTransformer(dataset.obs_dim, dataset.action_dim, cfg).to(device), dataset)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(0.1 * cfg.epochs * steps_per_epoch)
@@ -154,12 +148,13 @@ def train_preference_transformer(dataset: OfflineDataset, pairs, cfg: Preference
         return score[:, 0], score[:, 1]
 
     @torch.no_grad()
-    def evaluate(part) -> tuple[float, float]:
+    def evaluate(part) -> tuple[float, float]:  # in eval mode (no dropout), then back to the mode it was in
+        was_training = model.training
         model.eval()
         labels = torch.as_tensor(part.labels, device=device)
         score_a, score_b = zip(*(scores(part, rows) for rows in torch.arange(len(part), device=device).split(256)))
         score_a, score_b = torch.cat(score_a), torch.cat(score_b)
-        model.train()
+        model.train(was_training)
         return float(preference_loss(score_a, score_b, labels)), _accuracy(score_a, score_b, labels)
 
     labels = torch.as_tensor(train.labels, device=device)
@@ -185,7 +180,5 @@ def train_preference_transformer(dataset: OfflineDataset, pairs, cfg: Preference
                "train_queries": float(len(train)), "held_out_queries": float(len(held_out))}
     if len(held_out):
         metrics["held_out_loss"], metrics["held_out_accuracy"] = evaluate(held_out)
-    learned = model.predict_dataset(dataset)
-    if learned.std() > 0 and dataset.rewards.std() > 0:
-        metrics["reward_correlation"] = float(np.corrcoef(learned, dataset.rewards)[0, 1])
+    metrics.update(reward_correlation(model, dataset))
     return model, metrics

@@ -331,10 +331,7 @@ def train_reward_model(dataset: OfflineDataset, pairs: PreferencePairs, cfg: Rew
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     train, held_out = pairs.split(cfg.held_out, cfg.seed)
-    model = RewardEnsemble(dataset.obs_dim, dataset.action_dim, cfg).to(device)
-    obs_mean, obs_std = observation_statistics(dataset)
-    model.obs_mean.copy_(torch.as_tensor(obs_mean))
-    model.obs_std.copy_(torch.as_tensor(obs_std))
+    model = standardize_inputs(RewardEnsemble(dataset.obs_dim, dataset.action_dim, cfg).to(device), dataset)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     obs, actions = torch.as_tensor(dataset.observations, device=device), torch.as_tensor(dataset.actions, device=device)
 
@@ -366,10 +363,24 @@ def train_reward_model(dataset: OfflineDataset, pairs: PreferencePairs, cfg: Rew
         if len(held_out):
             ret_a, ret_b = returns(held_out)
             metrics["held_out_accuracy"] = _accuracy(ret_a.mean(0), ret_b.mean(0), torch.as_tensor(held_out.labels, device=device))
-    learned = model.predict(dataset.observations, dataset.actions)
-    if learned.std() > 0 and dataset.rewards.std() > 0:
-        metrics["reward_correlation"] = float(np.corrcoef(learned, dataset.rewards)[0, 1])
+    metrics.update(reward_correlation(model, dataset))
     return model, metrics
+
+
+def standardize_inputs(model: torch.nn.Module, dataset: OfflineDataset) -> torch.nn.Module:
+    """Set a reward model's obs_mean / obs_std buffers to the statistics of the data it trains on."""
+    obs_mean, obs_std = observation_statistics(dataset)
+    model.obs_mean.copy_(torch.as_tensor(obs_mean))
+    model.obs_std.copy_(torch.as_tensor(obs_std))
+    return model
+
+
+def reward_correlation(model: torch.nn.Module, dataset: OfflineDataset) -> dict[str, float]:
+    """{"reward_correlation": corr(learned, true per-step reward)} where both vary, else {}."""
+    learned = model.predict_dataset(dataset)
+    if learned.std() > 0 and dataset.rewards.std() > 0:
+        return {"reward_correlation": float(np.corrcoef(learned, dataset.rewards)[0, 1])}
+    return {}
 
 
 def save_reward_model(path: str | Path, model: torch.nn.Module, pairs: PreferencePairs, metrics: dict[str, float]) -> None:

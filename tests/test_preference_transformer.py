@@ -49,6 +49,7 @@ def test_learns_a_known_reward_and_round_trips_through_the_reward_model_file(tmp
     pairs = scripted_preferences(data, queries=400, length=10, seed=0)
     cfg = PreferenceTransformerConfig(**SMALL, epochs=30, eval_every=5, held_out=0.2, window=10, lr=3e-4)
     model, metrics = train_preference_transformer(data, pairs, cfg)
+    assert not model.training                           # returned ready to relabel: dropout off
     assert metrics["held_out_accuracy"] > 0.75         # chance is 0.5 (0.84 when written)
     assert metrics["reward_correlation"] > 0.3         # the per-step reward is not what PT fits exactly (0.51)
     save_reward_model(tmp_path / "reward_model.pt", model, pairs, metrics)
