@@ -11,6 +11,14 @@ which scales only the dispreferred segment's score):
     L_CPL = y * softplus(-(S_1 - lambda S_2)) + (1 - y) * softplus(-(S_2 - lambda S_1))     (two-term form)
     L     = L_CPL + bc_coef * E[-l_t]   over all segments, or only the preferred ones     (BC regularizer)
 
+Dense "score" mode (official biased_bce_with_scores; label files from `orl-prefs label --scores`): a batch
+holds B distinct segments with known scores (their returns); sorted by score, every pair i < j is a
+comparison with j preferred, and the loss is the mean over the B (B - 1) / 2 pairs of
+softplus(-(S_j - lambda S_i)). The official code divides by the number of pairs whose loss is not exactly 0
+(its upper-triangle mask), which also drops pairs whose float32 loss underflows to 0 (logit above ~17) and so
+rescales the loss as the policy gets them right; orl divides by the number of pairs. Segments with equal
+scores are ordered by the (stable) sort, as the official argsort does. The BC term uses all segments.
+
 Schedule (official): BC alone for the first `bc_steps` steps at the constant rate `lr`; at the switch the
 optimizer is rebuilt (no moments carried over), CPL-KL freezes the current policy as its reference, and
 the rate warms up linearly, lr * lr_multiplier * min(1, (t - bc_steps + 1) / lr_warmup_steps), the
@@ -33,7 +41,7 @@ from torch.nn import functional as F
 from orl.agent import Agent, register
 from orl.errors import ConfigError
 from orl.nn import DeterministicActor, GaussianActor, make_optimizer
-from orl.preferences import SegmentPairBatch
+from orl.preferences import SegmentPairBatch, SegmentScoreBatch
 
 
 def cpl_loss(score_1: torch.Tensor, score_2: torch.Tensor, label: torch.Tensor, contrastive_bias: float = 1.0) -> torch.Tensor:
@@ -41,6 +49,17 @@ def cpl_loss(score_1: torch.Tensor, score_2: torch.Tensor, label: torch.Tensor, 
     prefer_1 = F.softplus(-(score_1 - contrastive_bias * score_2))
     prefer_2 = F.softplus(-(score_2 - contrastive_bias * score_1))
     return (label * prefer_1 + (1 - label) * prefer_2).mean()
+
+
+def cpl_rank_loss(score: torch.Tensor, target: torch.Tensor, contrastive_bias: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score-mode loss above for B segments: (loss, accuracy), accuracy = share of pairs ordered as the targets."""
+    ranked = score[torch.argsort(target, stable=True)]                          # ascending target: j > i is preferred
+    logits = ranked.unsqueeze(0) - contrastive_bias * ranked.unsqueeze(1)       # [i, j] = S_j - lambda S_i
+    pairs = torch.ones_like(logits, dtype=torch.bool).triu(diagonal=1)
+    loss = F.softplus(-logits)[pairs].mean()
+    with torch.no_grad():
+        accuracy = (ranked.unsqueeze(0) > ranked.unsqueeze(1))[pairs].float().mean()
+    return loss, accuracy
 
 
 @dataclass
@@ -94,10 +113,11 @@ class CPL(Agent):
         warmup = min(1.0, (step - cfg.bc_steps + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps > 0 else 1.0
         return cfg.lr * cfg.lr_multiplier * warmup
 
-    def update(self, batch: SegmentPairBatch) -> dict[str, torch.Tensor]:
+    def update(self, batch: SegmentPairBatch | SegmentScoreBatch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        log_prob = self.log_prob(batch.obs, batch.actions)               # (B, 2, H)
-        if cfg.bc_data == "preferred":  # the BC term on the preferred segment of each pair (both on a tie)
+        scored = isinstance(batch, SegmentScoreBatch)
+        log_prob = self.log_prob(batch.obs, batch.actions)               # (B, 2, H) pairs, (B, H) scored segments
+        if cfg.bc_data == "preferred" and not scored:  # the BC term on the preferred segment of each pair (both on a tie)
             weight = torch.stack([batch.labels >= 0.5, batch.labels <= 0.5], dim=1).float()  # (B, 2)
             bc_loss = -(log_prob.mean(-1) * weight).sum() / weight.sum()
         else:
@@ -108,8 +128,13 @@ class CPL(Agent):
                 self.nets["reference"].eval()
                 advantage = log_prob - self.log_prob(batch.obs, batch.actions, self.nets["reference"])
         discounts = cfg.discount ** torch.arange(log_prob.shape[-1], device=log_prob.device, dtype=log_prob.dtype)
-        score = cfg.alpha * (advantage * discounts).sum(-1)              # S = alpha * sum_t gamma^t A_t, (B, 2)
-        preference = cpl_loss(score[:, 0], score[:, 1], batch.labels, cfg.contrastive_bias)
+        score = cfg.alpha * (advantage * discounts).sum(-1)              # S = alpha * sum_t gamma^t A_t: (B, 2) or (B,)
+        if scored:
+            preference, accuracy = cpl_rank_loss(score, batch.scores, cfg.contrastive_bias)
+        else:
+            preference = cpl_loss(score[:, 0], score[:, 1], batch.labels, cfg.contrastive_bias)
+            with torch.no_grad():
+                accuracy = ((score[:, 0] > score[:, 1]).float() == batch.labels)[batch.labels != 0.5].float().mean()
         bc_phase = self.step < cfg.bc_steps
         loss = bc_loss if bc_phase else preference + cfg.bc_coef * bc_loss
         optimizer = self.optimizers["actor"]
@@ -123,8 +148,6 @@ class CPL(Agent):
             self.optimizers["actor"] = make_optimizer(self.nets["actor"].parameters(), cfg.lr)
             if cfg.reference:
                 self.nets["reference"].load_state_dict(self.nets["actor"].state_dict())
-        with torch.no_grad():
-            accuracy = ((score[:, 0] > score[:, 1]).float() == batch.labels)[batch.labels != 0.5].float().mean()
         return {"cpl_loss": preference.detach(), "bc_loss": bc_loss.detach(), "accuracy": accuracy,
                 "bc_phase": torch.tensor(float(bc_phase)), "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
 

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from orl.errors import ConfigError, DataError, DataFileNotFound
+from orl.provenance import file_checksum, write_provenance
 
 
 @dataclass
@@ -111,6 +112,9 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
     trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
+    local = Path(str(cfg.dataset))
+    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else None, "rows": len(rows), "model": str(model_path)}
+    trainer.start_callbacks.append(lambda _: write_provenance(run_dir, data_record, str(device)))
     result = trainer.train(resume=bool(cfg.resume))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if agent.exports_policy and parallel.rank == 0:

@@ -20,6 +20,7 @@ from orl.buffer import TransitionBuffer
 from orl.checkpoint import load_checkpoint, seed_everything
 from orl.data import DataConfig, DatasetError, RewardTransform, check_env_compatible, make_dataset, prepare, reward_transform
 from orl.errors import CheckpointError, ConfigError, DataError, DataFileNotFound, OrlError, RunDirError
+from orl.provenance import dataset_checksum, file_checksum, write_provenance
 from orl.trainer import OFFLINE_CHECKPOINT, Trainer, TrainerConfig
 
 
@@ -164,6 +165,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"agent {cfg.agent.name} trains language models on text data; give a .jsonl file or a Hugging Face "
                           f"datasets directory as dataset= (got {cfg.dataset}), or a control agent for this dataset")
     dataset = load_or_collect(cfg)
+    # what the run trained on, before any relabelling: the data a README number can be reproduced from
+    data_record = {"id": str(cfg.dataset), "sha256": dataset_checksum(dataset), "transitions": len(dataset), "source": dataset.source}
     learned = None
     if str(cfg.data.reward).startswith("learned:"):
         dataset, learned = relabel_with_reward_model(dataset, cfg)
@@ -222,6 +225,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     trainer = Trainer(agent, run_dir, trainer_config(cfg, offline_steps), buffer, lambda: make_env(env_id), ref,
                       reward_transform=prepared.reward_transform)
     trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
+    trainer.start_callbacks.append(lambda _: write_provenance(run_dir, data_record, str(device)))
     if learned is not None:  # the run records which reward model labelled its data
         trainer.start_callbacks.append(lambda _: (run_dir / "learned_reward.json").write_text(json.dumps(learned, indent=1)))
     if initial_state is not None and not resuming:
@@ -243,24 +247,30 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def segment_buffer(cfg: DictConfig, dataset, prepared_dataset, device: torch.device):
-    """The label file of data.preferences, checked against the raw dataset, over the prepared (normalized) arrays."""
-    from orl.preferences import PreferencePairs, SegmentPairBuffer
+    """The label file of data.preferences (labelled pairs or scored segments), checked against the raw dataset, over
+    the prepared (normalized) arrays."""
+    from orl.preferences import SegmentPairBuffer, SegmentScoreBuffer, SegmentScores, load_segment_labels
 
     if not cfg.data.get("preferences"):
         raise ConfigError(f"agent {cfg.agent.name} learns from preferences: give data.preferences=<label file from `orl-prefs label`>")
     if int(cfg.online.steps) > 0:
         raise ConfigError(f"agent {cfg.agent.name} learns from labelled segments offline; it has no online phase (online.steps=0)")
-    pairs = PreferencePairs.load(str(cfg.data.preferences), dataset)
-    print(f"[orl] {len(pairs)} preference queries of {pairs.length} steps from {cfg.data.preferences}")
-    return SegmentPairBuffer(prepared_dataset, pairs, device)
+    labels = load_segment_labels(str(cfg.data.preferences), dataset)
+    if isinstance(labels, SegmentScores):
+        if int(cfg.batch_size) > len(labels):
+            raise ConfigError(f"batch_size={cfg.batch_size} distinct segments, but {cfg.data.preferences} scores {len(labels)}; lower batch_size")
+        if cfg.agent.get("bc_data") == "preferred":
+            raise ConfigError("agent.bc_data=preferred needs labelled pairs; scored segments have no preferred one (use agent.bc_data=all)")
+        print(f"[orl] {len(labels)} scored segments of {labels.length} steps from {cfg.data.preferences} (every pair in a batch compared)")
+        return SegmentScoreBuffer(prepared_dataset, labels, device)
+    print(f"[orl] {len(labels)} preference queries of {labels.length} steps from {cfg.data.preferences}")
+    return SegmentPairBuffer(prepared_dataset, labels, device)
 
 
 def relabel_with_reward_model(dataset, cfg: DictConfig):
     """data.reward=learned:<reward model>: every reward replaced by the ensemble-mean learned reward (P-IQL and
     friends); returns the relabelled dataset and a record of the model (path, sha256, labels, metrics)."""
-    import hashlib
-
-    from orl.preferences import dataset_checksum, load_reward_model, relabel
+    from orl.preferences import load_reward_model, relabel
 
     if int(cfg.online.steps) > 0:
         raise ConfigError("data.reward=learned:... relabels offline data only; an online phase would mix learned and environment "
@@ -271,7 +281,7 @@ def relabel_with_reward_model(dataset, cfg: DictConfig):
         raise DataError(f"reward model {path} takes observations of size {model.obs_dim} and actions of size {model.action_dim}, "
                         f"but {cfg.dataset} has {dataset.obs_dim} and {dataset.action_dim}")
     file = path / "reward_model.pt" if path.is_dir() else path
-    learned = {"reward_model": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "normalize": str(cfg.data.learned_reward_norm),
+    learned = {"reward_model": str(file), "sha256": file_checksum(file), "normalize": str(cfg.data.learned_reward_norm),
                "labels_source": record["source"], "labels": record["labels"], "metrics": record["metrics"],
                "same_data_as_labels": record["checksum"] == dataset_checksum(dataset)}
     print(f"[orl] rewards relabelled by {file} (held-out accuracy {record['metrics'].get('held_out_accuracy', float('nan')):.3f})")

@@ -306,7 +306,21 @@ def collect(cfg: CollectConfig) -> dict[str, str]:
         write_minari(ds_id, episodes_for(level), env_id, ref_min, ref_max, description)
         print(f"[orl-collect] wrote {ds_id} ({sum(len(e['rewards']) for e in episodes_for(level))} transitions)")
     env.close()
+    record_datasets(work, ids)
     return ids
+
+
+def record_datasets(work: Path, ids: dict[str, str]) -> None:
+    """work/datasets.json: each level's id, size and sha256 as orl loads it, with the software that collected it.
+    Two machines do not collect identical data; this file is how a later run tells whether it has the same."""
+    from orl.data import make_dataset
+    from orl.provenance import dataset_checksum, software
+
+    levels = {}
+    for level, ds_id in ids.items():
+        dataset = make_dataset(ds_id)
+        levels[level] = {"id": ds_id, "sha256": dataset_checksum(dataset), "transitions": len(dataset)}
+    _write_json(work / "datasets.json", {"levels": levels, **software()})
 
 
 def collect_aside_then_swap(cfg: CollectConfig, env_id: str) -> dict[str, str]:

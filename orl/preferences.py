@@ -14,7 +14,6 @@ reaches it are dropped).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from orl.data import OfflineDataset, observation_statistics
 from orl.errors import DataError
+from orl.provenance import dataset_checksum
 
 
 def preference_loss(score_a: torch.Tensor, score_b: torch.Tensor, label: torch.Tensor | float = 1.0,
@@ -40,14 +40,6 @@ def preference_loss(score_a: torch.Tensor, score_b: torch.Tensor, label: torch.T
     if center_coef:
         loss = loss + center_coef * (score_a + score_b).pow(2).mean()
     return loss
-
-
-def dataset_checksum(dataset: OfflineDataset) -> str:
-    """sha256 of the arrays a preference label depends on (observations, actions, rewards, episode ends)."""
-    digest = hashlib.sha256()
-    for array in (dataset.observations, dataset.actions, dataset.rewards, dataset.terminals, dataset.timeouts):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def segment_starts(dataset: OfflineDataset, length: int) -> np.ndarray:
@@ -125,27 +117,89 @@ class PreferencePairs:
     def load(cls, path: str | Path, dataset: OfflineDataset) -> "PreferencePairs":
         """Labels from `path`, checked against `dataset`: the same data (checksum), indices inside it, and
         segments inside one trajectory each."""
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"preference file {path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                pairs = cls(f["starts"].astype(np.int64), f["labels"].astype(np.float32), int(f["length"]), str(f["source"]),
-                            str(f["checksum"]), json.loads(str(f["teacher"])))
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataError(f"{path} is not an orl preference file ({type(exc).__name__}: {exc})") from exc
-        if pairs.checksum != dataset_checksum(dataset):
-            raise DataError(f"{path} labels segments of {pairs.source} (checksum {pairs.checksum[:12]}), but the dataset given "
-                            f"({dataset.source}) holds other data (checksum {dataset_checksum(dataset)[:12]}); give the dataset the labels were made on")
+        fields = _read_label_file(path, dataset, "pairs")
+        pairs = cls(fields["starts"].astype(np.int64), fields["labels"].astype(np.float32), int(fields["length"]), str(fields["source"]),
+                    str(fields["checksum"]), json.loads(str(fields["teacher"])))
         check_segments(pairs.starts, pairs.length, dataset, str(path))
         return pairs
 
 
+@dataclass
+class SegmentScores:
+    """Segments with one score each (CPL's dense "score" mode): any two segments of a batch are a comparison,
+    the higher score preferred, so a batch of B segments gives B (B - 1) / 2 of them."""
+
+    starts: np.ndarray   # (M,) int64
+    scores: np.ndarray   # (M,) float32, e.g. the segment's return
+    length: int
+    source: str
+    checksum: str
+    teacher: dict
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def segment_indices(self) -> np.ndarray:
+        """(M, H) transition indices of every segment."""
+        return self.starts[:, None] + np.arange(self.length)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, kind="scores", starts=self.starts, scores=self.scores, length=self.length, source=self.source,
+                 checksum=self.checksum, teacher=json.dumps(self.teacher))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, dataset: OfflineDataset) -> "SegmentScores":
+        fields = _read_label_file(path, dataset, "scores")
+        scores = cls(fields["starts"].astype(np.int64), fields["scores"].astype(np.float32), int(fields["length"]), str(fields["source"]),
+                     str(fields["checksum"]), json.loads(str(fields["teacher"])))
+        check_segments(scores.starts, scores.length, dataset, str(path))
+        return scores
+
+
+def _read_label_file(path: str | Path, dataset: OfflineDataset, kind: str) -> dict[str, np.ndarray]:
+    """The arrays of an orl label file of `kind` ("pairs" or "scores"), made on `dataset` (same checksum)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"preference file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            fields = {key: f[key] for key in f.files}
+        found = str(fields.get("kind", "pairs"))
+        needed = {"pairs": ("starts", "labels"), "scores": ("starts", "scores")}.get(found, ())
+        for key in (*needed, "length", "source", "checksum", "teacher"):
+            if key not in fields:
+                raise KeyError(key)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path} is not an orl preference file ({type(exc).__name__}: {exc})") from exc
+    if found != kind:
+        made_by = {"pairs": "`orl-prefs label`", "scores": "`orl-prefs label --scores`"}
+        raise DataError(f"{path} holds segment {found} ({made_by.get(found, found)}), but segment {kind} are needed here "
+                        f"({made_by[kind]}); " + ("only agent=cpl/cpl_kl trains on scored segments" if found == "scores" else
+                                                    "give a file made with --scores"))
+    if str(fields["checksum"]) != dataset_checksum(dataset):
+        raise DataError(f"{path} labels segments of {fields['source']} (checksum {str(fields['checksum'])[:12]}), but the dataset given "
+                        f"({dataset.source}) holds other data (checksum {dataset_checksum(dataset)[:12]}); give the dataset the labels were made on")
+    return fields
+
+
+def load_segment_labels(path: str | Path, dataset: OfflineDataset) -> "PreferencePairs | SegmentScores":
+    """Whichever kind of label file `path` is: labelled pairs or scored segments."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as f:
+            kind = str(f["kind"]) if "kind" in f.files else "pairs"
+    except (OSError, ValueError):
+        kind = "pairs"  # unreadable: PreferencePairs.load says why
+    return SegmentScores.load(path, dataset) if kind == "scores" else PreferencePairs.load(path, dataset)
+
+
 def check_segments(starts: np.ndarray, length: int, dataset: OfflineDataset, where: str) -> None:
-    """Raise DataError if a segment leaves the dataset or crosses a trajectory boundary."""
+    """Raise DataError if a segment leaves the dataset or crosses a trajectory boundary (starts: (M, 2) pairs or (M,))."""
     starts = np.asarray(starts)
-    if starts.ndim != 2 or starts.shape[1] != 2:
-        raise DataError(f"{where}: segment starts must have shape (queries, 2), got {starts.shape}")
+    if not (starts.ndim == 2 and starts.shape[1] == 2 or starts.ndim == 1):
+        raise DataError(f"{where}: segment starts must have shape (queries, 2) or (segments,), got {starts.shape}")
     last = int(starts.max()) + length if starts.size else 0
     if starts.size and (starts.min() < 0 or last > len(dataset)):
         raise DataError(f"{where}: segments reach index {last - 1}, but {dataset.source} has {len(dataset)} transitions "
@@ -176,6 +230,21 @@ def scripted_preferences(dataset: OfflineDataset, queries: int, length: int, tea
     labels, kept = teacher.label(dataset.rewards[steps[:, 0]].astype(np.float64), dataset.rewards[steps[:, 1]].astype(np.float64), rng)
     return PreferencePairs(pairs[kept], labels, length, dataset.source, dataset_checksum(dataset),
                            {"kind": "scripted", "seed": seed, **asdict(teacher)})
+
+
+def scripted_scores(dataset: OfflineDataset, segments: int, length: int, gamma: float = 1.0, seed: int = 0) -> SegmentScores:
+    """`segments` distinct segments drawn uniformly among all valid starts, each scored by its return (step t of H
+    weighted gamma^(H-1-t), the myopic teacher's weighting): the dense labels of CPL's score mode."""
+    starts = segment_starts(dataset, length)
+    if len(starts) < 2:
+        raise DataError(f"{dataset.source}: fewer than two segments of length {length} fit inside its trajectories; use a shorter length")
+    if segments > len(starts):
+        raise DataError(f"{dataset.source}: {segments} segments asked for, but only {len(starts)} distinct ones of length {length} fit")
+    chosen = np.sort(np.random.default_rng(seed).choice(starts, segments, replace=False)).astype(np.int64)
+    weights = gamma ** np.arange(length - 1, -1, -1, dtype=np.float64)
+    scores = (dataset.rewards[chosen[:, None] + np.arange(length)].astype(np.float64) * weights).sum(1)
+    return SegmentScores(chosen, scores.astype(np.float32), length, dataset.source, dataset_checksum(dataset),
+                         {"kind": "scripted-scores", "seed": seed, "gamma": gamma})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -440,6 +509,7 @@ def prefs_main(argv: list[str] | None = None) -> None:
     """orl-prefs: from an orl dataset to preference labels, and from labels to a reward model.
 
         orl-prefs label orl/hopper/medium-replay-v0 --queries 2000 --length 50 --out prefs.npz [--mistake 0.1]
+        orl-prefs label orl/hopper/medium-replay-v0 --scores --queries 2000 --length 50 --out scores.npz   # CPL's dense mode
         orl-prefs reward orl/hopper/medium-replay-v0 prefs.npz --out runs/rm/hopper
         orl-train agent=iql dataset=orl/hopper/medium-replay-v0 data.reward=learned:runs/rm/hopper      # P-IQL
     """
@@ -460,6 +530,9 @@ def prefs_main(argv: list[str] | None = None) -> None:
     label.add_argument("--mistake", type=float, default=0.0, help="flip each label with this probability")
     label.add_argument("--tie-threshold", type=float, default=0.0, help="returns closer than this are a tie (label 0.5)")
     label.add_argument("--skip-threshold", type=float, default=None, help="drop queries where neither return reaches this")
+    label.add_argument("--scores", action="store_true",
+                       help="score --queries distinct segments by their (--gamma weighted) return instead of labelling pairs: "
+                            "CPL's dense score mode, where every two segments of a batch are a comparison")
     label.add_argument("--seed", type=int, default=0)
     label.add_argument("--out", required=True, help="label file (.npz)")
     imported = sub.add_parser("import-uni-rlhf", help="Uni-RLHF crowd-sourced labels (pickled index/label files) -> an orl label file")
@@ -501,6 +574,14 @@ def prefs_main(argv: list[str] | None = None) -> None:
             pairs = load_preference_transformer_labels(args.directory, dataset, args.length, args.queries)
             pairs.save(args.out)
             print(f"[orl-prefs] {len(pairs)} Preference Transformer queries ({float((pairs.labels == 0.5).mean()):.0%} ties) -> {args.out}")
+        elif args.command == "label" and args.scores:
+            noisy = [flag for flag, value, default in (("--beta", args.beta, math.inf), ("--mistake", args.mistake, 0.0),
+                     ("--tie-threshold", args.tie_threshold, 0.0), ("--skip-threshold", args.skip_threshold, None)) if value != default]
+            if noisy:
+                raise DataError(f"{', '.join(noisy)} label pairs; --scores gives each segment its return (only --gamma applies)")
+            scored = scripted_scores(dataset, args.queries, args.length, args.gamma, args.seed)
+            scored.save(args.out)
+            print(f"[orl-prefs] {len(scored)} scored segments of {args.length} steps from {dataset.source} -> {args.out}")
         elif args.command == "label":
             teacher = Teacher(args.beta, args.gamma, args.mistake, args.tie_threshold, args.skip_threshold)
             pairs = scripted_preferences(dataset, args.queries, args.length, teacher, args.seed)
@@ -545,20 +626,47 @@ class SegmentPairBatch:
 class SegmentPairBuffer:
     """Labelled segment pairs over device tensors of the (prepared) dataset: a batch is an index gather."""
 
-    def __init__(self, dataset: OfflineDataset, pairs: PreferencePairs, device: torch.device | str = "cpu"):
+    batch_type = SegmentPairBatch
+
+    def __init__(self, dataset: OfflineDataset, labels: "PreferencePairs | SegmentScores", device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.obs = torch.as_tensor(dataset.observations, device=self.device)
         self.actions = torch.as_tensor(dataset.actions, device=self.device)
-        self.index = torch.as_tensor(pairs.segment_indices(), device=self.device)  # (M, 2, H)
-        self.labels = torch.as_tensor(pairs.labels, device=self.device)
+        self.index = torch.as_tensor(labels.segment_indices(), device=self.device)  # (M, 2, H) pairs, (M, H) segments
+        self.targets = torch.as_tensor(labels.labels if isinstance(labels, PreferencePairs) else labels.scores, device=self.device)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
+
+    def rows(self, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> SegmentPairBatch:
-        rows = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
+        rows = self.rows(batch_size, generator)
         index = self.index[rows]
-        return SegmentPairBatch(self.obs[index], self.actions[index], self.labels[rows])
+        return self.batch_type(self.obs[index], self.actions[index], self.targets[rows])
 
     def state_dict(self) -> dict:
-        return {}  # the pairs are data, re-read from the label file on resume
+        return {}  # the labels are data, re-read from the label file on resume
+
+
+@dataclass
+class SegmentScoreBatch:
+    """B distinct segments: obs (B, H, obs_dim), actions (B, H, action_dim), scores (B,)."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    scores: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+class SegmentScoreBuffer(SegmentPairBuffer):
+    """Scored segments. A batch holds distinct segments (as the official loader's batches of a permutation): a
+    segment paired with itself is no comparison."""
+
+    batch_type = SegmentScoreBatch
+
+    def rows(self, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randperm(len(self), device=self.device, generator=generator)[:batch_size]

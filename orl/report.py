@@ -14,6 +14,10 @@ that needs to be committed for a report to regenerate). Writes to `--out` (defau
 - `curves.png` (mean and 95% bootstrap band per agent and dataset; Q around the switch for online runs)
   and `profiles.png` (rliable performance profiles).
 
+A run's `provenance.json` (written by every run) gives the sha256 of the data it trained on: when the runs
+under one dataset name trained on different arrays (a dataset collected again on another machine), the
+report says so at the top and `--group-by provenance.data.sha256` splits them.
+
 Runs are scored by `eval/normalized_mean` (D4RL-normalized, 0-100) where the run has reference scores,
 else by `eval/return_mean`. A run with a missing or unreadable `metrics.jsonl`, or without any evaluation,
 is listed by name and skipped; unfinished runs are listed and left out of the tables.
@@ -33,6 +37,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from orl.logger import read_metrics
+from orl.provenance import read_provenance
 
 AGGREGATES = ("IQM", "median", "mean", "optimality gap")
 
@@ -50,6 +55,7 @@ class Run:
     last_step: int = 0              # the last step metrics.jsonl has a row for
     finished: bool = True
     normalized: bool = True         # scored by the D4RL-normalized score (else the mean return)
+    data_sha256: str | None = None  # provenance.json: the sha256 of the data it trained on (None: not recorded)
 
     def reached(self, steps: int, online_steps: int) -> bool:
         """Whether the run logged the last step of a run of `steps` offline and `online_steps` online steps (the
@@ -123,6 +129,8 @@ def load_run(path: Path, group_by: Sequence[str] = ()) -> Run:
     key = "eval/normalized_mean" if all("eval/normalized_mean" in r for r in evals) else "eval/return_mean"
     online_rows = [r for r in rows if "train/online_step" in r]
     switch = int(online_rows[0]["step"] - online_rows[0]["train/online_step"]) if online_rows else None
+    provenance = read_provenance(path)
+    config["provenance"] = provenance  # --group-by provenance.data.sha256 splits runs by the data they saw
     label = str(config.get("tag") or config["agent"].get("name", "?"))
     extra = [f"{k}={_select(config, k)}" for k in group_by]
     run = Run(
@@ -131,6 +139,7 @@ def load_run(path: Path, group_by: Sequence[str] = ()) -> Run:
         online_episodes=[(int(r["step"]), float(r["online/episode_normalized"])) for r in rows if "online/episode_normalized" in r],
         q_mean=[(int(r["step"]), float(r["train/q_mean"])) for r in rows if "train/q_mean" in r],
         switch_step=switch, last_step=int(max(r["step"] for r in rows)), normalized=key == "eval/normalized_mean",
+        data_sha256=_select(config, "provenance.data.sha256"),
     )
     run.finished = run.reached(int(config.get("steps") or 0), int(_select(config, "online.steps") or 0))
     return run
@@ -256,14 +265,30 @@ def build_report(runs: Sequence[Run], order: Sequence[str] = (), compare: Sequen
         pairs = list(compare) or [(x, y) for i, x in enumerate(labels) for y in labels[i + 1:]]
         improvements = improvement_probabilities(matrices, pairs, reps, seed)
     return {"datasets": datasets, "labels": labels, "aggregate_datasets": common, "normalized": normalized,
+            "data_versions": data_versions(runs),
             "per_dataset": per_dataset, "online": online, "aggregates": aggregates, "improvements": improvements,
             "runs": [{"run_dir": str(r.path), "agent": r.label, "dataset": r.dataset, "seed": r.seed, "final": r.final, "best": r.best,
-                      "offline": r.offline_score, "worst_drop": r.worst_drop, "regret": r.regret, "switch_step": r.switch_step} for r in runs]}
+                      "offline": r.offline_score, "worst_drop": r.worst_drop, "regret": r.regret, "switch_step": r.switch_step,
+                      "data_sha256": r.data_sha256} for r in runs]}
+
+
+def data_versions(runs: Sequence[Run]) -> dict[str, dict[str, list[str]]]:
+    """dataset name -> {sha256 (or "unrecorded"): run directories}, for every dataset whose runs did not all train on
+    the same recorded arrays. Locally collected datasets differ between machines, so one name can hide two datasets."""
+    versions: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        versions.setdefault(run.dataset, {}).setdefault(run.data_sha256 or "unrecorded", []).append(str(run.path))
+    return {name: found for name, found in versions.items() if len(found) > 1}
 
 
 def to_markdown(report: dict[str, Any], skipped: Sequence[str] = ()) -> str:
     score = "D4RL-normalized score" if report["normalized"] else "mean return"
-    lines = [f"Final and best evaluation during training ({score}, mean ± std over runs).", "",
+    lines = []
+    for name, found in report.get("data_versions", {}).items():
+        counts = ", ".join(f"{sha[:12]}: {len(dirs)} run(s)" for sha, dirs in found.items())
+        lines += [f"**Warning: the runs on {name} did not all train on the same data** ({counts}); scores across them are not "
+                  "comparable. Split them with `--group-by provenance.data.sha256`.", ""]
+    lines += [f"Final and best evaluation during training ({score}, mean ± std over runs).", "",
              "| dataset | agent | final | best during training | n |", "|---|---|---:|---:|---:|"]
     lines += [f"| {row['dataset']} | {row['agent']} | {_mean_std(row['final'])} | {_mean_std(row['best'])} | {row['n']} |" for row in report["per_dataset"]]
     if report["online"]:
@@ -413,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(runs, args.order, [tuple(pair) for pair in args.compare or []], args.reps, args.seed)
     markdown = to_markdown(report, skipped)
+    for name, found in report["data_versions"].items():
+        print(f"[orl-report] warning: runs on {name} trained on {len(found)} different datasets ({', '.join(sha[:12] for sha in found)})", file=sys.stderr)
     (out / "report.md").write_text(markdown)
     (out / "summary.json").write_text(json.dumps({**report, "skipped": list(skipped)}, indent=1))
     write_csv(report, out / "runs.csv")

@@ -46,6 +46,17 @@ def test_all_levels_load_with_reference_scores(collected_env):
     assert mean_reward["random"] < mean_reward["medium"] < mean_reward["expert"]
 
 
+def test_collection_records_each_levels_checksum_and_software(collected_env):
+    from orl.provenance import dataset_checksum
+
+    record = json.loads((collected_env["work"] / "datasets.json").read_text())
+    assert set(record["levels"]) == set(collected_env["ids"])
+    for level, ds_id in collected_env["ids"].items():
+        dataset = make_dataset(ds_id, download=False)
+        assert record["levels"][level] == {"id": ds_id, "sha256": dataset_checksum(dataset), "transitions": len(dataset)}
+    assert record["packages"]["torch"] == torch.__version__ and "mujoco" in record["packages"]
+
+
 def test_medium_replay_ends_where_medium_policy_was_saved(collected_env):
     levels = json.loads((collected_env["work"] / "levels.json").read_text())
     ds = make_dataset(collected_env["ids"]["medium-replay"], download=False)

@@ -188,3 +188,76 @@ def test_segment_buffer_gathers_the_labelled_segments():
     index = pairs.segment_indices()[rows.numpy()]
     np.testing.assert_array_equal(batch.obs.numpy(), data.observations[index])
     np.testing.assert_array_equal(batch.labels.numpy(), pairs.labels[rows.numpy()])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dense score mode (official biased_bce_with_scores)
+def test_rank_loss_is_the_mean_over_every_ordered_pair():
+    from agents.cpl import cpl_rank_loss
+
+    score = torch.tensor([0.3, 2.0, -1.0])    # the policy's segment scores S
+    target = torch.tensor([5.0, 1.0, 3.0])    # returns: segment 0 > 2 > 1
+    loss, accuracy = cpl_rank_loss(score, target, 0.5)
+    preferred_over = [(0, 2), (0, 1), (2, 1)]  # (better, worse)
+    expected = np.mean([softplus(-(score[b].item() - 0.5 * score[w].item())) for b, w in preferred_over])
+    assert loss.item() == pytest.approx(expected)
+    assert accuracy.item() == pytest.approx(1 / 3)  # only S_2 > S_1 agrees with the returns (0.3 < 2.0, -1.0 < 2.0)
+    # two segments: the pairwise loss with the better one preferred
+    pair = torch.tensor([0.3, 2.0])
+    assert cpl_rank_loss(pair, torch.tensor([1.0, 0.0]), 0.5)[0].item() == pytest.approx(
+        cpl_loss(pair[:1], pair[1:], torch.tensor([1.0]), 0.5).item())
+
+
+def test_rank_loss_gradient_scales_only_the_worse_score_by_lambda():
+    from agents.cpl import cpl_rank_loss
+
+    score = torch.tensor([1.0, 0.5], requires_grad=True)
+    cpl_rank_loss(score, torch.tensor([2.0, 1.0]), 0.3)[0].backward()  # segment 0 is better
+    slope = torch.sigmoid(torch.tensor(-(1.0 - 0.3 * 0.5))).item()
+    assert score.grad.tolist() == pytest.approx([-slope, 0.3 * slope])
+
+
+def test_scored_segments_file_and_buffer(tmp_path):
+    from orl.errors import DataError
+    from orl.preferences import SegmentScoreBuffer, SegmentScores, load_segment_labels, scripted_scores
+
+    data = pendulum_like(500)
+    scored = scripted_scores(data, segments=40, length=6, seed=1)
+    assert len(set(scored.starts.tolist())) == 40
+    np.testing.assert_allclose(scored.scores, data.rewards[scored.segment_indices()].sum(1), rtol=1e-5)
+    scored.save(tmp_path / "scores.npz")
+    loaded = load_segment_labels(tmp_path / "scores.npz", data)
+    assert isinstance(loaded, SegmentScores) and np.array_equal(loaded.starts, scored.starts)
+    with pytest.raises(DataError, match="only agent=cpl/cpl_kl trains on scored segments"):
+        PreferencePairs.load(tmp_path / "scores.npz", data)  # the reward model needs pairs
+    batch = SegmentScoreBuffer(data, loaded).sample(40, torch.Generator().manual_seed(0))
+    assert batch.obs.shape == (40, 6, 3) and len(set(batch.scores.tolist())) == len(set(scored.scores.tolist()))  # distinct segments
+    rows = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:40].numpy()
+    np.testing.assert_array_equal(batch.actions.numpy(), data.actions[scored.segment_indices()[rows]])
+
+
+def test_cpl_learns_from_scored_segments_through_orl_prefs_and_orl_train(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from orl.cli import CONFIG_DIR, run_train
+    from orl.data import make_dataset
+    from orl.logger import read_metrics
+    from orl.preferences import prefs_main
+    from tests.conftest import random_pendulum_arrays
+
+    data = tmp_path / "pendulum.npz"
+    np.savez(data, **random_pendulum_arrays(1200, seed=4), env_id="Pendulum-v1", ref_min_score=-1500.0, ref_max_score=0.0)
+    prefs_main(["label", str(data), "--scores", "--queries", "200", "--length", "20", "--out", str(tmp_path / "scores.npz")])
+    with pytest.raises(SystemExit):  # pair-teacher noise has no meaning for scores: one message
+        prefs_main(["label", str(data), "--scores", "--mistake", "0.1", "--out", str(tmp_path / "x.npz")])
+    assert "--mistake label pairs" in capsys.readouterr().err
+    overrides = ["agent=cpl", f"dataset={data}", f"data.preferences={tmp_path / 'scores.npz'}", "steps=80", "agent.bc_steps=20",
+                 "agent.lr_warmup_steps=0", "agent.hidden=[64,64]", "agent.lr=1e-3", "batch_size=32", "eval.every=80", "eval.episodes=1",
+                 "log.every=20", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        run_train(compose(config_name="train", overrides=overrides))
+    rows = [r for r in read_metrics(tmp_path / "run") if "train/cpl_loss" in r]
+    assert [r["step"] for r in rows] == [20, 40, 60, 80]
+    assert rows[-1]["train/cpl_loss"] < rows[1]["train/cpl_loss"]  # the ranking loss falls once CPL starts (step 20)
+    assert rows[-1]["train/accuracy"] > 0.5
+    assert len(make_dataset(data)) == 1200

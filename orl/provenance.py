@@ -1,0 +1,99 @@
+"""Where a number came from: the exact data and software a run used.
+
+Datasets that orl collects itself differ from machine to machine (another CPU, another MuJoCo or torch
+build gives another SAC and so other trajectories), and a README number is only reproducible on the data
+it was measured on. Every run therefore writes `provenance.json` beside its metrics: the sha256 of the
+arrays it trained on, and the versions and processor it ran with. `orl-report` reads it and says when the
+runs of one table were trained on different data under the same dataset name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROVENANCE_FILE = "provenance.json"
+PACKAGES = ("torch", "numpy", "gymnasium", "mujoco", "minari", "transformers")
+
+
+def dataset_checksum(dataset: Any) -> str:
+    """sha256 of the arrays training depends on (observations, actions, rewards, episode ends), as loaded."""
+    digest = hashlib.sha256()
+    for array in (dataset.observations, dataset.actions, dataset.rewards, dataset.terminals, dataset.timeouts):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (what `sha256sum` prints), or of every file below a directory with its relative path."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """The orl checkout's commit (+ '-dirty' with uncommitted changes to tracked files); None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def software() -> dict[str, Any]:
+    """Python, the packages results depend on, the processor and orl's commit."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"python": sys.version.split()[0], "packages": versions, "cpu": _cpu_model(), "platform": platform.platform(),
+            "orl_commit": _git_commit()}
+
+
+def write_provenance(run_dir: str | os.PathLike, data: dict[str, Any], device: str) -> None:
+    """run_dir/provenance.json: `data` (id, sha256, size) plus the software and device, written atomically."""
+    run_dir = Path(run_dir)
+    record = {"data": data, "device": device, **software()}
+    tmp = run_dir / f".{PROVENANCE_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, run_dir / PROVENANCE_FILE)
+
+
+def read_provenance(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's provenance record, or None when it has none (runs from before it existed) or it is unreadable."""
+    try:
+        record = json.loads((Path(run_dir) / PROVENANCE_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None

@@ -1,0 +1,77 @@
+"""Provenance: every run records the data it trained on, and orl-report says when one dataset name hides two datasets."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from orl.cli import CONFIG_DIR, run_train
+from orl.data import OfflineDataset, make_dataset
+from orl.provenance import dataset_checksum, file_checksum, read_provenance
+from tests.conftest import random_pendulum_arrays
+from tests.test_sweeps import fake_run
+
+
+def _pendulum_file(path: Path, seed: int) -> Path:
+    a = random_pendulum_arrays(400, seed=seed)
+    OfflineDataset(a["observations"], a["actions"], a["rewards"], a["next_observations"], a["terminals"], a["timeouts"],
+                   env_id="Pendulum-v1", ref_min_score=-1500.0, ref_max_score=-150.0).save(path)
+    return path
+
+
+def test_a_run_records_the_checksum_of_the_data_it_trained_on(tmp_path):
+    data = _pendulum_file(tmp_path / "data.npz", seed=0)
+    overrides = ["agent=bc", f"dataset={data}", "device=cpu", "steps=3", "eval.every=0", "log.progress=false",
+                 "log.tensorboard=false", f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        run_train(compose(config_name="train", overrides=overrides))
+    record = read_provenance(tmp_path / "run")
+    assert record["data"]["sha256"] == dataset_checksum(make_dataset(str(data))) and record["data"]["transitions"] == 400
+    assert record["packages"]["torch"] == torch.__version__ and record["packages"]["numpy"] == np.__version__
+    assert record["device"] == "cpu" and record["cpu"]
+    # another dataset under the same file name gets another checksum
+    _pendulum_file(data, seed=1)
+    assert dataset_checksum(make_dataset(str(data))) != record["data"]["sha256"]
+
+
+def test_file_checksum_of_a_file_is_sha256sum(tmp_path):
+    import hashlib
+
+    (tmp_path / "a.jsonl").write_bytes(b'{"prompt": "x"}\n')
+    assert file_checksum(tmp_path / "a.jsonl") == hashlib.sha256(b'{"prompt": "x"}\n').hexdigest()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "one").write_bytes(b"1")
+    before = file_checksum(tmp_path / "d")
+    (tmp_path / "d" / "one").rename(tmp_path / "d" / "two")  # same bytes, another layout
+    assert file_checksum(tmp_path / "d") != before
+
+
+def _with_data(run_dir: Path, sha: str) -> None:
+    (run_dir / "provenance.json").write_text(json.dumps({"data": {"id": "d", "sha256": sha}}))
+
+
+def test_report_warns_when_runs_of_one_dataset_trained_on_different_data(tmp_path, capsys):
+    from orl.report import main
+
+    for seed in range(2):
+        _with_data(fake_run(tmp_path / "same" / f"bc{seed}", "bc", "d", seed, [(1000, 50.0 + seed)]), "a" * 64)
+    assert main([str(tmp_path / "same"), "--reps", "20"]) == 0
+    assert "Warning" not in (tmp_path / "same" / "report" / "report.md").read_text()
+    assert "warning" not in capsys.readouterr().err
+
+    mixed = tmp_path / "mixed"
+    _with_data(fake_run(mixed / "bc0", "bc", "d", 0, [(1000, 50.0)]), "a" * 64)
+    _with_data(fake_run(mixed / "bc1", "bc", "d", 1, [(1000, 20.0)]), "b" * 64)
+    fake_run(mixed / "bc2", "bc", "d", 2, [(1000, 30.0)])  # from before provenance existed: unknown data
+    assert main([str(mixed), "--reps", "20"]) == 0
+    markdown = (mixed / "report" / "report.md").read_text()
+    assert "did not all train on the same data" in markdown and "aaaaaaaaaaaa: 1 run(s)" in markdown and "unrecorded: 1 run(s)" in markdown
+    assert "runs on d trained on 3 different datasets" in capsys.readouterr().err
+    summary = json.loads((mixed / "report" / "summary.json").read_text())
+    assert sorted(r["data_sha256"] or "-" for r in summary["runs"]) == ["-", "a" * 64, "b" * 64]
+
+    assert main([str(mixed), "--reps", "20", "--group-by", "provenance.data.sha256", "--out", str(tmp_path / "split")]) == 0
+    labels = json.loads((tmp_path / "split" / "summary.json").read_text())["labels"]
+    assert sorted(labels) == sorted([f"bc[provenance.data.sha256={'a' * 64}]", f"bc[provenance.data.sha256={'b' * 64}]",
+                                     "bc[provenance.data.sha256=None]"])
