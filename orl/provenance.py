@@ -47,10 +47,12 @@ def file_checksum(path: str | os.PathLike) -> str:
 
 
 def _cpu_model() -> str:
+    """The processor's name with its family and model numbers (virtual machines often report a bare "AMD EPYC")."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in line)
+        info = {key.strip(): value.strip() for key, value in info.items()}
+        if "model name" in info:
+            return f"{info['model name']} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
     except OSError:
         pass
     return platform.processor() or platform.machine()

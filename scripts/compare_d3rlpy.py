@@ -168,6 +168,9 @@ def run_d3rlpy(python: str, agent: str, data_file: Path, seed: int, steps: int, 
 def cmd_run(args: argparse.Namespace) -> None:
     import torch
 
+    from orl.data import make_dataset
+    from orl.provenance import dataset_checksum
+
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         tmp = Path(tmp)
         for dataset in args.datasets:
             data_file = export_dataset(dataset, tmp)
+            data_sha256 = dataset_checksum(make_dataset(str(data_file)))  # collected data differ between machines
             for agent in args.agents:
                 for seed in args.seeds:
                     for library in libraries:
@@ -190,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                         else:
                             result = run_d3rlpy(args.d3rlpy_python, agent, data_file, seed, args.steps, args.eval_every, args.episodes, work)
                         record = {"library": library, "agent": agent, "dataset": dataset, "seed": seed, "steps": args.steps,
-                                  "eval_episodes": args.episodes, **result}
+                                  "eval_episodes": args.episodes, "data_sha256": data_sha256, **result}
                         path.write_text(json.dumps(record, indent=1))
                         final = record["curve"].get(args.steps, float("nan"))
                         print(f"{library:6s} {agent:5s} {dataset} seed {seed}: {final:.1f} ({result['train_seconds']:.0f} s)", flush=True)
@@ -210,6 +214,11 @@ def report(folder: Path, step: int | None = None) -> str:
     runs = load_runs(folder)
     keys = sorted({(r["dataset"], r["agent"]) for r in runs}, key=lambda k: (k[0], AGENTS.index(k[1]) if k[1] in AGENTS else 9))
     lines = ["| dataset | agent | orl | d3rlpy | orl - d3rlpy (paired by seed) |", "|---|---|---:|---:|---:|"]
+    for dataset in sorted({r["dataset"] for r in runs}):
+        versions = {r.get("data_sha256") or "unrecorded" for r in runs if r["dataset"] == dataset}
+        if len(versions) > 1:
+            print(f"warning: the runs on {dataset} trained on {len(versions)} different datasets ({', '.join(v[:12] for v in sorted(versions))}); "
+                  "their scores are not comparable", file=sys.stderr)
     for dataset, agent in keys:
         scores = {}
         for library in ("orl", "d3rlpy"):
