@@ -11,13 +11,16 @@ which scales only the dispreferred segment's score):
     L_CPL = y * softplus(-(S_1 - lambda S_2)) + (1 - y) * softplus(-(S_2 - lambda S_1))     (two-term form)
     L     = L_CPL + bc_coef * E[-l_t]   over all segments, or only the preferred ones     (BC regularizer)
 
-Dense "score" mode (official biased_bce_with_scores; label files from `orl-prefs label --scores`): a batch
-holds B distinct segments with known scores (their returns); sorted by score, every pair i < j is a
-comparison with j preferred, and the loss is the mean over the B (B - 1) / 2 pairs of
-softplus(-(S_j - lambda S_i)). The official code divides by the number of pairs whose loss is not exactly 0
-(its upper-triangle mask), which also drops pairs whose float32 loss underflows to 0 (logit above ~17) and so
-rescales the loss as the policy gets them right; orl divides by the number of pairs. Segments with equal
-scores are ordered by the (stable) sort, as the official argsort does. The BC term uses all segments.
+Scored segments (`orl-prefs label --scores`: each segment with a score, its return), in the official
+loader's two modes (`data.score_mode`). "rank", the official dense state-based configs: each segment of the
+batch is compared with one drawn at random, labelled by the higher score (0.5 on equal scores), and the
+pairwise loss above applies. "score" (official biased_bce_with_scores): B distinct segments sorted by
+score, every pair i < j a comparison with j preferred, the loss the mean over the B (B - 1) / 2 pairs of
+softplus(-(S_j - lambda S_i)). The official code divides that sum by the number of pairs whose loss is not
+exactly 0 (its upper-triangle mask), which also drops pairs whose float32 loss underflows to 0 (logit above
+~17) and so rescales the loss as the policy gets them right; orl divides by the number of pairs. Equal
+scores are ordered by the (stable) sort, as the official argsort does; the BC term uses all segments.
+Batches are drawn with replacement (orl's sampler) where the official loader walks a permutation.
 
 Schedule (official): BC alone for the first `bc_steps` steps at the constant rate `lr`; at the switch the
 optimizer is rebuilt (no moments carried over), CPL-KL freezes the current policy as its reference, and

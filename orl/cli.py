@@ -257,12 +257,16 @@ def segment_buffer(cfg: DictConfig, dataset, prepared_dataset, device: torch.dev
         raise ConfigError(f"agent {cfg.agent.name} learns from labelled segments offline; it has no online phase (online.steps=0)")
     labels = load_segment_labels(str(cfg.data.preferences), dataset)
     if isinstance(labels, SegmentScores):
-        if int(cfg.batch_size) > len(labels):
+        mode = str(cfg.data.score_mode)
+        if mode not in SegmentScoreBuffer.MODES:
+            raise ConfigError(f"data.score_mode must be one of {', '.join(SegmentScoreBuffer.MODES)}, got {mode!r}")
+        if mode == "score" and int(cfg.batch_size) > len(labels):
             raise ConfigError(f"batch_size={cfg.batch_size} distinct segments, but {cfg.data.preferences} scores {len(labels)}; lower batch_size")
-        if cfg.agent.get("bc_data") == "preferred":
-            raise ConfigError("agent.bc_data=preferred needs labelled pairs; scored segments have no preferred one (use agent.bc_data=all)")
-        print(f"[orl] {len(labels)} scored segments of {labels.length} steps from {cfg.data.preferences} (every pair in a batch compared)")
-        return SegmentScoreBuffer(prepared_dataset, labels, device)
+        if mode == "score" and cfg.agent.get("bc_data") == "preferred":
+            raise ConfigError("agent.bc_data=preferred needs pairs; with data.score_mode=score no segment is the preferred one (use agent.bc_data=all)")
+        how = "each compared with a random one" if mode == "rank" else "every pair in a batch compared"
+        print(f"[orl] {len(labels)} scored segments of {labels.length} steps from {cfg.data.preferences} ({how})")
+        return SegmentScoreBuffer(prepared_dataset, labels, device, mode)
     print(f"[orl] {len(labels)} preference queries of {labels.length} steps from {cfg.data.preferences}")
     return SegmentPairBuffer(prepared_dataset, labels, device)
 

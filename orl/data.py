@@ -451,7 +451,8 @@ class DataConfig:
     obs_std_eps: float = 1e-3
     reward: str = "raw"  # raw | scale_shift | iql_locomotion | learned:<orl-prefs reward model dir or file>
     learned_reward_norm: str = "none"  # learned rewards: none | minmax | standard
-    preferences: str | None = None  # label file of segment pairs, for agents that learn from preferences (CPL)
+    preferences: str | None = None  # label file of segment pairs or scored segments, for agents that learn from preferences (CPL)
+    score_mode: str = "rank"  # scored segments: rank (each compared with a random one) | score (every pair of the batch)
     reward_scale: float = 1.0
     reward_shift: float = 0.0
     clip_actions: float | None = None  # e.g. 0.99999 for tanh log-probs of dataset actions

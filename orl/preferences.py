@@ -626,8 +626,6 @@ class SegmentPairBatch:
 class SegmentPairBuffer:
     """Labelled segment pairs over device tensors of the (prepared) dataset: a batch is an index gather."""
 
-    batch_type = SegmentPairBatch
-
     def __init__(self, dataset: OfflineDataset, labels: "PreferencePairs | SegmentScores", device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.obs = torch.as_tensor(dataset.observations, device=self.device)
@@ -638,13 +636,10 @@ class SegmentPairBuffer:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def rows(self, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
-
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> SegmentPairBatch:
-        rows = self.rows(batch_size, generator)
+        rows = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
         index = self.index[rows]
-        return self.batch_type(self.obs[index], self.actions[index], self.targets[rows])
+        return SegmentPairBatch(self.obs[index], self.actions[index], self.targets[rows])
 
     def state_dict(self) -> dict:
         return {}  # the labels are data, re-read from the label file on resume
@@ -663,10 +658,29 @@ class SegmentScoreBatch:
 
 
 class SegmentScoreBuffer(SegmentPairBuffer):
-    """Scored segments. A batch holds distinct segments (as the official loader's batches of a permutation): a
-    segment paired with itself is no comparison."""
+    """Scored segments, in one of the official loader's two modes:
 
-    batch_type = SegmentScoreBatch
+    - "rank" (its dense state-based configs): B segments, each compared with one drawn at random, labelled
+      P(first preferred) = 1 if its score is higher, 0.5 on equal scores: a SegmentPairBatch;
+    - "score": B distinct segments (the official batches of a permutation) with their scores, every pair of
+      the batch a comparison: a SegmentScoreBatch.
+    """
 
-    def rows(self, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randperm(len(self), device=self.device, generator=generator)[:batch_size]
+    MODES = ("rank", "score")
+
+    def __init__(self, dataset: OfflineDataset, scores: SegmentScores, device: torch.device | str = "cpu", mode: str = "rank"):
+        if mode not in self.MODES:
+            raise DataError(f"score mode must be one of {self.MODES}, got {mode!r}")
+        super().__init__(dataset, scores, device)
+        self.mode = mode
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> SegmentPairBatch | SegmentScoreBatch:
+        if self.mode == "score":
+            rows = torch.randperm(len(self), device=self.device, generator=generator)[:batch_size]
+            index = self.index[rows]
+            return SegmentScoreBatch(self.obs[index], self.actions[index], self.targets[rows])
+        rows = torch.randint(len(self), (2, batch_size), device=self.device, generator=generator)
+        index = self.index[rows.T]                                                       # (B, 2, H)
+        first, second = self.targets[rows[0]], self.targets[rows[1]]
+        labels = (first > second).float() + 0.5 * (first == second).float()
+        return SegmentPairBatch(self.obs[index], self.actions[index], labels)

@@ -28,6 +28,7 @@ from agents.lm_common import pair_buffer, text_buffer
 from envs.lm import KVCachePolicy, VectorTokenEnv, context_length, evaluate_lm, load_lm, rollout
 from envs.text_rewards import increasing_numbers
 from envs.tiny_lm import build_tiny_lm, make_prompts
+from orl.provenance import file_checksum, software
 from orl.sequence import load_jsonl
 
 SPACE = gym.spaces.Discrete(2)
@@ -86,7 +87,10 @@ def main() -> None:
 
     results = {"reference": [evaluate_lm(ref_model, tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=s) for s in args.seeds],
                "alol": [], "dpo": [], "rloo": [], "data": {"alol_rows": len(rewarded_rows), "dpo_pairs": len(pair_rows),
-                                                           "data_reward_mean": float(np.mean(rewards))}}
+                                                           "data_reward_mean": float(np.mean(rewards))},
+               # what the numbers depend on: the tiny LM and the sampled data (sha256), the packages and processor
+               "provenance": {"tiny_lm_sha256": file_checksum(model_path), "alol_sha256": file_checksum(data_dir / "alol.jsonl"),
+                              "pairs_sha256": file_checksum(data_dir / "pairs.jsonl"), **software()}}
     val_texts, val_rewards = sample_responses(ref_model, tokenizer, val_prompts, args.max_new_tokens, seed=0, greedy=True)
     if args.select_on == "val":
         test_prompts = val_prompts

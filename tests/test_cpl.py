@@ -224,19 +224,32 @@ def test_scored_segments_file_and_buffer(tmp_path):
     data = pendulum_like(500)
     scored = scripted_scores(data, segments=40, length=6, seed=1)
     assert len(set(scored.starts.tolist())) == 40
-    np.testing.assert_allclose(scored.scores, data.rewards[scored.segment_indices()].sum(1), rtol=1e-5)
+    returns = data.rewards[scored.segment_indices()].sum(1)
+    np.testing.assert_allclose(scored.scores, returns, rtol=1e-5)
     scored.save(tmp_path / "scores.npz")
     loaded = load_segment_labels(tmp_path / "scores.npz", data)
     assert isinstance(loaded, SegmentScores) and np.array_equal(loaded.starts, scored.starts)
     with pytest.raises(DataError, match="only agent=cpl/cpl_kl trains on scored segments"):
         PreferencePairs.load(tmp_path / "scores.npz", data)  # the reward model needs pairs
-    batch = SegmentScoreBuffer(data, loaded).sample(40, torch.Generator().manual_seed(0))
-    assert batch.obs.shape == (40, 6, 3) and len(set(batch.scores.tolist())) == len(set(scored.scores.tolist()))  # distinct segments
-    rows = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:40].numpy()
+    # score mode: distinct segments with their scores
+    batch = SegmentScoreBuffer(data, loaded, mode="score").sample(40, torch.Generator().manual_seed(0))
+    rows = torch.randperm(40, generator=torch.Generator().manual_seed(0)).numpy()
+    assert batch.obs.shape == (40, 6, 3) and sorted(rows.tolist()) == list(range(40))
     np.testing.assert_array_equal(batch.actions.numpy(), data.actions[scored.segment_indices()[rows]])
+    np.testing.assert_array_equal(batch.scores.numpy(), scored.scores[rows])
+    # rank mode: each segment against a random one, labelled by which has the higher return
+    pairs = SegmentScoreBuffer(data, loaded).sample(500, torch.Generator().manual_seed(3))
+    assert isinstance(pairs, SegmentPairBatch) and pairs.obs.shape == (500, 2, 6, 3)
+    index = {tuple(np.round(data.observations[i], 6)): k for k, i in enumerate(scored.starts)}  # segment by its first state
+    first = np.array([index[tuple(np.round(o, 6))] for o in pairs.obs[:, 0, 0].numpy()])
+    second = np.array([index[tuple(np.round(o, 6))] for o in pairs.obs[:, 1, 0].numpy()])
+    expected = np.where(returns[first] > returns[second], 1.0, np.where(first == second, 0.5, 0.0))
+    np.testing.assert_array_equal(pairs.labels.numpy(), expected)
+    assert 0.3 < pairs.labels.mean() < 0.7
 
 
-def test_cpl_learns_from_scored_segments_through_orl_prefs_and_orl_train(tmp_path, capsys):
+@pytest.mark.parametrize("score_mode", ["rank", "score"])
+def test_cpl_learns_from_scored_segments_through_orl_prefs_and_orl_train(tmp_path, capsys, score_mode):
     from hydra import compose, initialize_config_dir
 
     from orl.cli import CONFIG_DIR, run_train
@@ -251,7 +264,7 @@ def test_cpl_learns_from_scored_segments_through_orl_prefs_and_orl_train(tmp_pat
     with pytest.raises(SystemExit):  # pair-teacher noise has no meaning for scores: one message
         prefs_main(["label", str(data), "--scores", "--mistake", "0.1", "--out", str(tmp_path / "x.npz")])
     assert "--mistake label pairs" in capsys.readouterr().err
-    overrides = ["agent=cpl", f"dataset={data}", f"data.preferences={tmp_path / 'scores.npz'}", "steps=80", "agent.bc_steps=20",
+    overrides = ["agent=cpl", f"dataset={data}", f"data.preferences={tmp_path / 'scores.npz'}", f"data.score_mode={score_mode}", "steps=80", "agent.bc_steps=20",
                  "agent.lr_warmup_steps=0", "agent.hidden=[64,64]", "agent.lr=1e-3", "batch_size=32", "eval.every=80", "eval.episodes=1",
                  "log.every=20", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
