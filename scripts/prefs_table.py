@@ -24,7 +24,7 @@ from orl.report import load_runs
 METHODS = {"oracle_iql": "IQL, true reward (oracle)", "td3bc": "TD3+BC, true reward", "bc": "BC (no reward)", "piql": "P-IQL (BT ensemble + IQL)",
            "ptd3bc": "P-TD3+BC (BT ensemble + TD3+BC)", "cpl": "CPL (no reward model)", "cpl_kl": "CPL-KL"}
 SET_NAMES = {"rational-2000": "rational, 2000 queries", "mistake0.1-2000": "mistakes eps=0.1, 2000 queries",
-             "rational-500": "rational, 500 queries"}
+             "rational-500": "rational, 500 queries", "scores-2000": "2000 segments scored by return (CPL rank mode)"}
 
 
 def mean_std(values: list[float], digits: int = 1) -> str:

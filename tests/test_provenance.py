@@ -75,3 +75,20 @@ def test_report_warns_when_runs_of_one_dataset_trained_on_different_data(tmp_pat
     labels = json.loads((tmp_path / "split" / "summary.json").read_text())["labels"]
     assert sorted(labels) == sorted([f"bc[provenance.data.sha256={'a' * 64}]", f"bc[provenance.data.sha256={'b' * 64}]",
                                      "bc[provenance.data.sha256=None]"])
+
+
+def test_check_datasets_script_says_match_or_different(tmp_path):
+    import subprocess
+    import sys
+
+    data = _pendulum_file(tmp_path / "data.npz", seed=0)
+    script = [sys.executable, "scripts/check_datasets.py", "--file", str(tmp_path / "datasets.json"), "--datasets", str(data)]
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run(script + ["--record"], cwd=root, capture_output=True, text=True).returncode == 0
+    same = subprocess.run(script, cwd=root, capture_output=True, text=True)
+    assert same.returncode == 0 and f"{data}: MATCH" in same.stdout
+    _pendulum_file(data, seed=1)  # collected again elsewhere: other arrays under the same name
+    other = subprocess.run(script, cwd=root, capture_output=True, text=True)
+    assert other.returncode == 1 and f"{data}: DIFFERENT" in other.stdout
+    data.unlink()
+    assert "MISSING" in subprocess.run(script, cwd=root, capture_output=True, text=True).stdout
