@@ -31,11 +31,28 @@ def mean_std(values: list[float], digits: int = 1) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f} (n={len(values)})" if values else "-"
 
 
+def data_notes(runs, recorded_file: Path) -> list[str]:
+    """One line per dataset on the data its runs trained on: the sha256 their provenance.json records (runs from
+    before provenance existed are counted), checked against results/datasets.json (the README's collection)."""
+    recorded = json.loads(recorded_file.read_text())["datasets"] if recorded_file.exists() else {}
+    notes = []
+    for dataset in sorted({run.dataset for run in runs}):
+        known = {run.data_sha256 for run in runs if run.dataset == dataset and run.data_sha256}
+        unrecorded = sum(1 for run in runs if run.dataset == dataset and not run.data_sha256)
+        expected = recorded.get(dataset, {}).get("sha256")
+        verdict = ("same data as results/datasets.json" if known == {expected} else
+                   f"WARNING: not the data of results/datasets.json ({expected[:12] if expected else 'not listed'})")
+        shas = ", ".join(sha[:12] for sha in sorted(known)) or "none recorded"
+        notes.append(f"Data of {dataset}: {shas} ({verdict if known else 'unverified'}); {unrecorded} run(s) predate provenance.json.")
+    return notes + [""] if notes else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", nargs="?", default="results/prefs")
     parser.add_argument("--baselines", default="results/baselines")
     parser.add_argument("--step", type=int, default=10000, help="score every run at this step")
+    parser.add_argument("--datasets", default="results/datasets.json", help="the sha256 of the README's datasets")
     args = parser.parse_args()
     root = Path(args.root)
 
@@ -63,6 +80,7 @@ def main() -> None:
             if rm_name.endswith("-" + set_name) and labels.exists():
                 with np.load(labels) as file:  # the label file names its dataset
                     names.setdefault(rm_name[: -len(set_name) - 1], str(file["source"]))
+    bc_runs = []
     if Path(args.baselines).exists():
         bc_runs, _ = load_runs([args.baselines], at_step=args.step)
         for run in bc_runs:
@@ -85,6 +103,7 @@ def main() -> None:
         lines.append("")
     if skipped:
         lines += ["Skipped: " + "; ".join(skipped), ""]
+    lines += data_notes([run for run in runs + bc_runs if run.dataset in names.values()], Path(args.datasets))
     text = "\n".join(lines)
     (root / "table.md").write_text(text)
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
