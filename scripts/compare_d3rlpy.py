@@ -209,11 +209,20 @@ def load_runs(folder: Path) -> list[dict]:
     return runs
 
 
+def verdict(mean_difference: float, orl_scores: list[float], d3rlpy_scores: list[float]) -> str:
+    """"level" when the mean paired difference is within the seed spread (the larger of the two libraries'
+    standard deviations over seeds, at least 1 point), else who is ahead."""
+    spread = max(float(np.std(orl_scores)), float(np.std(d3rlpy_scores)), 1.0)
+    if abs(mean_difference) <= spread:
+        return "level"
+    return "orl ahead" if mean_difference > 0 else "d3rlpy ahead"
+
+
 def report(folder: Path, step: int | None = None) -> str:
     """Markdown table: final score per library (mean ± std over seeds, n) and orl - d3rlpy with its spread."""
     runs = load_runs(folder)
     keys = sorted({(r["dataset"], r["agent"]) for r in runs}, key=lambda k: (k[0], AGENTS.index(k[1]) if k[1] in AGENTS else 9))
-    lines = ["| dataset | agent | orl | d3rlpy | orl - d3rlpy (paired by seed) |", "|---|---|---:|---:|---:|"]
+    lines = ["| dataset | agent | orl | d3rlpy | orl - d3rlpy (paired by seed) | verdict |", "|---|---|---:|---:|---:|---|"]
     for dataset in sorted({r["dataset"] for r in runs}):
         versions = {r.get("data_sha256") or "unrecorded" for r in runs if r["dataset"] == dataset}
         if len(versions) > 1:
@@ -232,9 +241,9 @@ def report(folder: Path, step: int | None = None) -> str:
         paired = sorted(set(scores["orl"]) & set(scores["d3rlpy"]))
         if paired:
             diff = np.array([scores["orl"][s] - scores["d3rlpy"][s] for s in paired])
-            cells.append(f"{diff.mean():+.1f} ± {diff.std():.1f}")
+            cells += [f"{diff.mean():+.1f} ± {diff.std():.1f}", verdict(diff.mean(), list(scores["orl"].values()), list(scores["d3rlpy"].values()))]
         else:
-            cells.append("-")
+            cells += ["-", "-"]
         lines.append(f"| {dataset} | {agent} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -241,3 +241,25 @@ def test_prefs_table_reads_tagged_sweeps_reward_models_and_bc_at_the_same_step(t
     assert json.loads((root / "summary.json").read_text())["scores"][f"{dataset}|piql|rational-500"] == [20.0, 24.0]
     hopper = table[table.index("**orl/hopper/medium-replay-v0**"):]
     assert "| reward model: held-out accuracy | 0.980 ± 0.000 (n=1) |" in hopper and "P-IQL" not in hopper
+
+
+def test_compare_d3rlpy_report_pairs_seeds_gives_a_verdict_and_flags_mixed_data(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_d3rlpy", Path(__file__).resolve().parent.parent / "scripts" / "compare_d3rlpy.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    scores = {("orl", "bc"): [50.0, 52.0], ("d3rlpy", "bc"): [49.0, 51.0], ("orl", "iql"): [40.0, 42.0], ("d3rlpy", "iql"): [60.0, 61.0]}
+    for (library, agent), values in scores.items():
+        for seed, value in enumerate(values):
+            record = {"library": library, "agent": agent, "dataset": "d", "seed": seed, "steps": 100, "curve": {"100": value},
+                      "data_sha256": "a" * 64}
+            (tmp_path / f"{library}-{agent}-{seed}.json").write_text(json.dumps(record))
+    table = compare.report(tmp_path)
+    assert "| d | bc | 51.0 ± 1.0 (n=2) | 50.0 ± 1.0 (n=2) | +1.0 ± 0.0 | level |" in table
+    assert "| d | iql | 41.0 ± 1.0 (n=2) | 60.5 ± 0.5 (n=2) | -19.5 ± 0.5 | d3rlpy ahead |" in table
+    assert "different datasets" not in capsys.readouterr().err
+    record = json.loads((tmp_path / "orl-bc-0.json").read_text())
+    (tmp_path / "orl-bc-0.json").write_text(json.dumps({**record, "data_sha256": "b" * 64}))
+    compare.report(tmp_path)
+    assert "the runs on d trained on 2 different datasets" in capsys.readouterr().err
