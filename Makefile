@@ -32,9 +32,13 @@ bench: setup .venv-d3rlpy/.installed
 
 # orl vs d3rlpy on the collected MuJoCo datasets (same file, seeds, evaluation): README "Against d3rlpy".
 COMPARE_DATASETS ?= orl/halfcheetah/medium-v0 orl/halfcheetah/medium-replay-v0 orl/hopper/medium-v0 orl/hopper/medium-replay-v0
+# One results folder per budget (results/compare_d3rlpy/steps<N>); the README's table: COMPARE_STEPS=10000 COMPARE_EVAL=5000.
+COMPARE_STEPS ?= 30000
+COMPARE_EVAL ?= 10000
 compare: setup .venv-d3rlpy/.installed
-	$(BIN)/python scripts/compare_d3rlpy.py run --datasets $(COMPARE_DATASETS) --d3rlpy-python .venv-d3rlpy/bin/python
-	$(BIN)/python scripts/compare_d3rlpy.py report
+	$(BIN)/python scripts/compare_d3rlpy.py run --datasets $(COMPARE_DATASETS) --steps $(COMPARE_STEPS) --eval-every $(COMPARE_EVAL) \
+	  --d3rlpy-python .venv-d3rlpy/bin/python
+	$(BIN)/python scripts/compare_d3rlpy.py report --steps $(COMPARE_STEPS)
 
 # Preference-based learning benchmark (README): labels -> Bradley-Terry reward models -> P-IQL, P-TD3+BC, CPL;
 # IQL on the true reward as the oracle. Every sweep skips runs that finished. Noisy labels never reach the

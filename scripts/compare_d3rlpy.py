@@ -17,12 +17,12 @@ Matched settings (both libraries' defaults where they agree, orl's where they do
 
 d3rlpy pins an older gymnasium, so it runs in its own venv (`make bench` builds `.venv-d3rlpy`);
 this script calls that python for the d3rlpy half. Every finished run is one small JSON under
---out (default results/compare_d3rlpy/runs); runs already there are skipped, so an interrupted or
-extended comparison continues where it stopped.
+--out (default results/compare_d3rlpy/steps<steps>: one folder per training budget); runs already there
+are skipped, so an interrupted or extended comparison continues where it stopped.
 
     python scripts/compare_d3rlpy.py run --datasets orl/hopper/medium-v0 --agents bc td3bc iql --seeds 0 1 2 \\
         --d3rlpy-python .venv-d3rlpy/bin/python
-    python scripts/compare_d3rlpy.py report          # the per-dataset table (markdown)
+    python scripts/compare_d3rlpy.py report --steps 30000     # the per-dataset table (markdown)
 """
 from __future__ import annotations
 
@@ -187,6 +187,10 @@ def cmd_run(args: argparse.Namespace) -> None:
                     for library in libraries:
                         path = run_path(out, library, agent, dataset, seed)
                         if path.exists():
+                            done = json.loads(path.read_text())
+                            if (done["steps"], done["eval_episodes"]) != (args.steps, args.episodes):
+                                sys.exit(f"{path} holds a run of {done['steps']} steps and {done['eval_episodes']} evaluation episodes, "
+                                         f"not {args.steps} and {args.episodes}; give each budget its own --out folder")
                             continue
                         work = tmp / f"{library}-{agent}-{slug(dataset)}-{seed}"
                         if library == "orl":
@@ -264,11 +268,14 @@ def main() -> None:
     run.add_argument("--episodes", type=int, default=10)
     run.add_argument("--libraries", nargs="+", default=["orl", "d3rlpy"])
     run.add_argument("--d3rlpy-python", default=None)
-    run.add_argument("--out", default=str(ROOT / "results" / "compare_d3rlpy" / "runs"))
+    run.add_argument("--out", default=None, help="folder of the run JSONs (default results/compare_d3rlpy/steps<steps>)")
     rep = sub.add_parser("report", help="print the per-dataset table")
-    rep.add_argument("--out", default=str(ROOT / "results" / "compare_d3rlpy" / "runs"))
+    rep.add_argument("--steps", type=int, default=30000, help="the training budget whose folder to read")
+    rep.add_argument("--out", default=None, help="folder of the run JSONs (default results/compare_d3rlpy/steps<steps>)")
     rep.add_argument("--step", type=int, default=None, help="score at this step (default: each run's last)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(ROOT / "results" / "compare_d3rlpy" / f"steps{args.steps}")
     if args.command == "run":
         cmd_run(args)
     else:
