@@ -169,7 +169,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     data_record = {"id": str(cfg.dataset), "sha256": dataset_checksum(dataset), "transitions": len(dataset), "source": dataset.source}
     learned = None
     if str(cfg.data.reward).startswith("learned:"):
-        dataset, learned = relabel_with_reward_model(dataset, cfg)
+        dataset, learned = relabel_with_reward_model(dataset, cfg, data_record["sha256"])
     if len(dataset) < int(cfg.batch_size):
         raise DatasetError(f"{cfg.dataset}: {len(dataset)} transitions, fewer than one batch (batch_size={cfg.batch_size}); "
                            "lower batch_size or give more data")
@@ -271,7 +271,7 @@ def segment_buffer(cfg: DictConfig, dataset, prepared_dataset, device: torch.dev
     return SegmentPairBuffer(prepared_dataset, labels, device)
 
 
-def relabel_with_reward_model(dataset, cfg: DictConfig):
+def relabel_with_reward_model(dataset, cfg: DictConfig, data_sha256: str):
     """data.reward=learned:<reward model>: every reward replaced by the ensemble-mean learned reward (P-IQL and
     friends); returns the relabelled dataset and a record of the model (path, sha256, labels, metrics)."""
     from orl.preferences import load_reward_model, relabel
@@ -287,7 +287,7 @@ def relabel_with_reward_model(dataset, cfg: DictConfig):
     file = path / "reward_model.pt" if path.is_dir() else path
     learned = {"reward_model": str(file), "sha256": file_checksum(file), "normalize": str(cfg.data.learned_reward_norm),
                "labels_source": record["source"], "labels": record["labels"], "metrics": record["metrics"],
-               "same_data_as_labels": record["checksum"] == dataset_checksum(dataset)}
+               "same_data_as_labels": record["checksum"] == data_sha256}
     print(f"[orl] rewards relabelled by {file} (held-out accuracy {record['metrics'].get('held_out_accuracy', float('nan')):.3f})")
     return relabel(dataset, model, str(cfg.data.learned_reward_norm)), learned
 

@@ -117,7 +117,10 @@ class PreferencePairs:
     def load(cls, path: str | Path, dataset: OfflineDataset) -> "PreferencePairs":
         """Labels from `path`, checked against `dataset`: the same data (checksum), indices inside it, and
         segments inside one trajectory each."""
-        fields = _read_label_file(path, dataset, "pairs")
+        return cls.from_fields(_read_label_file(path, dataset, "pairs"), dataset, path)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, np.ndarray], dataset: OfflineDataset, path: str | Path) -> "PreferencePairs":
         pairs = cls(fields["starts"].astype(np.int64), fields["labels"].astype(np.float32), int(fields["length"]), str(fields["source"]),
                     str(fields["checksum"]), json.loads(str(fields["teacher"])))
         check_segments(pairs.starts, pairs.length, dataset, str(path))
@@ -152,15 +155,19 @@ class SegmentScores:
 
     @classmethod
     def load(cls, path: str | Path, dataset: OfflineDataset) -> "SegmentScores":
-        fields = _read_label_file(path, dataset, "scores")
+        return cls.from_fields(_read_label_file(path, dataset, "scores"), dataset, path)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, np.ndarray], dataset: OfflineDataset, path: str | Path) -> "SegmentScores":
         scores = cls(fields["starts"].astype(np.int64), fields["scores"].astype(np.float32), int(fields["length"]), str(fields["source"]),
                      str(fields["checksum"]), json.loads(str(fields["teacher"])))
         check_segments(scores.starts, scores.length, dataset, str(path))
         return scores
 
 
-def _read_label_file(path: str | Path, dataset: OfflineDataset, kind: str) -> dict[str, np.ndarray]:
-    """The arrays of an orl label file of `kind` ("pairs" or "scores"), made on `dataset` (same checksum)."""
+def _read_label_file(path: str | Path, dataset: OfflineDataset, kind: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an orl label file of `kind` ("pairs", "scores" or None: either), made on `dataset` (same
+    checksum); fields["kind"] says which it is."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"preference file {path} does not exist")
@@ -168,31 +175,30 @@ def _read_label_file(path: str | Path, dataset: OfflineDataset, kind: str) -> di
         with np.load(path, allow_pickle=False) as f:
             fields = {key: f[key] for key in f.files}
         found = str(fields.get("kind", "pairs"))
-        needed = {"pairs": ("starts", "labels"), "scores": ("starts", "scores")}.get(found, ())
-        for key in (*needed, "length", "source", "checksum", "teacher"):
+        if found not in ("pairs", "scores"):
+            raise ValueError(f"label kind {found!r} is neither pairs nor scores")
+        for key in ("starts", "labels" if found == "pairs" else "scores", "length", "source", "checksum", "teacher"):
             if key not in fields:
                 raise KeyError(key)
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path} is not an orl preference file ({type(exc).__name__}: {exc})") from exc
-    if found != kind:
+    fields["kind"] = np.asarray(found)
+    if kind is not None and found != kind:
         made_by = {"pairs": "`orl-prefs label`", "scores": "`orl-prefs label --scores`"}
-        raise DataError(f"{path} holds segment {found} ({made_by.get(found, found)}), but segment {kind} are needed here "
+        raise DataError(f"{path} holds segment {found} ({made_by[found]}), but segment {kind} are needed here "
                         f"({made_by[kind]}); " + ("only agent=cpl/cpl_kl trains on scored segments" if found == "scores" else
                                                     "give a file made with --scores"))
-    if str(fields["checksum"]) != dataset_checksum(dataset):
+    checksum = dataset_checksum(dataset)
+    if str(fields["checksum"]) != checksum:
         raise DataError(f"{path} labels segments of {fields['source']} (checksum {str(fields['checksum'])[:12]}), but the dataset given "
-                        f"({dataset.source}) holds other data (checksum {dataset_checksum(dataset)[:12]}); give the dataset the labels were made on")
+                        f"({dataset.source}) holds other data (checksum {checksum[:12]}); give the dataset the labels were made on")
     return fields
 
 
 def load_segment_labels(path: str | Path, dataset: OfflineDataset) -> "PreferencePairs | SegmentScores":
     """Whichever kind of label file `path` is: labelled pairs or scored segments."""
-    try:
-        with np.load(Path(path), allow_pickle=False) as f:
-            kind = str(f["kind"]) if "kind" in f.files else "pairs"
-    except (OSError, ValueError):
-        kind = "pairs"  # unreadable: PreferencePairs.load says why
-    return SegmentScores.load(path, dataset) if kind == "scores" else PreferencePairs.load(path, dataset)
+    fields = _read_label_file(path, dataset)
+    return (SegmentScores if str(fields["kind"]) == "scores" else PreferencePairs).from_fields(fields, dataset, path)
 
 
 def check_segments(starts: np.ndarray, length: int, dataset: OfflineDataset, where: str) -> None:

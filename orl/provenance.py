@@ -16,7 +16,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -49,13 +49,13 @@ def file_checksum(path: str | os.PathLike) -> str:
 def _cpu_model() -> str:
     """The processor's name with its family and model numbers (virtual machines often report a bare "AMD EPYC")."""
     try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in line)
-        info = {key.strip(): value.strip() for key, value in info.items()}
-        if "model name" in info:
-            return f"{info['model name']} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    return f"{info['model name']} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
 
 def _git_commit() -> str | None:
@@ -99,3 +99,12 @@ def read_provenance(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def data_versions(runs: Iterable[tuple[str, str | None, str]]) -> dict[str, dict[str, list[str]]]:
+    """(dataset name, data sha256 or None, run name) triples -> {dataset: {sha256 or "unrecorded": run names}}.
+    A dataset with more than one key was not the same data for all its runs (or some runs predate provenance)."""
+    versions: dict[str, dict[str, list[str]]] = {}
+    for dataset, sha256, name in runs:
+        versions.setdefault(dataset, {}).setdefault(sha256 or "unrecorded", []).append(name)
+    return versions

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from orl.logger import read_metrics
-from orl.provenance import read_provenance
+from orl.provenance import data_versions, read_provenance
 
 AGGREGATES = ("IQM", "median", "mean", "optimality gap")
 
@@ -265,19 +265,17 @@ def build_report(runs: Sequence[Run], order: Sequence[str] = (), compare: Sequen
         pairs = list(compare) or [(x, y) for i, x in enumerate(labels) for y in labels[i + 1:]]
         improvements = improvement_probabilities(matrices, pairs, reps, seed)
     return {"datasets": datasets, "labels": labels, "aggregate_datasets": common, "normalized": normalized,
-            "data_versions": data_versions(runs),
+            "data_versions": mixed_data(runs),
             "per_dataset": per_dataset, "online": online, "aggregates": aggregates, "improvements": improvements,
             "runs": [{"run_dir": str(r.path), "agent": r.label, "dataset": r.dataset, "seed": r.seed, "final": r.final, "best": r.best,
                       "offline": r.offline_score, "worst_drop": r.worst_drop, "regret": r.regret, "switch_step": r.switch_step,
                       "data_sha256": r.data_sha256} for r in runs]}
 
 
-def data_versions(runs: Sequence[Run]) -> dict[str, dict[str, list[str]]]:
+def mixed_data(runs: Sequence[Run]) -> dict[str, dict[str, list[str]]]:
     """dataset name -> {sha256 (or "unrecorded"): run directories}, for every dataset whose runs did not all train on
     the same recorded arrays. Locally collected datasets differ between machines, so one name can hide two datasets."""
-    versions: dict[str, dict[str, list[str]]] = {}
-    for run in runs:
-        versions.setdefault(run.dataset, {}).setdefault(run.data_sha256 or "unrecorded", []).append(str(run.path))
+    versions = data_versions((run.dataset, run.data_sha256, str(run.path)) for run in runs)
     return {name: found for name, found in versions.items() if len(found) > 1}
 
 

@@ -227,8 +227,9 @@ def report(folder: Path, step: int | None = None) -> str:
     runs = load_runs(folder)
     keys = sorted({(r["dataset"], r["agent"]) for r in runs}, key=lambda k: (k[0], AGENTS.index(k[1]) if k[1] in AGENTS else 9))
     lines = ["| dataset | agent | orl | d3rlpy | orl - d3rlpy (paired by seed) | verdict |", "|---|---|---:|---:|---:|---|"]
-    for dataset in sorted({r["dataset"] for r in runs}):
-        versions = {r.get("data_sha256") or "unrecorded" for r in runs if r["dataset"] == dataset}
+    from orl.provenance import data_versions
+
+    for dataset, versions in sorted(data_versions((r["dataset"], r.get("data_sha256"), r["library"]) for r in runs).items()):
         if len(versions) > 1:
             print(f"warning: the runs on {dataset} trained on {len(versions)} different datasets ({', '.join(v[:12] for v in sorted(versions))}); "
                   "their scores are not comparable", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orl.provenance import data_versions
 from orl.report import load_runs
 
 METHODS = {"oracle_iql": "IQL, true reward (oracle)", "td3bc": "TD3+BC, true reward", "bc": "BC (no reward)", "piql": "P-IQL (BT ensemble + IQL)",
@@ -36,9 +37,9 @@ def data_notes(runs, recorded_file: Path) -> list[str]:
     before provenance existed are counted), checked against results/datasets.json (the README's collection)."""
     recorded = json.loads(recorded_file.read_text())["datasets"] if recorded_file.exists() else {}
     notes = []
-    for dataset in sorted({run.dataset for run in runs}):
-        known = {run.data_sha256 for run in runs if run.dataset == dataset and run.data_sha256}
-        unrecorded = sum(1 for run in runs if run.dataset == dataset and not run.data_sha256)
+    for dataset, found in sorted(data_versions((run.dataset, run.data_sha256, str(run.path)) for run in runs).items()):
+        known = set(found) - {"unrecorded"}
+        unrecorded = len(found.get("unrecorded", []))
         expected = recorded.get(dataset, {}).get("sha256")
         verdict = ("same data as results/datasets.json" if known == {expected} else
                    f"WARNING: not the data of results/datasets.json ({expected[:12] if expected else 'not listed'})")
