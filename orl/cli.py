@@ -320,9 +320,9 @@ def user_errors(app: str) -> Iterator[None]:
 
 def check_top_level_keys(app: str, config_names: Sequence[str], argv: Sequence[str]) -> None:
     """Reject a mistyped top-level key (agnet=iql) with a did-you-mean before hydra turns it into '+agnet'."""
-    tree: dict[str, Any] = {}
-    for name in config_names:
-        tree.update(OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / f"{name}.yaml")))
+    # Deep merge, as hydra composes them: finetune.yaml's `online: {steps}` must not hide train.yaml's other online.* keys.
+    tree: dict[str, Any] = OmegaConf.to_container(
+        OmegaConf.merge(*(OmegaConf.load(Path(CONFIG_DIR) / f"{name}.yaml") for name in config_names)))
     tree.pop("defaults", None)
     known = set(CONFIG_GROUPS) | set(tree)
     for arg in argv:

@@ -266,3 +266,36 @@ def test_a_model_path_that_holds_no_model_is_one_clear_message(tmp_path, monkeyp
     code, output = run_cli(monkeypatch, capsys, "train_main", "agent=alol", f"dataset={data}", f"lm.model={tmp_path / 'empty-model'}",
                            "steps=1", f"run_dir={tmp_path / 'run'}")
     expect_one_message(code, output, "lm.model", str(tmp_path / "empty-model"))
+
+
+def test_finetune_accepts_every_online_option_of_train_yaml():
+    """orl-finetune composes train.yaml then finetune.yaml; its key check once let finetune.yaml's `online:` block
+    hide train.yaml's, so `orl-finetune online.buffer_mode=seed` (the README's commands) was refused."""
+    from omegaconf import OmegaConf
+
+    import orl.cli
+
+    online = OmegaConf.load(Path(orl.cli.CONFIG_DIR) / "train.yaml").online
+    assert "buffer_mode" in online
+    for key in online:
+        orl.cli.check_top_level_keys("orl-finetune", ["train", "finetune"], [f"online.{key}=1"])  # must not exit
+    with pytest.raises(SystemExit):
+        orl.cli.check_top_level_keys("orl-finetune", ["train", "finetune"], ["online.bufer_mode=seed"])
+
+
+def test_readme_commands_pass_the_key_check():
+    """Every orl-train / orl-finetune command in the README names options that exist."""
+    import shlex
+
+    import orl.cli
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.strip() for line in readme.splitlines() if line.strip().startswith(("orl-train ", "orl-finetune "))]
+    assert len(commands) >= 5
+    for command in commands:
+        app, *args = shlex.split(command.split("#")[0])
+        config_names = ["train", "finetune"] if app == "orl-finetune" else ["train"]
+        try:
+            orl.cli.check_top_level_keys(app, config_names, args)
+        except SystemExit:
+            pytest.fail(f"README command refused: {command}")
