@@ -111,10 +111,10 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         print(f"[orl] data parallel: process {parallel.rank} of {parallel.world}, batch_size={cfg.batch_size} in all")
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
-    trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
     local = Path(str(cfg.dataset))
     data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else None, "rows": len(rows), "model": str(model_path)}
-    trainer.start_callbacks.append(lambda _: write_provenance(run_dir, data_record, str(device)))
+    trainer.start_callbacks.append(lambda trainer_: write_provenance(run_dir, data_record, str(device), trainer_.step))
+    trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
     result = trainer.train(resume=bool(cfg.resume))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if agent.exports_policy and parallel.rank == 0:

@@ -224,8 +224,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(dataset)} transitions, env {env_id}, device {device}, {cfg.precision}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, offline_steps), buffer, lambda: make_env(env_id), ref,
                       reward_transform=prepared.reward_transform)
+    # provenance first: it refuses a resume on other data before config.yaml is rewritten
+    trainer.start_callbacks.append(lambda trainer_: write_provenance(run_dir, data_record, str(device), trainer_.step))
     trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
-    trainer.start_callbacks.append(lambda _: write_provenance(run_dir, data_record, str(device)))
     if learned is not None:  # the run records which reward model labelled its data
         trainer.start_callbacks.append(lambda _: (run_dir / "learned_reward.json").write_text(json.dumps(learned, indent=1)))
     if initial_state is not None and not resuming:

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from orl.errors import DataError
+
 PROVENANCE_FILE = "provenance.json"
 PACKAGES = ("torch", "numpy", "gymnasium", "mujoco", "minari", "transformers")
 
@@ -83,10 +85,23 @@ def software() -> dict[str, Any]:
             "orl_commit": _git_commit()}
 
 
-def write_provenance(run_dir: str | os.PathLike, data: dict[str, Any], device: str) -> None:
-    """run_dir/provenance.json: `data` (id, sha256, size) plus the software and device, written atomically."""
+def write_provenance(run_dir: str | os.PathLike, data: dict[str, Any], device: str, step: int = 0) -> None:
+    """run_dir/provenance.json: `data` (id, sha256, size) plus the software and device, written atomically.
+
+    A run resumed at `step` > 0 keeps the record of its start and appends the software and device of the new
+    segment under "resumed" (a run continued on another machine says so); resuming on other data than the
+    run trained on is refused, since its curve would join two datasets under one name."""
     run_dir = Path(run_dir)
-    record = {"data": data, "device": device, **software()}
+    record = read_provenance(run_dir) if step > 0 else None
+    if record is None:
+        record = {"data": data, "device": device, **software()}
+    else:
+        before, now = (record.get("data") or {}).get("sha256"), data.get("sha256")
+        if before and now and before != now:
+            raise DataError(f"{run_dir} trained on {data.get('id')} with sha256 {before[:12]} up to step {step}, but "
+                            f"the data loaded now has sha256 {now[:12]}: resume it on the same data, or start a new "
+                            "run (another run_dir)")
+        record.setdefault("resumed", []).append({"step": step, "device": device, **software()})
     tmp = run_dir / f".{PROVENANCE_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, run_dir / PROVENANCE_FILE)

@@ -92,3 +92,27 @@ def test_check_datasets_script_says_match_or_different(tmp_path):
     assert other.returncode == 1 and f"{data}: DIFFERENT" in other.stdout
     data.unlink()
     assert "MISSING" in subprocess.run(script, cwd=root, capture_output=True, text=True).stdout
+
+
+def test_a_resumed_run_keeps_its_start_and_refuses_other_data(tmp_path):
+    import pytest
+
+    from orl.errors import DataError
+
+    data = _pendulum_file(tmp_path / "data.npz", seed=0)
+    common = ["agent=bc", f"dataset={data}", "device=cpu", "eval.every=0", "log.progress=false", "log.tensorboard=false",
+              f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        run_train(compose(config_name="train", overrides=common + ["steps=3"]))
+        first = read_provenance(tmp_path / "run")
+        run_train(compose(config_name="train", overrides=common + ["steps=6", "resume=true"]))
+        resumed = read_provenance(tmp_path / "run")
+        assert {k: v for k, v in resumed.items() if k != "resumed"} == first  # the start's record is kept
+        assert [segment["step"] for segment in resumed["resumed"]] == [3]
+        assert resumed["resumed"][0]["device"] == "cpu" and resumed["resumed"][0]["packages"]["torch"] == torch.__version__
+
+        config_before = (tmp_path / "run" / "config.yaml").read_text()
+        _pendulum_file(data, seed=1)  # other arrays under the same file name
+        with pytest.raises(DataError, match="resume it on the same data"):
+            run_train(compose(config_name="train", overrides=common + ["steps=9", "resume=true"]))
+    assert read_provenance(tmp_path / "run") == resumed and (tmp_path / "run" / "config.yaml").read_text() == config_before
