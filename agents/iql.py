@@ -36,6 +36,7 @@ class IQLConfig:
     beta: float = 3.0  # inverse temperature of the advantage weight
     max_weight: float = 100.0
     actor_dropout: float = 0.0
+    actor_init_log_std: float = 0.0  # official IQL: log-std parameter initialized to 0 (std 1)
     cosine_actor_lr: bool = True
     actor_lr_decay_steps: int = 1_000_000  # horizon of the cosine decay (the official run length), then 0
 
@@ -57,7 +58,8 @@ class IQL(Agent):
 
     def __init__(self, obs_space, action_space, cfg: IQLConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device)
-        self.nets["actor"] = GaussianActor(self.obs_dim, self.action_dim, cfg.hidden, self.max_action, cfg.actor_dropout).to(self.device)
+        self.nets["actor"] = GaussianActor(self.obs_dim, self.action_dim, cfg.hidden, self.max_action, cfg.actor_dropout,
+                                          init_log_std=cfg.actor_init_log_std).to(self.device)
         self.nets["critic"] = Critic(self.obs_dim, self.action_dim, 2, cfg.hidden).to(self.device)
         self.nets["critic_target"] = copy.deepcopy(self.nets["critic"]).requires_grad_(False)
         self.nets["value"] = ValueNet(self.obs_dim, cfg.hidden).to(self.device)

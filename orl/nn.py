@@ -272,11 +272,12 @@ class GaussianActor(nn.Module):
         max_action: float = 1.0,
         dropout: float = 0.0,
         log_std_bounds: tuple[float, float] = (-10.0, 2.0),
+        init_log_std: float = 0.0,
     ):
         super().__init__()
         self.max_action = max_action
         self.net = mlp(obs_dim, action_dim, hidden, dropout=dropout)
-        self.log_std = nn.Parameter(torch.zeros(action_dim))
+        self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
         self.log_std_bounds = log_std_bounds
 
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:

@@ -185,3 +185,17 @@ def test_gaussian_actor_log_std_is_clipped_as_the_official_iql_policy():
     mean = actor.distribution(obs).mean
     expected = torch.distributions.Normal(mean, torch.tensor([math.exp(-10.0), math.exp(2.0)])).log_prob(action).sum(-1)
     torch.testing.assert_close(actor.log_prob(obs, action), expected)
+
+
+def test_iql_actor_starts_at_std_one_unless_told():
+    """Official IQL initializes the log-std parameter to 0; agent.actor_init_log_std sets another start (d3rlpy: -1.5)."""
+    import math
+
+    from orl import make_agent
+
+    obs_space = gym.spaces.Box(-1.0, 1.0, (3,))
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,))
+    official = make_agent("iql", obs_space, action_space)
+    assert official.nets["actor"].distribution(torch.zeros(1, 3)).stddev.tolist() == [[1.0, 1.0]]
+    narrow = make_agent("iql", obs_space, action_space, {"actor_init_log_std": -1.5})
+    assert narrow.nets["actor"].distribution(torch.zeros(1, 3)).stddev[0].tolist() == pytest.approx([math.exp(-1.5)] * 2)
