@@ -165,7 +165,8 @@ class FamO2O(Agent):
         in_dim = self.obs_dim + self.cfg.embedding_dim
         if isinstance(self.base, CQL):
             return TanhGaussianActor(in_dim, self.action_dim, base_cfg.actor_hidden, self.max_action, base_cfg.layer_norm)
-        return GaussianActor(in_dim, self.action_dim, base_cfg.hidden, self.max_action, getattr(base_cfg, "actor_dropout", 0.0))
+        return GaussianActor(in_dim, self.action_dim, base_cfg.hidden, self.max_action, getattr(base_cfg, "actor_dropout", 0.0),
+                             init_log_std=getattr(base_cfg, "actor_init_log_std", 0.0))
 
     @property
     def balance_critic(self) -> nn.Module:

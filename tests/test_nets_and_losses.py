@@ -199,3 +199,6 @@ def test_iql_actor_starts_at_std_one_unless_told():
     assert official.nets["actor"].distribution(torch.zeros(1, 3)).stddev.tolist() == [[1.0, 1.0]]
     narrow = make_agent("iql", obs_space, action_space, {"actor_init_log_std": -1.5})
     assert narrow.nets["actor"].distribution(torch.zeros(1, 3)).stddev[0].tolist() == pytest.approx([math.exp(-1.5)] * 2)
+    family = make_agent("famo2o_iql", obs_space, action_space, {"base": {"actor_init_log_std": -1.5}})
+    family.nets["actor"].beta = torch.ones(1)
+    assert family.nets["actor"].actor.distribution(torch.zeros(1, 3 + 6)).stddev[0].tolist() == pytest.approx([math.exp(-1.5)] * 2)
