@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from agents.lm_common import LMAgent, LMConfig, text_buffer
+from orl.agents.lm_common import LMAgent, LMConfig, text_buffer
 from orl.agent import register
 from orl.sequence import SequenceBatch, SequenceBuffer, position_ids, token_log_probs
 
@@ -81,7 +81,7 @@ class ALoL(LMAgent):
             # The official script asserts ppo_clip == 0 for the KL variant (no ratio, no clip).
             cfg.clip_eps = 0.0
         super().__init__(obs_space, action_space, cfg, device)
-        from envs.lm import output_width
+        from orl.envs.lm import output_width
 
         hidden = output_width(self.nets["policy"])
         self.nets["value"] = ValueHead(hidden, cfg.value_heads, cfg.value_dropout, cfg.max_value).to(self.device)
@@ -125,7 +125,7 @@ class ALoL(LMAgent):
     def prepare_run(self, run) -> dict[str, float]:
         """V_ref is fit on the reference policy's greedy generations for held-out (validation) prompts, scored
         by the run's reward; then the advantages of the training rows are cached."""
-        from envs.lm import evaluate_lm
+        from orl.envs.lm import evaluate_lm
 
         prompts = run.eval_prompts[: run.num_value_prompts]
         reference = evaluate_lm(self.nets["reference"], run.tokenizer, prompts, run.reward_fn, run.max_new_tokens, greedy=True, details=True)

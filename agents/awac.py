@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from agents.iql import awr_weights
+from orl.agents.iql import awr_weights
 from orl.agent import Agent, register
 from orl.buffer import Batch
 from orl.nn import Critic, GaussianActor, make_optimizer, soft_update

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.sac import SAC, SACConfig
+from orl.agents.sac import SAC, SACConfig
 from orl.agent import register
 from orl.buffer import Batch
 from orl.nn import make_optimizer, soft_update

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from agents.lm_common import LMAgent, LMConfig
+from orl.agents.lm_common import LMAgent, LMConfig
 from orl.agent import register
 from orl.sequence import PairBatch, PairBuffer, response_log_prob
 

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.awac import AWAC
-from agents.cql import CQL
-from agents.iql import IQL
+from orl.agents.awac import AWAC
+from orl.agents.cql import CQL
+from orl.agents.iql import IQL
 from orl.agent import Agent, build_config, register
 from orl.buffer import Batch
 from orl.nn import GaussianActor, TanhGaussianActor, cosine_to_floor, frozen, make_optimizer, mlp, soft_update

@@ -44,7 +44,7 @@ class LMAgent(Agent):
 
     def __init__(self, obs_space, action_space, cfg, device="cpu", with_reference: bool = True):
         super().__init__(obs_space, action_space, cfg, device)
-        from envs.lm import load_lm  # the LM extra (transformers) is only needed by these agents
+        from orl.envs.lm import load_lm  # the LM extra (transformers) is only needed by these agents
 
         policy, self.tokenizer = load_lm(cfg.model_path, self.device, None if cfg.dtype == "auto" else cfg.dtype, cfg.disable_dropout)
         lora_r = int(getattr(cfg, "lora_r", 0) or 0)
@@ -113,7 +113,7 @@ class LMAgent(Agent):
 
     def evaluate_run(self, run):
         """Sampled responses to the run's held-out prompts, scored by its reward (mean reward, length, distinct-n)."""
-        from envs.lm import evaluate_lm
+        from orl.envs.lm import evaluate_lm
         from orl.evaluation import EvalResult
 
         out = evaluate_lm(self.nets["policy"], run.tokenizer, run.eval_prompts, run.reward_fn, run.max_new_tokens, seed=run.seed, details=True)
@@ -305,10 +305,10 @@ def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict
 def _tokenize(tokenizer, prompts: Sequence[str], responses: Sequence[str]):
     """Tokenize prompt and response separately (so boundaries line up) and append EOS to the response.
 
-    Prompts go through `envs.lm.encode_prompt` (BOS once, as the env encodes them), responses carry
+    Prompts go through `orl.envs.lm.encode_prompt` (BOS once, as the env encodes them), responses carry
     no special tokens of their own.
     """
-    from envs.lm import encode_prompt, encode_response
+    from orl.envs.lm import encode_prompt, encode_response
 
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     response_ids = [encode_response(tokenizer, r) + [tokenizer.eos_token_id] for r in responses]

@@ -43,9 +43,9 @@ class TextRun:
 
 def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """Train one LM agent on a text dataset as `cfg` describes; returns the final evaluation summary."""
-    from agents.lm_common import pair_buffer, render_chat, save_hf, text_buffer
-    from envs.lm import VectorTokenEnv, context_length, encode_prompt, load_tokenizer
-    from envs.text_rewards import make_text_reward
+    from orl.agents.lm_common import pair_buffer, render_chat, save_hf, text_buffer
+    from orl.envs.lm import VectorTokenEnv, context_length, encode_prompt, load_tokenizer
+    from orl.envs.text_rewards import make_text_reward
     from orl.agent import agent_class, make_agent
     from orl.cli import resolve_run_dir, trainer_config, write_run_config
     from orl.sequence import JSONL_FIELDS, PromptBuffer, load_text_rows
@@ -145,7 +145,7 @@ def _policy_path(cfg: DictConfig) -> str:
     if path == str(lm.embedded_model):
         import contextlib
 
-        from envs.tiny_lm import build_tiny_lm
+        from orl.envs.tiny_lm import build_tiny_lm
 
         first = contextlib.nullcontext()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # data parallel: process 0 builds it, the others then load it

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.lm_common import LMAgent, LMConfig, _tokenize
+from orl.agents.lm_common import LMAgent, LMConfig, _tokenize
 from orl.agent import register
 from orl.preferences import preference_loss
 from orl.sequence import PairBatch, SequenceBatch, build_sequences, position_ids
@@ -43,7 +43,7 @@ class RewardModel(LMAgent):
 
     def __init__(self, obs_space, action_space, cfg: RewardModelConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device, with_reference=False)
-        from envs.lm import output_width
+        from orl.envs.lm import output_width
 
         self.nets["head"] = nn.Linear(output_width(self.nets["policy"]), 1).to(self.device)
         self.make_policy_optimizer(list(self.nets["policy"].parameters()) + list(self.nets["head"].parameters()), cfg.lr, cfg.weight_decay)

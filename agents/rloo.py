@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from agents.lm_common import LMAgent, LMConfig
+from orl.agents.lm_common import LMAgent, LMConfig
 from orl.agent import register
 from orl.sequence import PromptBatch, SequenceBatch, build_sequences, response_log_prob
 
@@ -46,7 +46,7 @@ class RLOO(LMAgent):
         self.generator = torch.Generator().manual_seed(cfg.seed + self.data_parallel.rank)
 
     def _generate(self, prompts: Sequence[str], reward_fn, greedy: bool, kl: bool):
-        from envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, context_length, eos_token_ids, rollout
+        from orl.envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, context_length, eos_token_ids, rollout
 
         policy = self.nets["policy"]
         env = VectorTokenEnv(self.tokenizer, prompts, reward_fn, self.cfg.max_new_tokens, context_length(policy, self.tokenizer),

@@ -1,4 +1,4 @@
 """Environment adapters. `make_env(id)` builds any gymnasium id (MuJoCo control tasks included)."""
-from envs.control import make_env
+from orl.envs.control import make_env
 
 __all__ = ["make_env"]

@@ -10,7 +10,7 @@
 * `SequenceBandit`: the one-step view (action = a whole response) used by A-LoL and best-of-n.
 
 Models are Hugging Face causal LMs loaded with `load_lm(path)`: the project's embedded tiny GPT-2
-(`envs.tiny_lm`) or any hub id / local path a user gives.
+(`orl.envs.tiny_lm`) or any hub id / local path a user gives.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Corpus: lines "count: a b c ..." of integers 0-49; a third are strictly increasi
 random order, so the reference model writes increasing sequences only sometimes and the
 `increasing_numbers` reward has room to improve.
 
-    python -m envs.tiny_lm data/tiny-lm        # or build_tiny_lm("data/tiny-lm")
+    python -m orl.envs.tiny_lm data/tiny-lm        # or build_tiny_lm("data/tiny-lm")
 """
 from __future__ import annotations
 

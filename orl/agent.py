@@ -150,10 +150,15 @@ class Agent(abc.ABC):
 
 
 def _import_agents() -> None:
-    import agents  # noqa: F401  (the package whose modules register themselves)
+    """Discover agents: every module of the `orl.agents` package registers itself on import, and installed
+    packages can add their own through the `orl.agents` entry-point group (`name = "package.module"`)."""
+    from importlib.metadata import entry_points
 
-    for module in pkgutil.iter_modules(agents.__path__):
-        importlib.import_module(f"agents.{module.name}")
+    package = importlib.import_module("orl.agents")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"orl.agents.{module.name}")
+    for entry in entry_points(group="orl.agents"):
+        importlib.import_module(entry.value.split(":", 1)[0])
 
 
 def build_config(cls: type[Agent], cfg: Mapping[str, Any] | Any | None) -> Any:

@@ -146,7 +146,7 @@ def trainer_config(cfg: DictConfig, offline_steps: int) -> TrainerConfig:
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train one agent on one dataset as `cfg` describes; returns the final evaluation summary."""
-    from envs import make_env
+    from orl.envs import make_env
 
     validate_config(cfg)
     done = finished_run(Path(cfg.run_dir), int(cfg.steps), int(cfg.online.steps)) if cfg.resume and cfg.run_dir else None
@@ -158,7 +158,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     from orl.sequence import is_text_dataset
 
     if is_text_dataset(str(cfg.dataset)):  # .jsonl or a Hugging Face datasets directory: the LM side's own wiring
-        from agents.lm_run import run_text
+        from orl.agents.lm_run import run_text
 
         return run_text(cfg, device)
     if agent_class(str(cfg.agent.name)).data_kind not in (None, "segments"):
@@ -303,7 +303,14 @@ def load_or_collect(cfg: DictConfig):
     return make_dataset(str(cfg.dataset), cfg.env, cfg.ref_min_score, cfg.ref_max_score)
 
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+def _config_dir() -> str:
+    """The hydra configs: package data (orl/configs) in a wheel, the repository's configs/ in a checkout."""
+    import orl.configs
+
+    return str(Path(orl.configs.__file__).resolve().parent)
+
+
+CONFIG_DIR = _config_dir()
 CONFIG_GROUPS = ("agent", "preset", "experiment", "hydra")
 
 

@@ -98,7 +98,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def rollout(policy, env_id: str, n_transitions: int, seed: int, progress: bool = True, desc: str = "") -> list[dict[str, np.ndarray]]:
     """Collect exactly `n_transitions` with stochastic actions; the last episode is cut as a truncation."""
-    from envs import make_env
+    from orl.envs import make_env
 
     env = make_env(env_id)
     torch.manual_seed(seed)
@@ -177,7 +177,7 @@ def write_minari(ds_id: str, episodes: list[dict[str, np.ndarray]], env_id: str,
 
 def train_behaviour_policy(cfg: CollectConfig, work: Path, env_id: str) -> tuple[Agent, dict[str, float], dict[str, np.ndarray]]:
     """Online SAC with snapshots; returns the final agent, eval return per snapshot step, and the replay."""
-    from envs import make_env
+    from orl.envs import make_env
 
     probe = make_env(env_id)
     agent = make_agent("sac", probe.observation_space, probe.action_space, cfg.sac)
@@ -239,8 +239,8 @@ def check_same_settings(cfg: CollectConfig, work: Path) -> None:
 
 def collect(cfg: CollectConfig) -> dict[str, str]:
     """Run the whole pipeline; returns {level: minari dataset id}. Levels already written are skipped."""
-    from envs import make_env
-    from envs.control import ALIASES
+    from orl.envs import make_env
+    from orl.envs.control import ALIASES
 
     env_id = ALIASES.get(cfg.env, cfg.env)
     unknown = sorted(set(cfg.levels) - set(LEVELS))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from envs.lm import KVCachePolicy, ReencodePolicy, VectorTokenEnv, load_lm, rollout
-from envs.tiny_lm import build_tiny_lm, make_prompts
+from orl.envs.lm import KVCachePolicy, ReencodePolicy, VectorTokenEnv, load_lm, rollout
+from orl.envs.tiny_lm import build_tiny_lm, make_prompts
 
 
 def tokens_per_second(policy_cls, model, tokenizer, prompts, max_new_tokens, per_prompt: bool, repeats: int) -> float:

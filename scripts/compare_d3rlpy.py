@@ -98,7 +98,7 @@ class ScriptedPolicy:
 
 
 def score_d3rlpy_policies(policies: dict[int, Path], data_file: Path, seed: int, episodes: int) -> dict[int, float]:
-    from envs import make_env
+    from orl.envs import make_env
     from orl.data import make_dataset
     from orl.evaluation import evaluate
 

@@ -2,7 +2,7 @@
 it, then show A-LoL, DPO and online RLOO raising the mean reward over the reference model.
 
 Task: continue "count: 7" with numbers; reward = fraction of strictly increasing adjacent pairs
-(`envs.text_rewards.increasing_numbers`). Steps:
+(`orl.envs.text_rewards.increasing_numbers`). Steps:
   1. build data/tiny-lm (tokenizer + GPT-2, trained on a generated corpus);
   2. sample one response per training prompt from pi_ref -> {"prompt","response","reward"} JSONL (A-LoL),
      and two per prompt -> {"prompt","chosen","rejected"} JSONL where rewards differ (DPO);
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 import orl
-from agents.lm_common import pair_buffer, text_buffer
-from envs.lm import KVCachePolicy, VectorTokenEnv, context_length, evaluate_lm, load_lm, rollout
-from envs.text_rewards import increasing_numbers
-from envs.tiny_lm import build_tiny_lm, make_prompts
+from orl.agents.lm_common import pair_buffer, text_buffer
+from orl.envs.lm import KVCachePolicy, VectorTokenEnv, context_length, evaluate_lm, load_lm, rollout
+from orl.envs.text_rewards import increasing_numbers
+from orl.envs.tiny_lm import build_tiny_lm, make_prompts
 from orl.provenance import file_checksum, software
 from orl.sequence import load_jsonl
 

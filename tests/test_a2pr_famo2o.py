@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import orl
-from agents.a2pr import imitation_target
-from agents.famo2o import sinusoidal_embedding
+from orl.agents.a2pr import imitation_target
+from orl.agents.famo2o import sinusoidal_embedding
 from tests.test_nets_and_losses import make_batch
 
 OBS = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import orl
-from agents.cpl import cpl_loss
+from orl.agents.cpl import cpl_loss
 from orl.preferences import PreferencePairs, SegmentPairBatch, SegmentPairBuffer, scripted_preferences
 from tests.test_preferences import pendulum_like
 
@@ -193,7 +193,7 @@ def test_segment_buffer_gathers_the_labelled_segments():
 # ---------------------------------------------------------------------------------------------------
 # Dense score mode (official biased_bce_with_scores)
 def test_rank_loss_is_the_mean_over_every_ordered_pair():
-    from agents.cpl import cpl_rank_loss
+    from orl.agents.cpl import cpl_rank_loss
 
     score = torch.tensor([0.3, 2.0, -1.0])    # the policy's segment scores S
     target = torch.tensor([5.0, 1.0, 3.0])    # returns: segment 0 > 2 > 1
@@ -209,7 +209,7 @@ def test_rank_loss_is_the_mean_over_every_ordered_pair():
 
 
 def test_rank_loss_gradient_scales_only_the_worse_score_by_lambda():
-    from agents.cpl import cpl_rank_loss
+    from orl.agents.cpl import cpl_rank_loss
 
     score = torch.tensor([1.0, 0.5], requires_grad=True)
     cpl_rank_loss(score, torch.tensor([2.0, 1.0]), 0.3)[0].backward()  # segment 0 is better

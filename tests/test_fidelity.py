@@ -264,7 +264,7 @@ def test_final_layer_scale_is_on_the_last_hidden_layer():
 
 # --- 8. FamO2O-CQL: actions at s' are conditioned on the balance model's beta ----------------------
 def test_famo2o_cql_next_actions_use_the_balance_beta(monkeypatch):
-    from agents.famo2o import ConditionedActor
+    from orl.agents.famo2o import ConditionedActor
 
     torch.manual_seed(0)
     agent = orl.make_agent("famo2o_cql", OBS, ACT, {"base": {"cql_n_actions": 2}})

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import orl
-from agents.alol import clipped_ratio
-from agents.dpo import dpo_loss
-from agents.lm_common import pair_buffer, text_buffer
-from agents.reward_model import bt_loss
-from envs.text_rewards import increasing_numbers
+from orl.agents.alol import clipped_ratio
+from orl.agents.dpo import dpo_loss
+from orl.agents.lm_common import pair_buffer, text_buffer
+from orl.agents.reward_model import bt_loss
+from orl.envs.text_rewards import increasing_numbers
 
 SPACE = gym.spaces.Discrete(2)  # LM agents take their spaces from the token env; unused here
 
@@ -111,8 +111,8 @@ def test_reward_model_learns_synthetic_preferences(tiny_lm):
 
 
 def test_rloo_raises_reward_online(tiny_lm):
-    from envs.lm import evaluate_lm
-    from envs.tiny_lm import make_prompts
+    from orl.envs.lm import evaluate_lm
+    from orl.envs.tiny_lm import make_prompts
 
     torch.manual_seed(0)
     agent = orl.make_agent("rloo", SPACE, SPACE, {"model_path": tiny_lm["path"], "lr": 3e-4, "max_new_tokens": 16})

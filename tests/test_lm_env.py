@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from envs.lm import KLPenalty, KVCachePolicy, ReencodePolicy, SequenceBandit, TokenEnv, VectorTokenEnv, rollout
-from envs.text_rewards import increasing_numbers, length_window
-from envs.tiny_lm import make_prompts
+from orl.envs.lm import KLPenalty, KVCachePolicy, ReencodePolicy, SequenceBandit, TokenEnv, VectorTokenEnv, rollout
+from orl.envs.text_rewards import increasing_numbers, length_window
+from orl.envs.tiny_lm import make_prompts
 
 PROMPTS = ["count: 3", "count: 12 14", "count: 7 9 11 20", "count: 1"]
 
@@ -108,7 +108,7 @@ def test_text_rewards():
 
 
 def test_best_of_n_beats_single_samples(tiny_lm):
-    from envs.lm import best_of_n, evaluate_lm
+    from orl.envs.lm import best_of_n, evaluate_lm
 
     prompts = make_prompts(32, seed=4)
     texts, best = best_of_n(tiny_lm["model"], tiny_lm["tokenizer"], prompts, increasing_numbers, n=4, seed=0)
@@ -120,7 +120,7 @@ def test_best_of_n_beats_single_samples(tiny_lm):
 def test_hf_sequence_classifier_reward_loads_by_path(tiny_lm, tmp_path):
     from transformers import GPT2ForSequenceClassification
 
-    from envs.text_rewards import SequenceClassifierReward
+    from orl.envs.text_rewards import SequenceClassifierReward
 
     config = copy.deepcopy(tiny_lm["model"].config)
     config.num_labels = 1

@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("transformers", reason="the LM extra is not installed (pip install -e .[lm])")
 
 import orl  # noqa: E402
-from agents.lm_common import _tokenize, pair_buffer, text_buffer  # noqa: E402
-from envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, encode_prompt, eos_token_ids, load_lm, rollout  # noqa: E402
+from orl.agents.lm_common import _tokenize, pair_buffer, text_buffer  # noqa: E402
+from orl.envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, encode_prompt, eos_token_ids, load_lm, rollout  # noqa: E402
 from tests.lm_archs import ARCHS, build_tiny_causal_lm  # noqa: E402
 
 SPACE = gym.spaces.Discrete(2)
@@ -173,7 +173,7 @@ def test_every_lm_agent_through_orl_train_on_every_architecture(models, arch, tm
 def test_kv_cache_path_uses_the_current_api(models, arch):
     import warnings
 
-    from envs.lm import ReencodePolicy
+    from orl.envs.lm import ReencodePolicy
 
     model, tokenizer = load_lm(models[arch])
     env = VectorTokenEnv(tokenizer, PROMPTS, max_new_tokens=5, eos_ids=eos_token_ids(tokenizer, model))
@@ -185,7 +185,7 @@ def test_kv_cache_path_uses_the_current_api(models, arch):
 
 # --- 6. rows longer than the context are truncated, with a warning that counts them ----------------
 def test_long_rows_are_truncated_with_a_warning(models):
-    from agents.lm_common import truncate
+    from orl.agents.lm_common import truncate
 
     prompts, responses, cut = truncate([[1, 5, 6, 7, 8, 9], [1, 5]], [[10, 11, 2], [10, 11, 12, 13, 2]], max_length=5, max_prompt_length=3, bos_id=1)
     assert prompts == [[1, 8, 9], [1, 5]] and responses == [[10, 11], [10, 11, 12]] and cut == (1, 2)
@@ -232,7 +232,7 @@ def test_orl_train_dpo_on_a_long_prompt_with_a_rotary_model(models, tmp_path):
 def test_text_reward_specs(models, tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from envs.text_rewards import SequenceClassifierReward, increasing_numbers, make_text_reward
+    from orl.envs.text_rewards import SequenceClassifierReward, increasing_numbers, make_text_reward
 
     assert make_text_reward("increasing_numbers") is increasing_numbers
     assert make_text_reward("keyword:assistant")("p", "the assistant") == 1.0
@@ -255,7 +255,7 @@ def test_alol_value_fit_on_an_orl_reward_model_run(models, tmp_path):
 
     from hydra import compose, initialize_config_dir
 
-    from envs.text_rewards import make_text_reward
+    from orl.envs.text_rewards import make_text_reward
     from orl.cli import CONFIG_DIR, run_train
 
     pairs = tmp_path / "pairs.jsonl"
@@ -351,7 +351,7 @@ def test_lora_dpo_reference_is_the_base_model(models, tmp_path):
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from agents.lm_common import save_hf
+    from orl.agents.lm_common import save_hf
 
     agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": models["llama"], "lora_r": 4, "lr": 1e-2})
     policy, reference = agent.nets["policy"], agent.nets["reference"]
@@ -385,7 +385,7 @@ def test_chat_rows_render_with_the_template_and_train(models, tmp_path):
 
     from hydra import compose, initialize_config_dir
 
-    from agents.lm_common import render_chat
+    from orl.agents.lm_common import render_chat
     from orl.cli import CONFIG_DIR, run_train
 
     model, tokenizer = load_lm(models["llama"])
@@ -453,7 +453,7 @@ def test_lr_warmup_then_cosine(models):
 
 
 def test_top_k_and_top_p_filtering():
-    from envs.lm import filter_logits
+    from orl.envs.lm import filter_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]

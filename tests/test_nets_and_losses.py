@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import orl
-from agents.iql import awr_weights, expectile_loss
-from agents.td3bc import td3bc_lambda
+from orl.agents.iql import awr_weights, expectile_loss
+from orl.agents.td3bc import td3bc_lambda
 from orl.buffer import Batch
 from torch.nn import functional as F
 

@@ -12,8 +12,8 @@ trl = pytest.importorskip("trl", reason="TRL is a test-only dependency (pip inst
 datasets = pytest.importorskip("datasets")
 
 import orl  # noqa: E402
-from agents.dpo import DPO  # noqa: E402
-from agents.lm_common import _tokenize, pair_buffer  # noqa: E402
+from orl.agents.dpo import DPO  # noqa: E402
+from orl.agents.lm_common import _tokenize, pair_buffer  # noqa: E402
 from orl.sequence import PairBatch  # noqa: E402
 from tests.lm_archs import build_tiny_causal_lm  # noqa: E402
 
@@ -69,7 +69,7 @@ def test_bradley_terry_loss_equals_trl_reward_trainer(margin, center):
     from collections import defaultdict
     from types import SimpleNamespace
 
-    from agents.reward_model import bt_loss
+    from orl.agents.reward_model import bt_loss
 
     chosen, rejected = torch.tensor([1.2, -0.3, 0.8, 2.0]), torch.tensor([0.1, 0.4, -1.0, 2.5])
     scores = torch.cat([chosen, rejected])[:, None]

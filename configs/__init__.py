@@ -1,0 +1,1 @@
+"""Hydra configs of orl-train, orl-finetune and orl-collect (installed as package data of `orl.configs`)."""
