@@ -28,7 +28,7 @@ from torch import nn
 
 from orl.agents.lm_common import LMAgent, LMConfig, text_buffer
 from orl.agent import register
-from orl.sequence import SequenceBatch, SequenceBuffer, position_ids, token_log_probs
+from orl.text.data import SequenceBatch, SequenceBuffer, position_ids, token_log_probs
 
 VARIANTS = ("nll", "wbc", "rlol", "alol", "alol_seq", "alol_ref_free", "alol_kl")
 

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from orl.agents.lm_common import LMAgent, LMConfig
 from orl.agent import register
-from orl.sequence import PairBatch, PairBuffer, response_log_prob
+from orl.text.data import PairBatch, PairBuffer, response_log_prob
 
 
 @dataclass

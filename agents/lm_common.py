@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from orl.agent import Agent
-from orl.sequence import PairBuffer, SequenceBuffer, build_sequences, position_ids
+from orl.text.data import PairBuffer, SequenceBuffer, build_sequences, position_ids
 
 
 @dataclass
@@ -36,7 +36,7 @@ class LMConfig:
 class LMAgent(Agent):
     """Base for agents whose policy is a Hugging Face causal LM given by `cfg.model_path`.
 
-    What `orl-train` needs to run one (agents/lm_run.py) is declared here: `data_kind` (set by each agent),
+    What `orl-train` needs to run one (orl/apps/lm_run.py) is declared here: `data_kind` (set by each agent),
     `prepare_run` (work before the first step), `evaluate_run` and `exports_policy`.
     """
 
@@ -105,7 +105,7 @@ class LMAgent(Agent):
         metrics = self.data_parallel.average({"loss": total, **sums})
         return {**metrics, "grad_norm": grad_norm, "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
 
-    # --- hooks for orl-train (agents/lm_run.py) ----------------------------------------------------
+    # --- hooks for orl-train (orl/apps/lm_run.py) ----------------------------------------------------
     def prepare_run(self, run) -> dict[str, float] | None:
         """Before the first step: the agent's `prepare(buffer)` if it has one (e.g. DPO's reference log-probs)."""
         prepare = getattr(self, "prepare", None)

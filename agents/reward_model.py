@@ -18,7 +18,7 @@ from torch import nn
 from orl.agents.lm_common import LMAgent, LMConfig, _tokenize
 from orl.agent import register
 from orl.preferences import preference_loss
-from orl.sequence import PairBatch, SequenceBatch, build_sequences, position_ids
+from orl.text.data import PairBatch, SequenceBatch, build_sequences, position_ids
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from orl.agents.lm_common import LMAgent, LMConfig
 from orl.agent import register
-from orl.sequence import PromptBatch, SequenceBatch, build_sequences, response_log_prob
+from orl.text.data import PromptBatch, SequenceBatch, build_sequences, response_log_prob
 
 
 @dataclass

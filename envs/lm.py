@@ -21,7 +21,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from orl.sequence import pad_left, position_ids
+from orl.text.data import pad_left, position_ids
 
 RewardFn = Callable[[str, str], float]
 
@@ -420,7 +420,7 @@ class SequenceBandit(gym.Env):
 def evaluate_lm(model, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, max_new_tokens: int = 24, samples: int = 1,
                 greedy: bool = False, seed: int = 0, batch_size: int = 64, details: bool = False) -> dict[str, Any]:
     """Mean reward, response length (tokens) and distinct-1/2 over held-out prompts, generated through the env."""
-    from orl.sequence import distinct_n
+    from orl.text.data import distinct_n
 
     was_training = model.training
     model.eval()

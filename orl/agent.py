@@ -42,7 +42,7 @@ class Agent(abc.ABC):
     name: str = "agent"
     Config: type = object
     # What the agent trains on: None = control transitions (a Batch from a dataset / replay buffer); text
-    # agents name their rows ("rewarded", "pairs", "prompts": see agents/lm_run.py).
+    # agents name their rows ("rewarded", "pairs", "prompts": see orl/apps/lm_run.py).
     data_kind: str | None = None
 
     def __init__(self, obs_space: gym.spaces.Box, action_space: gym.spaces.Space, cfg: Any, device: torch.device | str = "cpu"):

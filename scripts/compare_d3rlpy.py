@@ -66,7 +66,7 @@ def export_dataset(dataset: str, folder: Path) -> Path:
 def run_orl(agent: str, data_file: Path, seed: int, steps: int, eval_every: int, episodes: int, work: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
     from orl.logger import read_metrics
 
     overrides = [f"agent={agent}", f"dataset={data_file}", f"seed={seed}", f"steps={steps}", f"eval.every={eval_every}",

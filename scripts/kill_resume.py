@@ -45,7 +45,7 @@ def command(job: str, where: Path, data: Path, resume: bool) -> tuple[list[str],
     else:
         args += [f"work_dir={where / 'work'}"]
         env["MINARI_DATASETS_PATH"] = str(where / "minari")
-    return [sys.executable, "-c", f"import orl.cli; orl.cli.{app}_main()", *args], env
+    return [sys.executable, "-c", f"import orl.apps.cli; orl.apps.cli.{app}_main()", *args], env
 
 
 def run(cmd: list[str], env: dict[str, str], kill_after: float | None) -> bool:
@@ -96,7 +96,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        from orl.collect import RandomPolicy, rollout
+        from orl.apps.collect import RandomPolicy, rollout
         from orl.data import OfflineDataset
 
         import gymnasium as gym

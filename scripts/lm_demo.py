@@ -29,7 +29,7 @@ from orl.envs.lm import KVCachePolicy, VectorTokenEnv, context_length, evaluate_
 from orl.envs.text_rewards import increasing_numbers
 from orl.envs.tiny_lm import build_tiny_lm, make_prompts
 from orl.provenance import file_checksum, software
-from orl.sequence import load_jsonl
+from orl.text.data import load_jsonl
 
 SPACE = gym.spaces.Discrete(2)
 

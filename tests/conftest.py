@@ -48,7 +48,7 @@ def random_pendulum_arrays(n: int = 1000, seed: int = 0) -> dict[str, np.ndarray
 @pytest.fixture(scope="session")
 def pendulum_collection(tmp_path_factory):
     """One small run of the collection pipeline, shared by the tests that need collected data."""
-    from orl.collect import CollectConfig, collect
+    from orl.apps.collect import CollectConfig, collect
 
     root = tmp_path_factory.mktemp("collection")
     previous = os.environ.get("MINARI_DATASETS_PATH")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import orl.collect as collect_module
-from orl.collect import CollectConfig, collect
+import orl.apps.collect as collect_module
+from orl.apps.collect import CollectConfig, collect
 from orl.data import make_dataset
 from orl.trainer import Trainer
 
@@ -112,7 +112,7 @@ def test_interrupted_collection_resumes_to_identical_datasets(pendulum_collectio
 # ---------------------------------------------------------------------------------------------------
 # Nothing a user collected is lost (issue 15)
 def _tiny(tmp_path, **changes):
-    from orl.collect import CollectConfig
+    from orl.apps.collect import CollectConfig
 
     values = dict(env="Pendulum-v1", levels=("random", "medium"), size=200, sac_steps=400, random_steps=200, snapshot_every=200,
                   snapshot_episodes=1, ref_episodes=2, seed=0, work_dir=str(tmp_path / "work"), progress=False)
@@ -127,7 +127,7 @@ def _fingerprint(ds_id):
 
 
 def test_collect_with_other_settings_stops_and_names_them(tmp_path, monkeypatch):
-    from orl.collect import collect
+    from orl.apps.collect import collect
     from orl.errors import ConfigError
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
@@ -139,15 +139,15 @@ def test_collect_with_other_settings_stops_and_names_them(tmp_path, monkeypatch)
 
 
 def test_overwrite_swaps_in_new_datasets_only_after_success(tmp_path, monkeypatch):
-    import orl.collect
-    from orl.collect import collect
+    import orl.apps.collect
+    from orl.apps.collect import collect
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     ids = collect(_tiny(tmp_path))
     before = {level: _fingerprint(ds_id) for level, ds_id in ids.items()}
     (tmp_path / "work" / ".orl-overwrite" / "stale").mkdir(parents=True)  # a crashed earlier overwrite: started clean
 
-    real_write = orl.collect.write_minari
+    real_write = orl.apps.collect.write_minari
     calls = []
 
     def write_then_fail(ds_id, *args, **kwargs):
@@ -156,13 +156,13 @@ def test_overwrite_swaps_in_new_datasets_only_after_success(tmp_path, monkeypatc
             raise KeyboardInterrupt  # the user stops it half-way, after one new level was written
         return real_write(ds_id, *args, **kwargs)
 
-    monkeypatch.setattr(orl.collect, "write_minari", write_then_fail)
+    monkeypatch.setattr(orl.apps.collect, "write_minari", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         collect(_tiny(tmp_path, seed=1, overwrite=True))
     assert {level: _fingerprint(ds_id) for level, ds_id in ids.items()} == before  # untouched
     assert not (tmp_path / "work" / ".orl-overwrite" / "stale").exists()
 
-    monkeypatch.setattr(orl.collect, "write_minari", real_write)
+    monkeypatch.setattr(orl.apps.collect, "write_minari", real_write)
     collect(_tiny(tmp_path, sac_steps=600, overwrite=True))
     after = {level: _fingerprint(ds_id) for level, ds_id in ids.items()}
     assert after != before and after["random"][1] == 200

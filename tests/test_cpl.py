@@ -156,7 +156,7 @@ def test_cpl_kl_resumed_across_the_switch_equals_an_uninterrupted_run():
 def test_cpl_through_orl_train_from_a_label_file(tmp_path, agent):
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
     from orl.logger import read_metrics
     from tests.conftest import random_pendulum_arrays
 
@@ -252,7 +252,7 @@ def test_scored_segments_file_and_buffer(tmp_path):
 def test_cpl_learns_from_scored_segments_through_orl_prefs_and_orl_train(tmp_path, capsys, score_mode):
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
     from orl.data import make_dataset
     from orl.logger import read_metrics
     from orl.preferences import prefs_main

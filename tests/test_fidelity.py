@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import orl
 from orl.checkpoint import load_checkpoint
-from orl.cli import CONFIG_DIR, run_train
+from orl.apps.cli import CONFIG_DIR, run_train
 from orl.data import OfflineDataset
 from orl.nn import EnsembleLinear
 from orl.trainer import Trainer

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 import orl
 from orl.checkpoint import load_checkpoint
-from orl.cli import CONFIG_DIR, run_train
+from orl.apps.cli import CONFIG_DIR, run_train
 from orl.logger import read_metrics
 from orl.trainer import Trainer, TrainerConfig
 from tests.test_nets_and_losses import ACT, OBS, make_batch

@@ -28,7 +28,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def run_cli(monkeypatch, capsys, app: str, *args: str) -> tuple[int, str]:
     """The console entry point in-process (as `orl-train ARGS`), returning (exit code, stderr + stdout)."""
-    import orl.cli
+    import orl.apps.cli
 
     import logging
 
@@ -36,7 +36,7 @@ def run_cli(monkeypatch, capsys, app: str, *args: str) -> tuple[int, str]:
     monkeypatch.delenv("ORL_DEBUG", raising=False)
     handlers, level = logging.root.handlers[:], logging.root.level
     try:
-        getattr(orl.cli, app)()
+        getattr(orl.apps.cli, app)()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -232,7 +232,7 @@ NUMERIC_KEYS = ["steps", "batch_size", "seed", "eval.every", "eval.episodes", "l
 def test_any_numeric_flag_is_accepted_only_in_range(key, value):
     from omegaconf import OmegaConf
 
-    from orl.cli import NUMERIC_OPTIONS, validate_config
+    from orl.apps.cli import NUMERIC_OPTIONS, validate_config
 
     cfg = OmegaConf.create({"device": "cpu"})
     OmegaConf.update(cfg, key, value, force_add=True)
@@ -250,7 +250,7 @@ def test_any_numeric_flag_is_accepted_only_in_range(key, value):
 def test_any_device_string_is_valid_or_a_config_error(device):
     from omegaconf import OmegaConf
 
-    from orl.cli import validate_config
+    from orl.apps.cli import validate_config
 
     try:
         validate_config(OmegaConf.create({"device": device}))
@@ -273,21 +273,21 @@ def test_finetune_accepts_every_online_option_of_train_yaml():
     hide train.yaml's, so `orl-finetune online.buffer_mode=seed` (the README's commands) was refused."""
     from omegaconf import OmegaConf
 
-    import orl.cli
+    import orl.apps.cli
 
-    online = OmegaConf.load(Path(orl.cli.CONFIG_DIR) / "train.yaml").online
+    online = OmegaConf.load(Path(orl.apps.cli.CONFIG_DIR) / "train.yaml").online
     assert "buffer_mode" in online
     for key in online:
-        orl.cli.check_top_level_keys("orl-finetune", ["train", "finetune"], [f"online.{key}=1"])  # must not exit
+        orl.apps.cli.check_top_level_keys("orl-finetune", ["train", "finetune"], [f"online.{key}=1"])  # must not exit
     with pytest.raises(SystemExit):
-        orl.cli.check_top_level_keys("orl-finetune", ["train", "finetune"], ["online.bufer_mode=seed"])
+        orl.apps.cli.check_top_level_keys("orl-finetune", ["train", "finetune"], ["online.bufer_mode=seed"])
 
 
 def test_readme_commands_pass_the_key_check():
     """Every orl-train / orl-finetune command in the README names options that exist."""
     import shlex
 
-    import orl.cli
+    import orl.apps.cli
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text().replace("\\\n", " ")
     commands = [line.strip() for line in readme.splitlines() if line.strip().startswith(("orl-train ", "orl-finetune "))]
@@ -296,6 +296,6 @@ def test_readme_commands_pass_the_key_check():
         app, *args = shlex.split(command.split("#")[0])
         config_names = ["train", "finetune"] if app == "orl-finetune" else ["train"]
         try:
-            orl.cli.check_top_level_keys(app, config_names, args)
+            orl.apps.cli.check_top_level_keys(app, config_names, args)
         except SystemExit:
             pytest.fail(f"README command refused: {command}")

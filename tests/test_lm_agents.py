@@ -125,7 +125,7 @@ def test_rloo_raises_reward_online(tiny_lm):
 
 
 def test_jsonl_validation(tmp_path):
-    from orl.sequence import load_jsonl
+    from orl.text.data import load_jsonl
 
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "a", "response": "b", "reward": 0.5}\n\n{"prompt": "c", "response": "d", "reward": 1}\n')
@@ -154,7 +154,7 @@ def test_orl_train_runs_text_agents_from_jsonl(agent_name, tiny_lm, tmp_path):
 
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
 
     prompts, responses, rewards = _rows(48)
     _, others, other_rewards = _rows(48, seed=5)

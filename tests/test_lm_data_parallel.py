@@ -27,9 +27,9 @@ BAD = ["2 1", "3", "1 0", "0", "4", "1 1", "2", "1"]
 def orl_train(tmp_path, processes: int, agent: str, data, run_dir, model, *extra):
     args = [f"agent={agent}", f"dataset={data}", f"lm.model={model}", "batch_size=4", "steps=3", "eval.every=0", "log.every=1",
             "checkpoint.every=3", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={run_dir}", *extra]
-    launcher = [sys.executable, "-m", "orl.cli"] if processes == 1 else [
+    launcher = [sys.executable, "-m", "orl.apps.cli"] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "orl.cli"]
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "orl.apps.cli"]
     out = subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=tmp_path, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]

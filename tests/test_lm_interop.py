@@ -144,7 +144,7 @@ def matrix_data(root):
 def test_every_lm_agent_through_orl_train_on_every_architecture(models, arch, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
     from orl.logger import read_metrics
 
     path = models[arch]
@@ -203,7 +203,7 @@ def test_orl_train_dpo_on_a_long_prompt_with_a_rotary_model(models, tmp_path):
 
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
 
     rows = [{"prompt": " ".join(["7"] * 90), "chosen": "8 9", "rejected": "1"}] + [{"prompt": p, "chosen": c, "rejected": r}
                                                                                for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
@@ -256,7 +256,7 @@ def test_alol_value_fit_on_an_orl_reward_model_run(models, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from orl.envs.text_rewards import make_text_reward
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)))
@@ -282,7 +282,7 @@ def test_rloo_through_orl_train_resumes_exactly(models, tmp_path):
 
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
     from orl.logger import read_metrics
 
     prompts = tmp_path / "prompts.jsonl"
@@ -312,7 +312,7 @@ def test_dpo_then_rloo_through_init_from(models, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from orl.checkpoint import load_checkpoint
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
 
     pairs, prompts = tmp_path / "pairs.jsonl", tmp_path / "prompts.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)))
@@ -335,7 +335,7 @@ def test_dpo_then_rloo_through_init_from(models, tmp_path):
 
 def test_jsonl_errors_name_the_line(tmp_path):
     from orl.errors import DataError
-    from orl.sequence import load_jsonl
+    from orl.text.data import load_jsonl
 
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"prompt": "a"}\n\xff\xfe not utf-8\n')
@@ -386,7 +386,7 @@ def test_chat_rows_render_with_the_template_and_train(models, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from orl.agents.lm_common import render_chat
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
 
     model, tokenizer = load_lm(models["llama"])
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -411,7 +411,7 @@ def test_chat_rows_render_with_the_template_and_train(models, tmp_path):
 def test_hugging_face_datasets_directory(tmp_path):
     datasets = pytest.importorskip("datasets")
     from orl.errors import DataError
-    from orl.sequence import is_text_dataset, load_text_rows
+    from orl.text.data import is_text_dataset, load_text_rows
 
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "prefs"))
@@ -465,7 +465,7 @@ def test_top_k_and_top_p_filtering():
 def test_hub_dataset_ids_go_through_load_dataset(monkeypatch):
     datasets = pytest.importorskip("datasets")
     from orl.errors import DataError
-    from orl.sequence import is_text_dataset, load_text_rows
+    from orl.text.data import is_text_dataset, load_text_rows
 
     calls = []
 

@@ -160,7 +160,7 @@ def test_from_a_dataset_to_labels_to_a_reward_model_to_a_relabelled_run_that_res
 
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
     from orl.logger import read_metrics
     from tests.conftest import random_pendulum_arrays
 

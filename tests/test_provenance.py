@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from orl.cli import CONFIG_DIR, run_train
+from orl.apps.cli import CONFIG_DIR, run_train
 from orl.data import OfflineDataset, make_dataset
 from orl.provenance import dataset_checksum, file_checksum, read_provenance
 from tests.conftest import random_pendulum_arrays

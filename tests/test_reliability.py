@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 import orl
 from orl.checkpoint import load_checkpoint, save_checkpoint
-from orl.cli import resolve_run_dir
+from orl.apps.cli import resolve_run_dir
 from orl.errors import DivergenceError, RunDirError
 from orl.trainer import Trainer, TrainerConfig
 from tests.test_trainer import build, pendulum_buffer
@@ -99,7 +99,7 @@ def _cli(*args, cwd=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "orl.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", "orl.apps.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def test_cli_user_errors_are_one_message_and_exit_2(tmp_path):
@@ -141,7 +141,7 @@ def test_resume_drops_a_torn_metrics_line(tmp_path):
 def test_failed_resume_keeps_the_old_config(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
     from orl.data import OfflineDataset
     from tests.conftest import random_pendulum_arrays
 
@@ -164,7 +164,7 @@ def test_failed_resume_keeps_the_old_config(tmp_path):
 
 def test_first_run_that_collects_logs_what_later_runs_log(tmp_path, monkeypatch):
     """Collecting the embedded dataset draws random numbers; the run must re-seed after it."""
-    import orl.cli
+    import orl.apps.cli
     from hydra import compose, initialize_config_dir
 
     from orl.data import OfflineDataset, make_dataset
@@ -185,9 +185,9 @@ def test_first_run_that_collects_logs_what_later_runs_log(tmp_path, monkeypatch)
 
     rows = {}
     for name, loader in (("first", collecting), ("later", lambda cfg: make_dataset(str(data)))):
-        monkeypatch.setattr(orl.cli, "load_or_collect", loader)
-        with initialize_config_dir(config_dir=orl.cli.CONFIG_DIR, version_base="1.3"):
-            orl.cli.run_train(compose(config_name="train", overrides=["agent=td3bc", f"dataset={data}", "device=cpu", "steps=20", "log.every=10",
+        monkeypatch.setattr(orl.apps.cli, "load_or_collect", loader)
+        with initialize_config_dir(config_dir=orl.apps.cli.CONFIG_DIR, version_base="1.3"):
+            orl.apps.cli.run_train(compose(config_name="train", overrides=["agent=td3bc", f"dataset={data}", "device=cpu", "steps=20", "log.every=10",
                                                                       "eval.every=0", "log.progress=false", "log.tensorboard=false",
                                                                       f"run_dir={tmp_path / name}"]))
         rows[name] = read_metrics(tmp_path / name)
@@ -200,7 +200,7 @@ def test_first_run_that_collects_logs_what_later_runs_log(tmp_path, monkeypatch)
 def test_config_values_are_validated_before_any_data_loads(override, message):
     from hydra import compose, initialize_config_dir
 
-    from orl.cli import CONFIG_DIR, run_train
+    from orl.apps.cli import CONFIG_DIR, run_train
     from orl.errors import ConfigError
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -17,7 +17,7 @@ TINY = ["env=Pendulum-v1", "ref_min_score=-1500", "ref_max_score=0", "steps=20",
 
 def orl(app: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", f"import sys, orl.cli; sys.argv[0] = '{app}'; orl.cli.{app}()", *args],
+    return subprocess.run([sys.executable, "-c", f"import sys, orl.apps.cli; sys.argv[0] = '{app}'; orl.apps.cli.{app}()", *args],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
@@ -71,7 +71,7 @@ def test_an_interrupted_sweep_run_resumes_from_its_checkpoint(two_datasets, tmp_
     # killed within ~50 ms of its first checkpoint (step 100 of 2000): far from the end on any machine
     args = ["-m", "agent=bc", f"dataset={two_datasets / 'a.npz'}", *TINY, "steps=2000", "eval.every=1000", "checkpoint.every=100",
             f"hydra.sweep.dir={sweep}"]
-    code = "import sys, orl.cli; sys.argv[0] = 'train_main'; orl.cli.train_main()"
+    code = "import sys, orl.apps.cli; sys.argv[0] = 'train_main'; orl.apps.cli.train_main()"
     proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
@@ -193,7 +193,7 @@ def test_offline_to_online_columns(tmp_path):
 
 
 def test_a_results_only_run_is_skipped_and_an_unfinished_one_is_not(tmp_path):
-    from orl.cli import finished_run
+    from orl.apps.cli import finished_run
 
     done = fake_run(tmp_path / "done", "bc", "d", 0, [(500, 1.0), (1000, 2.0)])
     assert finished_run(done, 1000, 0).final == 2.0  # committed results: config + metrics, no checkpoint

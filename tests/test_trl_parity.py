@@ -14,7 +14,7 @@ datasets = pytest.importorskip("datasets")
 import orl  # noqa: E402
 from orl.agents.dpo import DPO  # noqa: E402
 from orl.agents.lm_common import _tokenize, pair_buffer  # noqa: E402
-from orl.sequence import PairBatch  # noqa: E402
+from orl.text.data import PairBatch  # noqa: E402
 from tests.lm_archs import build_tiny_causal_lm  # noqa: E402
 
 ROWS = [{"prompt": "count: 3 4", "chosen": " 5 6", "rejected": " 2 1"},

@@ -47,8 +47,8 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     from orl.envs.lm import VectorTokenEnv, context_length, encode_prompt, load_tokenizer
     from orl.envs.text_rewards import make_text_reward
     from orl.agent import agent_class, make_agent
-    from orl.cli import resolve_run_dir, trainer_config, write_run_config
-    from orl.sequence import JSONL_FIELDS, PromptBuffer, load_text_rows
+    from orl.apps.cli import resolve_run_dir, trainer_config, write_run_config
+    from orl.text.data import JSONL_FIELDS, PromptBuffer, load_text_rows
     from orl.trainer import Trainer
 
     lm = cfg.lm

@@ -155,10 +155,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         return {"run_dir": str(cfg.run_dir), ("normalized_mean" if done.normalized else "return_mean"): done.final}
     device = setup_torch(cfg.device, cfg.threads)
     seed_everything(int(cfg.seed))
-    from orl.sequence import is_text_dataset
+    from orl.text.data import is_text_dataset
 
     if is_text_dataset(str(cfg.dataset)):  # .jsonl or a Hugging Face datasets directory: the LM side's own wiring
-        from orl.agents.lm_run import run_text
+        from orl.apps.lm_run import run_text
 
         return run_text(cfg, device)
     if agent_class(str(cfg.agent.name)).data_kind not in (None, "segments"):
@@ -297,7 +297,7 @@ def load_or_collect(cfg: DictConfig):
     """Load `cfg.dataset`; the embedded default is collected locally on first use."""
     collect_cfg = cfg.get("embedded")
     if collect_cfg is not None and str(cfg.dataset) == str(collect_cfg.dataset_id):
-        from orl.collect import ensure_embedded_dataset
+        from orl.apps.collect import ensure_embedded_dataset
 
         ensure_embedded_dataset(collect_cfg)
     return make_dataset(str(cfg.dataset), cfg.env, cfg.ref_min_score, cfg.ref_max_score)
@@ -390,7 +390,7 @@ def train_main() -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="collect", version_base="1.3")
 def _collect(cfg: DictConfig) -> None:
-    from orl.collect import CollectConfig, collect
+    from orl.apps.collect import CollectConfig, collect
 
     with user_errors("orl-collect"):
         setup_torch("cpu", cfg.threads)
