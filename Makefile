@@ -56,7 +56,7 @@ prefs-bench: setup
 	    [ -f $$rm_dir/reward_model.pt ] || $(BIN)/orl-prefs reward $(PREFS_DATASET) $$labels --max-epochs $$epochs --seed $$seed --out $$rm_dir || exit 1; done; \
 	  for method in ptd3bc piql; do $(PREFS_SWEEP) +experiment=prefs/$$method tag=$$method@$$set \
 	    "data.reward=learned:results/prefs/rm/$(PREFS_NAME)-$$set/seed\$${seed}" hydra.sweep.dir=results/prefs/$(PREFS_NAME)-$$set || exit 1; done; \
-	  $(PREFS_SWEEP) +experiment=prefs/cpl tag=cpl@$$set data.preferences=$$labels hydra.sweep.dir=results/prefs/$(PREFS_NAME)-$$set || exit 1; \
+	  $(PREFS_SWEEP) +experiment=prefs/cpl tag=cpl@$$set agent.preferences=$$labels hydra.sweep.dir=results/prefs/$(PREFS_NAME)-$$set || exit 1; \
 	done
 	$(PREFS_SWEEP) +experiment=prefs/oracle_iql hydra.sweep.dir=results/prefs/$(PREFS_NAME)-oracle
 	$(BIN)/python scripts/prefs_table.py results/prefs

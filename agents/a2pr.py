@@ -39,6 +39,9 @@ from orl.nn import Critic, DeterministicActor, ValueNet, frozen, make_optimizer,
 
 @dataclass
 class A2PRConfig:
+    """A2PR (Liu et al., ICML 2024), official defaults (algorithms.md section 1.5).
+    Per-dataset settings: add +preset=a2pr-<env>-<level>, e.g. +preset=a2pr-hopper-medium."""
+
     actor_hidden: tuple[int, ...] = (256, 256, 256)
     critic_hidden: tuple[int, ...] = (256, 256, 256, 256)
     value_hidden: tuple[int, ...] = (256, 256, 256, 256)

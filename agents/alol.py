@@ -26,8 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from orl.agents.lm_common import LMAgent, LMConfig, text_buffer
+from orl.text.agent import LMAgent, LMConfig
+
+from orl.text.encoding import text_buffer
 from orl.agent import register
+from orl.errors import ConfigError
 from orl.text.data import SequenceBatch, SequenceBuffer, position_ids, token_log_probs
 
 VARIANTS = ("nll", "wbc", "rlol", "alol", "alol_seq", "alol_ref_free", "alol_kl")
@@ -35,10 +38,16 @@ VARIANTS = ("nll", "wbc", "rlol", "alol", "alol_seq", "alol_ref_free", "alol_kl"
 
 @dataclass
 class ALoLConfig(LMConfig):
+    """A-LoL (Baheti et al., ICLR 2024), algorithms.md section 4. dataset=<rows {"prompt","response","reward"}>.jsonl
+    variant: nll | wbc | rlol | alol | alol_seq | alol_ref_free | alol_kl (kl_beta; needs clip_eps: 0)
+    lr: the official A-LoL rate, 2e-5 (AdamW, full fine-tuning; abaheti95/LoL-RL train_generation_task_with_off_policy_PG.py),
+    safe on a real model; its QLoRA scripts (7B models) train LoRA adapters at 2e-4. The yaml's 3e-4 and the API's
+    1e-4 were rates for the embedded tiny LM, which now passes its own (scripts/lm_demo.py: 3e-4)."""
+
     variant: str = "alol"
     clip_eps: float = 0.9
     kl_beta: float = 0.0
-    lr: float = 1e-4
+    lr: float = 2e-5  # official A-LoL (AdamW, full fine-tuning); LoRA adapters: 2e-4 as its QLoRA scripts
     weight_decay: float = 0.0
     grad_clip: float = 0.3
     value_lr: float = 1e-3
@@ -78,10 +87,13 @@ class ALoL(LMAgent):
         if cfg.variant not in VARIANTS:
             raise ValueError(f"A-LoL variant must be one of {VARIANTS}, got {cfg.variant!r}")
         if cfg.variant == "alol_kl" and cfg.clip_eps not in (0, 0.0, None):
-            # The official script asserts ppo_clip == 0 for the KL variant (no ratio, no clip).
-            cfg.clip_eps = 0.0
+            # The official script asserts ppo_clip == 0 whenever the KL term is on (abaheti95/LoL-RL,
+            # lolrl_qlora_llama_hh.py; its README: "When KL is used make sure to set ppo_clip to 0.0"): refused
+            # here too, rather than rewritten in the caller's config behind its back.
+            raise ConfigError(f"agent.variant=alol_kl uses no importance ratio, so it takes no clip (the official A-LoL code "
+                              f"asserts ppo_clip == 0 with the KL term), got agent.clip_eps={cfg.clip_eps}; set agent.clip_eps=0")
         super().__init__(obs_space, action_space, cfg, device)
-        from orl.envs.lm import output_width
+        from orl.text.runtime import output_width
 
         hidden = output_width(self.nets["policy"])
         self.nets["value"] = ValueHead(hidden, cfg.value_heads, cfg.value_dropout, cfg.max_value).to(self.device)
@@ -125,7 +137,7 @@ class ALoL(LMAgent):
     def prepare_run(self, run) -> dict[str, float]:
         """V_ref is fit on the reference policy's greedy generations for held-out (validation) prompts, scored
         by the run's reward; then the advantages of the training rows are cached."""
-        from orl.envs.lm import evaluate_lm
+        from orl.text.generation import evaluate_lm
 
         prompts = run.eval_prompts[: run.num_value_prompts]
         reference = evaluate_lm(self.nets["reference"], run.tokenizer, prompts, run.reward_fn, run.max_new_tokens, greedy=True, details=True)

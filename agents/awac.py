@@ -20,6 +20,8 @@ from orl.nn import Critic, GaussianActor, make_optimizer, soft_update
 
 @dataclass
 class AWACConfig:
+    """AWAC (Nair et al. 2020), CORL defaults."""
+
     hidden: tuple[int, ...] = (256, 256)
     actor_lr: float = 3e-4
     critic_lr: float = 3e-4

@@ -16,6 +16,8 @@ from orl.nn import DeterministicActor, make_optimizer
 
 @dataclass
 class BCConfig:
+    """Behavior cloning (deterministic, MSE)."""
+
     hidden: tuple[int, ...] = (256, 256)
     lr: float = 3e-4
     dropout: float = 0.0

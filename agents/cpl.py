@@ -12,7 +12,7 @@ which scales only the dispreferred segment's score):
     L     = L_CPL + bc_coef * E[-l_t]   over all segments, or only the preferred ones     (BC regularizer)
 
 Scored segments (`orl-prefs label --scores`: each segment with a score, its return), in the official
-loader's two modes (`data.score_mode`). "rank", the official dense state-based configs: each segment of the
+loader's two modes (`agent.score_mode`). "rank", the official dense state-based configs: each segment of the
 batch is compared with one drawn at random, labelled by the higher score (0.5 on equal scores), and the
 pairwise loss above applies. "score" (official biased_bce_with_scores): B distinct segments sorted by
 score, every pair i < j a comparison with j preferred, the loss the mean over the B (B - 1) / 2 pairs of
@@ -44,7 +44,8 @@ from torch.nn import functional as F
 from orl.agent import Agent, register
 from orl.errors import ConfigError
 from orl.nn import DeterministicActor, GaussianActor, make_optimizer
-from orl.preferences import SegmentPairBatch, SegmentScoreBatch
+from orl.prefs.buffers import SegmentPairBatch, SegmentPairBuffer, SegmentScoreBatch, SegmentScoreBuffer
+from orl.prefs.labels import SegmentScores, load_segment_labels
 
 
 def cpl_loss(score_1: torch.Tensor, score_2: torch.Tensor, label: torch.Tensor, contrastive_bias: float = 1.0) -> torch.Tensor:
@@ -67,6 +68,12 @@ def cpl_rank_loss(score: torch.Tensor, target: torch.Tensor, contrastive_bias: f
 
 @dataclass
 class CPLConfig:
+    """Contrastive Preference Learning (agents/cpl.py): trains on labelled segment pairs, agent.preferences=<orl-prefs label file>.
+      orl-train agent=cpl dataset=orl/hopper/medium-replay-v0 agent.preferences=prefs.npz batch_size=96
+    Defaults: the official MetaWorld state-dense config (jhejna/cpl configs/mw_state_dense/cpl.yaml), with BC
+    pre-training for 40% of the run as there (200k of 500k steps; 12k of orl-train's default 30k).
+    CPL+BC (official cpl_bc.yaml): agent.contrastive_bias=1.0 agent.bc_coef=1.0"""
+
     hidden: tuple[int, ...] = (512, 512)
     lr: float = 1e-4
     alpha: float = 0.1             # temperature: S = alpha * sum log pi
@@ -80,12 +87,14 @@ class CPLConfig:
     reference: bool = False        # CPL-KL: scores are log pi - log pi_ref, pi_ref frozen at the switch
     deterministic: bool = True     # log pi = -||pi(s) - a||^2 (the official unit-variance shortcut)
     dropout: float = 0.25          # off at evaluation (the actor is in eval mode when acting)
+    preferences: str | None = None  # the label file (orl-prefs label) of segment pairs, or of scored segments (--scores)
+    score_mode: str = "rank"       # scored segments: rank (each vs a random one, the official dense setting) | score (every pair of a batch)
 
 
 @register("cpl")
 class CPL(Agent):
     Config = CPLConfig
-    data_kind = "segments"  # labelled segment pairs (data.preferences=<orl-prefs label file>), not transitions
+    data_kind = "segments"  # labelled segment pairs (agent.preferences=<orl-prefs label file>), not transitions
 
     def __init__(self, obs_space, action_space, cfg: CPLConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device)
@@ -101,6 +110,29 @@ class CPL(Agent):
             self.nets["reference"] = actor(self.obs_dim, self.action_dim, cfg.hidden, self.max_action, cfg.dropout).to(self.device)
             self.nets["reference"].requires_grad_(False)
         self.optimizers["actor"] = make_optimizer(self.nets["actor"].parameters(), cfg.lr)
+
+    def make_offline_buffer(self, dataset, *, raw_dataset, batch_size: int, online_steps: int):
+        """The label file of `preferences` (pairs or scored segments), checked against the raw dataset, over the
+        prepared (normalized) arrays: CPL trains on labelled segments, not transitions."""
+        cfg = self.cfg
+        if not cfg.preferences:
+            raise ConfigError(f"agent {self.name} learns from preferences: give agent.preferences=<label file from `orl-prefs label`>")
+        if online_steps > 0:
+            raise ConfigError(f"agent {self.name} learns from labelled segments offline; it has no online phase (online.steps=0)")
+        labels = load_segment_labels(cfg.preferences, raw_dataset)
+        if not isinstance(labels, SegmentScores):
+            print(f"[orl] {len(labels)} preference queries of {labels.length} steps from {cfg.preferences}")
+            return SegmentPairBuffer(dataset, labels, self.device)
+        if cfg.score_mode not in SegmentScoreBuffer.MODES:
+            raise ConfigError(f"agent.score_mode must be one of {', '.join(SegmentScoreBuffer.MODES)}, got {cfg.score_mode!r}")
+        if cfg.score_mode == "score" and batch_size > len(labels):
+            raise ConfigError(f"batch_size={batch_size} distinct segments, but {cfg.preferences} scores {len(labels)}; lower batch_size")
+        if cfg.score_mode == "score" and cfg.bc_data == "preferred":
+            raise ConfigError("agent.bc_data=preferred needs pairs; with agent.score_mode=score no segment is the preferred one "
+                              "(use agent.bc_data=all)")
+        how = "each compared with a random one" if cfg.score_mode == "rank" else "every pair in a batch compared"
+        print(f"[orl] {len(labels)} scored segments of {labels.length} steps from {cfg.preferences} ({how})")
+        return SegmentScoreBuffer(dataset, labels, self.device, cfg.score_mode)
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, actor: torch.nn.Module | None = None) -> torch.Tensor:
         actor = self.nets["actor"] if actor is None else actor
@@ -137,7 +169,10 @@ class CPL(Agent):
         else:
             preference = cpl_loss(score[:, 0], score[:, 1], batch.labels, cfg.contrastive_bias)
             with torch.no_grad():
-                accuracy = ((score[:, 0] > score[:, 1]).float() == batch.labels)[batch.labels != 0.5].float().mean()
+                # Over the decided pairs only (a tie, label 0.5, has no right order). A batch of ties alone has
+                # no accuracy: the metric is left out of that step (a NaN would read as divergence to the Trainer).
+                decided = batch.labels != 0.5
+                accuracy = ((score[:, 0] > score[:, 1]) == (batch.labels > 0.5))[decided].float().mean() if bool(decided.any()) else None
         bc_phase = self.step < cfg.bc_steps
         loss = bc_loss if bc_phase else preference + cfg.bc_coef * bc_loss
         optimizer = self.optimizers["actor"]
@@ -151,8 +186,9 @@ class CPL(Agent):
             self.optimizers["actor"] = make_optimizer(self.nets["actor"].parameters(), cfg.lr)
             if cfg.reference:
                 self.nets["reference"].load_state_dict(self.nets["actor"].state_dict())
-        return {"cpl_loss": preference.detach(), "bc_loss": bc_loss.detach(), "accuracy": accuracy,
-                "bc_phase": torch.tensor(float(bc_phase)), "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
+        metrics = {"cpl_loss": preference.detach(), "bc_loss": bc_loss.detach(), "accuracy": accuracy,
+                   "bc_phase": torch.tensor(float(bc_phase)), "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
+        return {k: v for k, v in metrics.items() if v is not None}
 
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
         actor = self.nets["actor"]
@@ -163,7 +199,10 @@ class CPL(Agent):
 
 @dataclass
 class CPLKLConfig(CPLConfig):
-    """CPL-KL with the official state-dense settings (configs/mw_state_dense/cpl_kl.yaml)."""
+    """CPL-KL (agents/cpl.py): CPL with log pi - log pi_ref in the score, pi_ref the policy at the end of BC.
+      orl-train agent=cpl_kl dataset=orl/hopper/medium-replay-v0 agent.preferences=prefs.npz batch_size=96
+    Defaults: the official state-dense config (jhejna/cpl configs/mw_state_dense/cpl_kl.yaml)."""
+
     alpha: float = 0.2
     contrastive_bias: float = 0.75
     lr_multiplier: float = 0.1

@@ -25,21 +25,26 @@ critic is a 10-member LayerNorm ensemble with a 2-member target subsample.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from orl.agents.sac import SAC, SACConfig
 from orl.agent import register
-from orl.buffer import Batch
+from orl.buffer import Batch, TransitionBuffer
 from orl.nn import make_optimizer, soft_update
 
 
 @dataclass
 class CQLConfig(SACConfig):
+    """CQL(H) with importance sampling (algorithms.md 6.2); WSRL's locomotion settings (alpha 5, no Lagrange).
+    AntMaze: cql_lagrange=true target_action_gap=0.8 max_target_backup=true critic_hidden=[256,256,256,256]."""
+
     actor_lr: float = 1e-4
     backup_entropy: bool = False
     cql_alpha: float = 5.0
@@ -50,7 +55,7 @@ class CQLConfig(SACConfig):
     cql_alpha_lr: float = 3e-4
     cql_penalty_members: str = "subsample"  # subsample: the target_subsample members (official WSRL) | all
     alpha_lr: float = 1e-4  # entropy temperature (official: the policy lr)
-    max_target_backup: bool = True
+    max_target_backup: bool = True  # official Cal-QL and WSRL configs
     online_max_target_backup: bool | None = None  # None: as offline. WSRL locomotion: on in pre-training, off online
     online_cql: bool = True  # False: plain SAC after the switch (WSRL)
     calibrated: bool = False  # Cal-QL
@@ -58,10 +63,19 @@ class CQLConfig(SACConfig):
     failure_reward: float | None = None  # sparse tasks (AntMaze: -5): all-failure trajectories get V_mu = r / (1 - gamma)
 
 
+@dataclass
+class CalQLConfig(CQLConfig):
+    """Cal-QL (Nakamoto et al. 2023): CQL with the MC-return bound on policy-action Q (algorithms.md 6.2).
+    Online: orl-finetune agent=calql online.buffer_mode=mix online.offline_ratio=0.5 (calibration stays on; CORL: calibrate_online=false).
+    AntMaze: cql_lagrange=true target_action_gap=0.8 max_target_backup=true critic_hidden=[256,256,256,256]
+      data.reward=scale_shift data.reward_scale=10 data.reward_shift=-5 agent.failure_reward=-5."""
+
+    calibrated: bool = True  # Cal-QL always calibrates (the agent sets it whatever is given)
+
+
 @register("cql")
 class CQL(SAC):
     Config = CQLConfig
-    needs_returns_to_go = False
 
     def __init__(self, obs_space, action_space, cfg: CQLConfig, device="cpu"):
         if cfg.cql_penalty_members not in ("subsample", "all"):
@@ -73,6 +87,33 @@ class CQL(SAC):
         self.regularize = True
         self.calibrate = cfg.calibrated
         self.max_backup = cfg.max_target_backup
+
+    @property
+    def needs_returns_to_go(self) -> bool:  # Cal-QL's V_mu, for the calibrated penalty only
+        return bool(self.cfg.calibrated)
+
+    def make_offline_buffer(self, dataset, *, raw_dataset, batch_size: int, online_steps: int) -> TransitionBuffer:
+        if not self.needs_returns_to_go:
+            return super().make_offline_buffer(dataset, raw_dataset=raw_dataset, batch_size=batch_size, online_steps=online_steps)
+        returns = dataset.returns_to_go(self.cfg.discount)
+        if self.cfg.failure_reward is not None:
+            episode_id = dataset.episode_ids()
+            failed = np.bincount(episode_id, weights=(dataset.rewards != self.cfg.failure_reward).astype(np.float64)) == 0
+            returns[failed[episode_id]] = self.cfg.failure_reward / (1.0 - self.cfg.discount)
+        return TransitionBuffer.from_dataset(dataset, self.device, returns)
+
+    def on_episode_end(self, *, buffer: TransitionBuffer, start: int, end: int, **context: Any) -> None:
+        super().on_episode_end(buffer=buffer, start=start, end=end, **context)
+        if not self.needs_returns_to_go:
+            return
+        rewards = buffer.storage["rewards"][start:end]
+        discount = float(self.cfg.discount)
+        powers = discount ** torch.arange(end - start, device=rewards.device, dtype=torch.float64)
+        # G_t = sum_k gamma^k r_{t+k}: a reversed cumulative sum of gamma^t r_t, divided by gamma^t.
+        returns = torch.flip(torch.cumsum(torch.flip(powers * rewards.double(), [0]), 0), [0]) / powers
+        if self.cfg.failure_reward is not None and bool((rewards == self.cfg.failure_reward).all()):
+            returns = torch.full_like(returns, self.cfg.failure_reward / (1.0 - discount))
+        buffer.storage["returns_to_go"][start:end] = returns.float()
 
     def on_online_start(self, **context: Any) -> None:
         super().on_online_start(**context)
@@ -182,10 +223,16 @@ class CQL(SAC):
 
 @register("calql")
 class CalQL(CQL):
-    """Cal-QL: CQL whose penalty cannot push policy-action Q below the behaviour value V_mu(s)."""
+    """Cal-QL: CQL whose penalty cannot push policy-action Q below the behaviour value V_mu(s).
 
-    needs_returns_to_go = True
+    V_mu(s) is the discounted Monte-Carlo return-to-go of s's trajectory: computed once for the offline data
+    (`CQL.make_offline_buffer`) and for each online episode when it ends (`CQL.on_episode_end`), as the
+    official code's `calc_return_to_go` does for both. With `failure_reward` set (sparse tasks), a trajectory
+    made only of that reward gets failure_reward / (1 - gamma) at every step, the value of failing forever.
+    """
+
+    Config = CalQLConfig
 
     def __init__(self, obs_space, action_space, cfg: CQLConfig, device="cpu"):
-        cfg.calibrated = True
+        cfg = dataclasses.replace(cfg, calibrated=True)  # a copy: the caller's config stays as it was given
         super().__init__(obs_space, action_space, cfg, device)

@@ -13,15 +13,19 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from orl.agents.lm_common import LMAgent, LMConfig
+from orl.text.agent import LMAgent, LMConfig
 from orl.agent import register
 from orl.text.data import PairBatch, PairBuffer, response_log_prob
 
 
 @dataclass
 class DPOConfig(LMConfig):
+    """DPO (Rafailov et al. 2023), algorithms.md 5.4. dataset=<rows {"prompt","chosen","rejected"}>.jsonl
+    lr: TRL's DPOConfig default, 1e-6 (AdamW), safe on a real model. The yaml's 3e-4 and the API's 1e-4 were rates
+    for the embedded tiny LM, which passes its own (scripts/lm_demo.py --dpo-lr, 3e-5)."""
+
     beta: float = 0.1
-    lr: float = 1e-4
+    lr: float = 1e-6  # TRL's DPOConfig default (trl 1.x)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     reference_free: bool = False

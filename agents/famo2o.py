@@ -34,6 +34,7 @@ deliberately deviates from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from orl.agents.awac import AWAC
-from orl.agents.cql import CQL
-from orl.agents.iql import IQL
+from orl.agents.awac import AWAC, AWACConfig
+from orl.agents.cql import CQL, CQLConfig
+from orl.agents.iql import IQL, IQLConfig
 from orl.agent import Agent, build_config, register
 from orl.buffer import Batch
 from orl.nn import GaussianActor, TanhGaussianActor, cosine_to_floor, frozen, make_optimizer, mlp, soft_update
@@ -119,7 +120,9 @@ class ConditionedActor(nn.Module):
 
 @dataclass
 class FamO2OConfig:
-    base: dict[str, Any] = field(default_factory=dict)  # overrides of the base agent's config
+    """The balance layer's options; each registered FamO2O agent has its own defaults (FamO2O*Config below)."""
+
+    base: Any = field(default_factory=dict)  # the base agent's config (its dataclass), or a mapping that overrides the family's
     beta_lo: float = 1.0
     beta_hi: float = 5.0
     embedding_dim: int = 6
@@ -129,8 +132,45 @@ class FamO2OConfig:
     temperature_lr: float = 3e-4
     init_temperature: float = 1.0
     target_entropy: float = -0.5  # -dim(beta)/2
-    balance_entropy: bool = True  # the official CQL version has no entropy term in the balance loss
-    balance_every: int = 1  # update pi_b every k steps (IQL locomotion ports: 5)
+    balance_entropy: bool = True  # alpha_b log pi_b in the balance loss, alpha_b tuned to target_entropy (official IQL; CQL: none)
+    balance_every: int = 1  # update pi_b every k steps
+
+
+@dataclass
+class FamO2OIQLConfig(FamO2OConfig):
+    """FamO2O on IQL (Wang et al., NeurIPS 2023), algorithms.md section 2.
+    Locomotion values from third-party ports ([unverified]): beta in [1, 5], expectile 0.7, balance every 5.
+    AntMaze (official): beta_lo=8 beta_hi=14 agent.base.expectile=0.9 balance_every=1.
+    base.beta is not used: the family's per-sample beta is the advantage weight's inverse temperature."""
+
+    base: IQLConfig = field(default_factory=lambda: IQLConfig(cosine_actor_lr=False))  # the family config keeps the actor lr constant
+    beta_lo: float = 1.0  # [1, 5]: the official FamilyLearner's default range (its one config, AntMaze, sets [8, 14])
+    beta_hi: float = 5.0
+    balance_every: int = 5  # locomotion ports, and the committed runs; the official learner (AntMaze) updates pi_b every step
+
+
+@dataclass
+class FamO2OAWACConfig(FamO2OConfig):
+    """FamO2O on AWAC: paper only, no released code -> experimental (algorithms.md 2.6). beta = 1/lambda.
+    base.awac_lambda is not used: the family's per-sample beta replaces 1/lambda."""
+
+    base: AWACConfig = field(default_factory=AWACConfig)  # CORL's AWAC
+    beta_lo: float = 0.5  # no official value; [0.5, 3] brackets AWAC's own beta = 1/lambda = 1 (IQL's [1, 5] starts at it)
+    beta_hi: float = 3.0
+
+
+@dataclass
+class FamO2OCQLConfig(FamO2OConfig):
+    """FamO2O on CQL, official locomotion settings (algorithms.md 2.5): beta in [0.5, 1.5] multiplies the
+    actor's Q term; CQL alpha 1.0 without Lagrange; lr 3e-4 everywhere; no entropy term in the balance loss.
+    (LeapLabTHU/FamO2O jax_cql: finetune_configs/family.py over JaxCQL's ConservativeSAC defaults; the temperature's
+    optimizer uses the policy lr, 3e-4, and there is no max-target-backup.)"""
+
+    base: CQLConfig = field(default_factory=lambda: CQLConfig(  # official: lr 3e-4 (policy, Q, temperature), alpha 1, no max-backup
+        actor_lr=3e-4, alpha_lr=3e-4, cql_alpha=1.0, max_target_backup=False))
+    beta_lo: float = 0.5  # official coefficient_range (0.5, 1.5)
+    beta_hi: float = 1.5
+    balance_entropy: bool = False  # official: the balance loss is -min Q, no entropy term
 
 
 class FamO2O(Agent):
@@ -138,13 +178,15 @@ class FamO2O(Agent):
 
     Config = FamO2OConfig
     base_class: type[Agent] = IQL
-    base_defaults: dict[str, Any] = {}
 
     def __init__(self, obs_space, action_space, cfg: FamO2OConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device)
         if not cfg.beta_lo < cfg.beta_hi:
             raise ValueError(f"need beta_lo < beta_hi, got [{cfg.beta_lo}, {cfg.beta_hi}]")
-        base_cfg = build_config(self.base_class, {**self.base_defaults, **dict(cfg.base)})
+        # The family's base defaults (its Config's `base`), overridden by what cfg.base gives (a dataclass or a mapping).
+        family, given = self.Config().base, cfg.base
+        base_cfg = build_config(self.base_class, {**(dataclasses.asdict(family) if dataclasses.is_dataclass(family) else dict(family)),
+                                                  **(dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given))})
         self.base = self.base_class(obs_space, action_space, base_cfg, device)
         self.base.nets["actor"] = ConditionedActor(self._universal_policy(base_cfg), cfg.embedding_dim, cfg.embedding_base).to(self.device)
         actor_lr = base_cfg.actor_lr
@@ -246,8 +288,8 @@ class FamO2O(Agent):
 
 @register("famo2o_iql")
 class FamO2OIQL(FamO2O):
+    Config = FamO2OIQLConfig
     base_class = IQL
-    base_defaults = {"cosine_actor_lr": False}  # the family config keeps the actor lr constant
 
     @property
     def balance_critic(self) -> nn.Module:
@@ -271,6 +313,7 @@ class FamO2OIQL(FamO2O):
 class FamO2OAWAC(FamO2O):
     """Experimental: the paper's AWAC variant has no released code."""
 
+    Config = FamO2OAWACConfig
     base_class = AWAC
 
     def base_update(self, batch: Batch, beta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -294,8 +337,8 @@ class BalancedNextCQL(CQL):
 
 @register("famo2o_cql")
 class FamO2OCQL(FamO2O):
+    Config = FamO2OCQLConfig
     base_class = BalancedNextCQL
-    base_defaults = {"cql_alpha": 1.0, "actor_lr": 3e-4, "max_target_backup": False}
 
     def base_update(self, batch: Batch, beta: torch.Tensor) -> dict[str, torch.Tensor]:
         self.base.q_weight = beta  # actor loss alpha log pi_u - beta * min_i Q_i

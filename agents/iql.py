@@ -26,6 +26,10 @@ from orl.nn import Critic, GaussianActor, ValueNet, cosine_to_floor, make_optimi
 
 @dataclass
 class IQLConfig:
+    """IQL (Kostrikov et al. 2022), locomotion defaults (algorithms.md 6.1).
+    For D4RL locomotion also set data.reward=iql_locomotion (r * 1000 / return range);
+    AntMaze: expectile=0.9 beta=10 data.reward=scale_shift data.reward_shift=-1."""
+
     hidden: tuple[int, ...] = (256, 256)
     actor_lr: float = 3e-4
     critic_lr: float = 3e-4
@@ -36,8 +40,8 @@ class IQLConfig:
     beta: float = 3.0  # inverse temperature of the advantage weight
     max_weight: float = 100.0
     actor_dropout: float = 0.0
-    actor_init_log_std: float = 0.0  # official IQL: log-std parameter initialized to 0 (std 1)
-    cosine_actor_lr: bool = True
+    actor_init_log_std: float = 0.0  # official IQL: log-std parameter starts at 0 (std 1); d3rlpy starts at -1.5 (std 0.22)
+    cosine_actor_lr: bool = True  # cosine decay of the actor lr to 0 over actor_lr_decay_steps, then 0
     actor_lr_decay_steps: int = 1_000_000  # horizon of the cosine decay (the official run length), then 0
 
 

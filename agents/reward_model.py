@@ -15,15 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from orl.agents.lm_common import LMAgent, LMConfig, _tokenize
+from orl.text.agent import LMAgent, LMConfig
+
+from orl.text.encoding import tokenize_rows
 from orl.agent import register
-from orl.preferences import preference_loss
+from orl.prefs.losses import preference_loss
 from orl.text.data import PairBatch, SequenceBatch, build_sequences, position_ids
 
 
 @dataclass
 class RewardModelConfig(LMConfig):
-    lr: float = 1e-4
+    """Bradley-Terry reward model on {"prompt","chosen","rejected"} pairs (algorithms.md 5.2)."""
+
+    lr: float = 1e-4  # TRL's RewardConfig default (trl 1.x)
     weight_decay: float = 0.0
     margin: float = 0.0
     center_coef: float = 0.0  # e.g. 0.01
@@ -31,7 +35,7 @@ class RewardModelConfig(LMConfig):
 
 
 def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | torch.Tensor = 0.0, center_coef: float = 0.0) -> torch.Tensor:
-    """-log sigma(r_chosen - r_rejected - margin) (+ centering): the one Bradley–Terry loss of orl.preferences, label 1."""
+    """-log sigma(r_chosen - r_rejected - margin) (+ centering): the one Bradley–Terry loss of orl.prefs.losses, label 1."""
     return preference_loss(chosen, rejected, 1.0, margin, center_coef)
 
 
@@ -43,7 +47,7 @@ class RewardModel(LMAgent):
 
     def __init__(self, obs_space, action_space, cfg: RewardModelConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device, with_reference=False)
-        from orl.envs.lm import output_width
+        from orl.text.runtime import output_width
 
         self.nets["head"] = nn.Linear(output_width(self.nets["policy"]), 1).to(self.device)
         self.make_policy_optimizer(list(self.nets["policy"].parameters()) + list(self.nets["head"].parameters()), cfg.lr, cfg.weight_decay)
@@ -63,15 +67,16 @@ class RewardModel(LMAgent):
         return self.optimize(batch, self.losses)
 
     def evaluate_run(self, run):
-        """Pairwise accuracy on (up to 256 of) the training pairs."""
+        """Pairwise accuracy on (up to 256 of) the held-out pairs (lm.holdout); on training pairs only with lm.holdout=0."""
         from orl.evaluation import EvalResult
 
-        scores = np.asarray([self(r["prompt"], r["chosen"]) > self(r["prompt"], r["rejected"]) for r in run.rows[:256]], float)
+        rows = run.eval_rows or run.rows
+        scores = np.asarray([self(r["prompt"], r["chosen"]) > self(r["prompt"], r["rejected"]) for r in rows[:256]], float)
         return EvalResult(scores, np.ones(len(scores)), extra={"pair_accuracy": float(scores.mean())})
 
     @torch.no_grad()
     def __call__(self, prompt: str, response: str) -> float:
-        ids, mask, response_mask = build_sequences(*_tokenize(self.tokenizer, [prompt], [response]), self.tokenizer.pad_token_id)
+        ids, mask, response_mask = build_sequences(*tokenize_rows(self.tokenizer, [prompt], [response]), self.tokenizer.pad_token_id)
         was_training = self.nets.training
         self.nets.eval()
         value = self.score(SequenceBatch(ids.to(self.device), mask.to(self.device), response_mask.to(self.device)))

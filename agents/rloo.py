@@ -12,17 +12,22 @@ from typing import Callable, Sequence
 
 import torch
 
-from orl.agents.lm_common import LMAgent, LMConfig
+from orl.text.agent import LMAgent, LMConfig
 from orl.agent import register
 from orl.text.data import PromptBatch, SequenceBatch, build_sequences, response_log_prob
 
 
 @dataclass
 class RLOOConfig(LMConfig):
+    """REINFORCE with a leave-one-out (or greedy) baseline in the token env with a per-token KL penalty.
+    orl-train agent=rloo dataset=prompts.jsonl (rows {"prompt"}) lm.reward=<reward>: batch_size prompts per step, samples_per_prompt each.
+    lr: TRL's RLOOConfig default, 1e-6 (AdamW), safe on a real model. The yaml's 3e-4 and the API's 1e-4 were rates
+    for the embedded tiny LM, which passes its own (scripts/lm_demo.py: 3e-4)."""
+
     samples_per_prompt: int = 4
     baseline: str = "rloo"  # rloo | greedy
     kl_beta: float = 0.05
-    lr: float = 1e-4
+    lr: float = 1e-6  # TRL's RLOOConfig default (trl 1.x)
     grad_clip: float = 1.0
     max_new_tokens: int = 24
     temperature: float = 1.0
@@ -46,7 +51,8 @@ class RLOO(LMAgent):
         self.generator = torch.Generator().manual_seed(cfg.seed + self.data_parallel.rank)
 
     def _generate(self, prompts: Sequence[str], reward_fn, greedy: bool, kl: bool):
-        from orl.envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, context_length, eos_token_ids, rollout
+        from orl.text.generation import KLPenalty, KVCachePolicy, VectorTokenEnv, rollout
+        from orl.text.runtime import context_length, eos_token_ids
 
         policy = self.nets["policy"]
         env = VectorTokenEnv(self.tokenizer, prompts, reward_fn, self.cfg.max_new_tokens, context_length(policy, self.tokenizer),
@@ -63,6 +69,7 @@ class RLOO(LMAgent):
         k = self.cfg.samples_per_prompt
         repeated = [p for p in prompts for _ in range(k)]
         (prompt_ids, generated), returns = self._generate(repeated, reward_fn, greedy=False, kl=True)
+        kl = self._last_kl  # the sampled responses' KL (k per prompt), read before the greedy rollout replaces it
         grouped = returns.view(len(prompts), k)
         if self.cfg.baseline == "rloo":
             baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
@@ -83,7 +90,6 @@ class RLOO(LMAgent):
         if "policy" in self.schedulers:
             self.schedulers["policy"].step()
         self.step += 1
-        kl = self._last_kl
         return {"loss": float(loss.detach()), "return_mean": float(returns.mean()), "advantage_std": float(advantages.std()),
                 # the task reward and the KL apart: return = task_reward - kl_beta * kl
                 "task_reward": float((returns + self.cfg.kl_beta * kl).mean()), "kl": float(kl.mean())}

@@ -29,6 +29,10 @@ from orl.nn import Critic, TanhGaussianActor, frozen, make_optimizer, scale_last
 
 @dataclass
 class SACConfig:
+    """SAC (Haarnoja et al. 2018) with a vectorized critic ensemble. Online from scratch:
+      orl-finetune agent=sac steps=0 online.steps=100000 online.buffer_mode=none online.random_steps=5000 online.learning_starts=5000
+    """
+
     actor_hidden: tuple[int, ...] = (256, 256)
     critic_hidden: tuple[int, ...] = (256, 256)
     actor_lr: float = 3e-4

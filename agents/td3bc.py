@@ -24,6 +24,8 @@ from orl.nn import Critic, DeterministicActor, frozen, make_optimizer, soft_upda
 
 @dataclass
 class TD3BCConfig:
+    """TD3+BC (Fujimoto & Gu 2021); CORL defaults. Use alpha: 2.5 (all D4RL locomotion)."""
+
     actor_hidden: tuple[int, ...] = (256, 256)
     critic_hidden: tuple[int, ...] = (256, 256)
     actor_lr: float = 3e-4
@@ -34,6 +36,7 @@ class TD3BCConfig:
     noise_clip: float = 0.5  # times max_action
     policy_freq: int = 2
     alpha: float = 2.5
+    expl_noise: float = 0.1  # online exploration: N(0, (expl_noise * max_action)^2) on the action (sfujim/TD3 main.py; TD3_BC's --expl_noise)
 
 
 def td3bc_lambda(q_pi: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -91,4 +94,10 @@ class TD3BC(Agent):
         return metrics
 
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
-        return self.nets["actor"](obs)
+        action = self.nets["actor"](obs)
+        if deterministic:
+            return action
+        # The deterministic actor explores online with Gaussian noise, clipped to the bounds, as TD3's official
+        # training loop does (sfujim/TD3 main.py: (pi(s) + N(0, max_action * expl_noise)).clip(-max_action, max_action)).
+        noise = torch.randn_like(action) * self.cfg.expl_noise * self.max_action
+        return (action + noise).clamp(-self.max_action, self.max_action)

@@ -10,16 +10,19 @@ import abc
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
-from orl.buffer import Batch
+from orl.buffer import Batch, TransitionBuffer
 from orl.errors import CheckpointError, ConfigError
 from orl.nn import set_precision
+
+if TYPE_CHECKING:
+    from orl.data import OfflineDataset
 
 AGENTS: dict[str, type["Agent"]] = {}
 
@@ -98,12 +101,27 @@ class Agent(abc.ABC):
         self.obs_mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         self.obs_std = torch.as_tensor(std, dtype=torch.float32, device=self.device)
 
+    # Data hooks: the trainer and the apps call them without knowing which agent they talk to, so an agent that
+    # needs more than transitions (Monte-Carlo returns, labelled segments) builds it here, in its own file.
+    # True: the online replay buffer keeps a `returns_to_go` field, which the agent fills in `on_episode_end`,
+    # and online batches come from finished episodes only.
+    needs_returns_to_go: bool = False
+
+    def make_offline_buffer(self, dataset: "OfflineDataset", *, raw_dataset: "OfflineDataset", batch_size: int,
+                            online_steps: int) -> Any:
+        """The sampler of the offline phase (anything with `sample(batch_size, generator)`, `__len__`, `state_dict`).
+
+        `dataset` is the prepared data (normalized observations, transformed rewards), `raw_dataset` the data as
+        loaded (what label files are checked against). Default: every transition of `dataset`."""
+        return TransitionBuffer.from_dataset(dataset, self.device)
+
     # Online-phase hooks; agents override what they need.
     def on_online_start(self, **context: Any) -> None:
         """Called once when the trainer switches from offline data to environment interaction."""
 
     def on_episode_end(self, **context: Any) -> None:
-        """Called after each finished online episode."""
+        """Called after each finished online episode with `trainer`, `episode_return`, `episode_length`, and
+        `buffer`, `start`, `end`: the rows [start, end) of the online buffer that the episode wrote."""
 
     # --- state ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -98,13 +98,10 @@ class OfflineDataset:
     def episode_returns(self) -> np.ndarray:
         return np.bincount(self.episode_ids(), weights=self.rewards.astype(np.float64))
 
-    def returns_to_go(self, discount: float, failure_reward: float | None = None) -> np.ndarray:
+    def returns_to_go(self, discount: float) -> np.ndarray:
         """Discounted Monte-Carlo return-to-go of each transition within its trajectory.
 
         A terminal or timeout ends the sum (no bootstrap beyond the data), as Cal-QL's official code does.
-        `failure_reward` (sparse tasks: the transformed reward of a failed step, e.g. -5 for AntMaze's
-        10r - 5): a trajectory made only of such rewards gets r / (1 - discount) at every step, the
-        value of failing forever, instead of its truncated sum.
         """
         ends = self.episode_ends()
         out = np.empty(len(self), dtype=np.float64)
@@ -115,10 +112,6 @@ class OfflineDataset:
                 running = 0.0
             running = rewards[t] + discount * running
             out[t] = running
-        if failure_reward is not None:
-            episode_id = self.episode_ids()
-            failed = np.bincount(episode_id, weights=(rewards != failure_reward).astype(np.float64)) == 0
-            out[failed[episode_id]] = failure_reward / (1.0 - discount)
         return out.astype(np.float32)
 
     # --- I/O ------------------------------------------------------------------------------
@@ -239,6 +232,10 @@ def _from_arrays(arrays: dict[str, np.ndarray], source: str, meta: dict[str, Any
         raise DatasetError(f"{source}: arrays have mismatched lengths {lengths}; every key needs one entry per transition")
     if n == 0:
         raise DatasetError(f"{source}: the dataset is empty")
+    # Flags are checked on every row of the file, before the qlearning_dataset step below drops rows: a 2 on a
+    # dropped row (the file's last, a timeout's last) would pass validate() unseen, and a timeout of 2 decides a drop.
+    for name, flags in (("terminals", terminals), ("timeouts", timeouts)):
+        _check_flags(name, flags, source)
 
     if "next_observations" in arrays:
         next_obs = _numeric(arrays, "next_observations", source)
@@ -413,9 +410,15 @@ def validate(dataset: OfflineDataset) -> None:
         raise DatasetError(f"{dataset.source}: rewards reach {largest:.3g}; a discounted return of that (r / (1 - gamma)) overflows "
                            "float32 in the TD targets. Rescale them (data.reward=scale_shift data.reward_scale=...)")
     for name in ("terminals", "timeouts"):
-        values = np.unique(getattr(dataset, name))
-        if not np.isin(values, (0.0, 1.0)).all():
-            raise DatasetError(f"{dataset.source}: {name} must be 0/1 flags, found values {values[:5].tolist()}")
+        _check_flags(name, getattr(dataset, name), dataset.source)
+
+
+def _check_flags(name: str, values: np.ndarray, source: str) -> None:
+    """terminals and timeouts are 0/1 flags: any other value (2, 0.5, -1) is refused, never read as a flag."""
+    bad = ~np.isin(values, (0.0, 1.0))
+    if bad.any():
+        raise DatasetError(f"{source}: {name} must be 0/1 flags, found values {np.unique(values)[:5].tolist()} (first other than 0/1 "
+                           f"at transition(s) {np.flatnonzero(bad)[:5].tolist()}); save {name} as 0/1, 1 where a trajectory ends")
 
 
 def check_env_compatible(dataset: OfflineDataset, env: Any, action_tolerance: float = 1e-3) -> None:
@@ -451,8 +454,6 @@ class DataConfig:
     obs_std_eps: float = 1e-3
     reward: str = "raw"  # raw | scale_shift | iql_locomotion | learned:<orl-prefs reward model dir or file>
     learned_reward_norm: str = "none"  # learned rewards: none | minmax | standard
-    preferences: str | None = None  # label file of segment pairs or scored segments, for agents that learn from preferences (CPL)
-    score_mode: str = "rank"  # scored segments: rank (each compared with a random one) | score (every pair of the batch)
     reward_scale: float = 1.0
     reward_shift: float = 0.0
     clip_actions: float | None = None  # e.g. 0.99999 for tanh log-probs of dataset actions

@@ -11,7 +11,6 @@ state is its RNG, so a resumed run repeats an uninterrupted one exactly on CPU.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from orl.agent import Agent
 from orl.buffer import Batch, TransitionBuffer
 from orl.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from orl.data import RewardTransform
+from orl.distributed import is_main_process
 from orl.errors import ConfigError, DivergenceError
 from orl.evaluation import EvalResult, evaluate
 from orl.logger import Logger, to_float
@@ -111,7 +111,7 @@ class Trainer:
         self.start_callbacks: list[Callable[["Trainer"], None]] = []
         # Under a distributed launcher (accelerate launch, torchrun) every process trains; process 0 alone
         # evaluates and writes metrics, checkpoints and the run's files.
-        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.is_main = is_main_process()
 
     @property
     def total_steps(self) -> int:
@@ -285,7 +285,7 @@ class Trainer:
     def _online_batch(self) -> Batch:
         cfg = self.cfg
         batch_size = cfg.online_batch_size or cfg.batch_size
-        # Agents that need Monte-Carlo returns (Cal-QL) only see transitions of finished episodes.
+        # Agents that keep Monte-Carlo returns only see transitions of finished episodes (their returns are known).
         limit = self._completed if self.needs_returns else None
         if cfg.buffer_mode != "mix":
             return self.online.sample(batch_size, self.generator, limit)
@@ -295,9 +295,6 @@ class Trainer:
 
     def _end_episode(self) -> None:
         self.episode_returns.append(self._episode_return)
-        if self.needs_returns:
-            self._write_episode_returns_to_go()
-        self._completed = self.online.size
         row = {"episode_return": self._episode_return, "episode_length": self._episode_length}
         if self.ref_scores is not None:
             low, high = self.ref_scores
@@ -306,23 +303,11 @@ class Trainer:
             normalized = 100.0 * (np.asarray(self.episode_returns) - low) / (high - low)
             row["cumulative_regret"] = float(np.mean(1.0 - normalized / 100.0))
         self.logger.log(self.step, row, "online/")
-        self.agent.on_episode_end(trainer=self, episode_return=self._episode_return, episode_length=self._episode_length)
+        # Before the episode's rows become sampleable: an agent with needs_returns_to_go writes their returns here.
+        self.agent.on_episode_end(trainer=self, episode_return=self._episode_return, episode_length=self._episode_length,
+                                  buffer=self.online, start=self._episode_start, end=self.online.size)
+        self._episode_start = self._completed = self.online.size
         self._episode_return, self._episode_length = 0.0, 0
-
-    def _write_episode_returns_to_go(self) -> None:
-        """Discounted Monte-Carlo returns for the episode that just ended (Cal-QL's online V_mu)."""
-        start, end = self._episode_start, self.online.size
-        storage = self.online.storage
-        rewards = storage["rewards"][start:end]
-        discount = float(getattr(self.agent.cfg, "discount", 0.99))
-        powers = discount ** torch.arange(end - start, device=self.device, dtype=torch.float64)
-        # G_t = sum_k gamma^k r_{t+k}: a reversed cumulative sum of gamma^t r_t, divided by gamma^t.
-        discounted = torch.flip(torch.cumsum(torch.flip(powers * rewards.double(), [0]), 0), [0]) / powers
-        failure_reward = getattr(self.agent.cfg, "failure_reward", None)
-        if failure_reward is not None and bool((rewards == failure_reward).all()):
-            discounted = torch.full_like(discounted, failure_reward / (1.0 - discount))  # as the offline data (Dataset.returns_to_go)
-        storage["returns_to_go"][start:end] = discounted.float()
-        self._episode_start = end
 
     def _reset_env(self) -> np.ndarray:
         obs, _ = self.env.reset()
@@ -390,14 +375,15 @@ class Trainer:
     def _setup_online_buffer_only(self) -> None:
         capacity = self.cfg.online_capacity + (len(self.offline) if self.cfg.buffer_mode == "seed" else 0)
         if self.needs_returns and self.cfg.online_capacity < self.cfg.online_steps:
-            raise ValueError("agents that need Monte-Carlo returns (Cal-QL) need online_capacity >= online_steps (no buffer wrap-around)")
+            raise ConfigError(f"agent {self.agent.name} keeps Monte-Carlo returns of online episodes: online.online_capacity "
+                              f"({self.cfg.online_capacity}) must be >= online.steps ({self.cfg.online_steps}) (no buffer wrap-around)")
         self.online = TransitionBuffer(capacity, self.agent.obs_dim, self.agent.action_dim, self.device, with_returns=self.needs_returns)
         self._episode_start = self.online.size
         self._completed = self.online.size
 
     @property
     def needs_returns(self) -> bool:
-        return bool(getattr(self.agent, "needs_returns_to_go", False))
+        return self.agent.needs_returns_to_go
 
 
 __all__ = ["DivergenceError", "Trainer", "TrainerConfig", "to_float"]

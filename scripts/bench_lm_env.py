@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from orl.envs.lm import KVCachePolicy, ReencodePolicy, VectorTokenEnv, load_lm, rollout
+from orl.text.generation import KVCachePolicy, ReencodePolicy, VectorTokenEnv, rollout
+
+from orl.text.runtime import load_lm
 from orl.envs.tiny_lm import build_tiny_lm, make_prompts
 
 

@@ -43,7 +43,15 @@ def _wsrl_recipes() -> dict[str, tuple[str, dict, int, bool]]:
     return {"wsrl_pretrain": (name, options, BATCH, False), "wsrl_online": (name, options, int(recipe.online.online_batch_size), True)}
 
 
-RECIPES = _wsrl_recipes()
+# Only the recipes' names at import: the d3rlpy worker runs this file with d3rlpy's own python, which has neither
+# orl nor omegaconf, so the recipes themselves are loaded (with omegaconf) where orl is timed.
+RECIPE_NAMES = ("wsrl_pretrain", "wsrl_online")
+
+
+def __getattr__(name: str):  # bench_updates.RECIPES from outside: loaded on first access, not at import
+    if name == "RECIPES":
+        return _wsrl_recipes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 D3RLPY_AGENTS = {"td3bc": "TD3PlusBCConfig", "iql": "IQLConfig", "bc": "BCConfig", "sac": "SACConfig", "cql": "CQLConfig", "awac": "AWACConfig"}
 
 
@@ -82,15 +90,16 @@ def bench_orl(names: list[str], device: str, n_updates: int, repeats: int, preci
     action_space = gym.spaces.Box(-1, 1, (ACTION_DIM,), np.float32)
     generator = torch.Generator(device=device).manual_seed(0)
     results = {}
+    recipes = _wsrl_recipes()
     for name in names:
-        agent_name, options, batch_size, online = RECIPES.get(name, (name, {}, BATCH, False))
+        agent_name, options, batch_size, online = recipes.get(name, (name, {}, BATCH, False))
         if agent_name not in AGENTS:
             continue
         torch.manual_seed(0)
         agent = orl.make_agent(agent_name, obs_space, action_space, options, device=device, precision=precision)
         if online:
             agent.on_online_start()
-        warmup = 5 if name in RECIPES else 20  # the recipes are 10-50x slower per update
+        warmup = 5 if name in recipes else 20  # the recipes are 10-50x slower per update
         results[name] = time_updates(lambda: agent.update(buffer.sample(batch_size, generator)), n_updates, repeats, warmup)
         print(f"orl    {name:12s} {precision} {results[name]:8.1f} updates/s", file=sys.stderr)
     return results
@@ -150,7 +159,7 @@ def main() -> None:
     parser.add_argument("--only-d3rlpy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     parser.add_argument("--bf16", action="store_true", help="also time orl with precision=bf16 and report the bf16 / fp32 ratio "
-                        "(agents may include the recipes " + ", ".join(RECIPES) + ")")
+                        "(agents may include the recipes " + ", ".join(RECIPE_NAMES) + ")")
     args = parser.parse_args()
 
     import torch

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 import orl
-from orl.agents.lm_common import pair_buffer, text_buffer
-from orl.envs.lm import KVCachePolicy, VectorTokenEnv, context_length, evaluate_lm, load_lm, rollout
+from orl.text.encoding import pair_buffer, text_buffer
+from orl.text.generation import KVCachePolicy, VectorTokenEnv, evaluate_lm, rollout
+from orl.text.runtime import context_length, load_lm
 from orl.envs.text_rewards import increasing_numbers
 from orl.envs.tiny_lm import build_tiny_lm, make_prompts
 from orl.provenance import file_checksum, software

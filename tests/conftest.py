@@ -70,7 +70,7 @@ def pendulum_collection(tmp_path_factory):
 def tiny_lm(tmp_path_factory):
     """The embedded tiny GPT-2 and tokenizer, trained once per test session (a few seconds)."""
     pytest.importorskip("transformers", reason="the LM extra is not installed (pip install -e .[lm])")
-    from orl.envs.lm import load_lm
+    from orl.text.runtime import load_lm
     from orl.envs.tiny_lm import build_tiny_lm
 
     path = build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), steps=300, n_lines=5000)

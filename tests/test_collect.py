@@ -1,6 +1,5 @@
 """The collection pipeline (issue 3): SAC behaviour policies -> five D4RL-style Minari levels."""
 import json
-import os
 
 import minari
 import numpy as np

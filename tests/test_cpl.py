@@ -9,7 +9,8 @@ import torch
 
 import orl
 from orl.agents.cpl import cpl_loss
-from orl.preferences import PreferencePairs, SegmentPairBatch, SegmentPairBuffer, scripted_preferences
+from orl.prefs.labels import PreferencePairs, scripted_preferences
+from orl.prefs.buffers import SegmentPairBatch, SegmentPairBuffer
 from tests.test_preferences import pendulum_like
 
 SPACE_OBS = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
@@ -27,7 +28,7 @@ def test_cpl_loss_is_its_closed_form():
     tie = 0.5 * softplus(-(2.0 - 0.5)) + 0.5 * softplus(-(1.0 - 1.0))
     assert cpl_loss(s1, s2, torch.tensor([0.5]), 0.5).item() == pytest.approx(tie)
     # lambda = 1: the Bradley-Terry loss on the scores
-    from orl.preferences import preference_loss
+    from orl.prefs.losses import preference_loss
 
     assert cpl_loss(s1, s2, torch.tensor([0.7]), 1.0).item() == pytest.approx(preference_loss(s1, s2, 0.7).item())
 
@@ -166,7 +167,7 @@ def test_cpl_through_orl_train_from_a_label_file(tmp_path, agent):
 
     dataset = make_dataset(data)
     scripted_preferences(dataset, queries=100, length=20, seed=0).save(tmp_path / "prefs.npz")
-    overrides = [f"agent={agent}", f"dataset={data}", "env=Pendulum-v1", "ref_min_score=-1500", "ref_max_score=0", f"data.preferences={tmp_path / 'prefs.npz'}",
+    overrides = [f"agent={agent}", f"dataset={data}", "env=Pendulum-v1", "ref_min_score=-1500", "ref_max_score=0", f"agent.preferences={tmp_path / 'prefs.npz'}",
                  "steps=60", "agent.bc_steps=20", "agent.lr_warmup_steps=0", "agent.hidden=[64,64]", "batch_size=16", "eval.every=60", "eval.episodes=1", "log.every=20", "log.progress=false", "log.tensorboard=false",
                  "device=cpu", f"run_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -219,7 +220,8 @@ def test_rank_loss_gradient_scales_only_the_worse_score_by_lambda():
 
 def test_scored_segments_file_and_buffer(tmp_path):
     from orl.errors import DataError
-    from orl.preferences import SegmentScoreBuffer, SegmentScores, load_segment_labels, scripted_scores
+    from orl.prefs.buffers import SegmentScoreBuffer
+    from orl.prefs.labels import SegmentScores, load_segment_labels, scripted_scores
 
     data = pendulum_like(500)
     scored = scripted_scores(data, segments=40, length=6, seed=1)
@@ -255,7 +257,7 @@ def test_cpl_learns_from_scored_segments_through_orl_prefs_and_orl_train(tmp_pat
     from orl.apps.cli import CONFIG_DIR, run_train
     from orl.data import make_dataset
     from orl.logger import read_metrics
-    from orl.preferences import prefs_main
+    from orl.apps.prefs import prefs_main
     from tests.conftest import random_pendulum_arrays
 
     data = tmp_path / "pendulum.npz"
@@ -264,7 +266,7 @@ def test_cpl_learns_from_scored_segments_through_orl_prefs_and_orl_train(tmp_pat
     with pytest.raises(SystemExit):  # pair-teacher noise has no meaning for scores: one message
         prefs_main(["label", str(data), "--scores", "--mistake", "0.1", "--out", str(tmp_path / "x.npz")])
     assert "--mistake label pairs" in capsys.readouterr().err
-    overrides = ["agent=cpl", f"dataset={data}", f"data.preferences={tmp_path / 'scores.npz'}", f"data.score_mode={score_mode}", "steps=80", "agent.bc_steps=20",
+    overrides = ["agent=cpl", f"dataset={data}", f"agent.preferences={tmp_path / 'scores.npz'}", f"agent.score_mode={score_mode}", "steps=80", "agent.bc_steps=20",
                  "agent.lr_warmup_steps=0", "agent.hidden=[64,64]", "agent.lr=1e-3", "batch_size=32", "eval.every=80", "eval.episodes=1",
                  "log.every=20", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -3,6 +3,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from orl import make_agent
 from orl.data import DataConfig, DatasetError, OfflineDataset, check_env_compatible, make_dataset, prepare
 from tests.conftest import random_pendulum_arrays
 
@@ -133,8 +134,11 @@ def test_returns_to_go_of_failed_sparse_trajectories():
     rewards = np.array([-5, -5, -5, 5, -5], np.float32)  # a failed trajectory, then one that reaches the goal
     ds = OfflineDataset(obs, np.zeros((5, 1), np.float32), rewards, obs + 1,
                         np.array([0, 0, 0, 0, 1], np.float32), np.array([0, 0, 1, 0, 0], np.float32))
-    np.testing.assert_allclose(ds.returns_to_go(0.5, failure_reward=-5.0), [-10.0, -10.0, -10.0, 2.5, -5.0])
     np.testing.assert_allclose(ds.returns_to_go(0.5), [-8.75, -7.5, -5.0, 2.5, -5.0])
+    space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    agent = make_agent("calql", space, space, {"discount": 0.5, "failure_reward": -5.0})
+    buffer = agent.make_offline_buffer(ds, raw_dataset=ds, batch_size=2, online_steps=0)  # Cal-QL's own hook
+    np.testing.assert_allclose(buffer.storage["returns_to_go"][:5].numpy(), [-10.0, -10.0, -10.0, 2.5, -5.0])
 
 
 def test_transforms():

@@ -9,7 +9,7 @@ import torch
 import orl
 from orl.agents.alol import clipped_ratio
 from orl.agents.dpo import dpo_loss
-from orl.agents.lm_common import pair_buffer, text_buffer
+from orl.text.encoding import pair_buffer, text_buffer
 from orl.agents.reward_model import bt_loss
 from orl.envs.text_rewards import increasing_numbers
 
@@ -46,7 +46,7 @@ def test_alol_ratio_is_detached_and_one_when_policy_equals_reference(tiny_lm):
 
 
 def test_alol_value_head_priority_sampling_and_training(tiny_lm):
-    agent = orl.make_agent("alol", SPACE, SPACE, {"model_path": tiny_lm["path"], "value_epochs": 3})
+    agent = orl.make_agent("alol", SPACE, SPACE, {"model_path": tiny_lm["path"], "value_epochs": 3, "lr": 1e-4})
     prompts, responses, rewards = _rows(32)
     buffer = text_buffer(agent.tokenizer, prompts, responses, rewards, device="cpu")
     prompt_buffer = text_buffer(agent.tokenizer, prompts, [""] * len(prompts), None, device="cpu")
@@ -66,7 +66,7 @@ def test_alol_value_head_priority_sampling_and_training(tiny_lm):
 
 
 def test_dpo_loss_is_log2_when_policy_equals_reference(tiny_lm):
-    agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": tiny_lm["path"], "beta": 0.5})
+    agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": tiny_lm["path"], "beta": 0.5, "lr": 1e-4})
     prompts, chosen, _ = _rows(8, seed=1)
     _, rejected, _ = _rows(8, seed=2)
     buffer = pair_buffer(agent.tokenizer, prompts, chosen, rejected, device="cpu")
@@ -111,7 +111,7 @@ def test_reward_model_learns_synthetic_preferences(tiny_lm):
 
 
 def test_rloo_raises_reward_online(tiny_lm):
-    from orl.envs.lm import evaluate_lm
+    from orl.text.generation import evaluate_lm
     from orl.envs.tiny_lm import make_prompts
 
     torch.manual_seed(0)
@@ -166,7 +166,8 @@ def test_orl_train_runs_text_agents_from_jsonl(agent_name, tiny_lm, tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = [f"agent={agent_name}", f"dataset={path}", f"lm.model={tiny_lm['path']}", "lm.num_eval_prompts=16", "lm.num_value_prompts=16",
-                 "steps=6", "eval.every=6", "log.every=3", "batch_size=4", "log.progress=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
+                 "steps=6", "eval.every=6", "log.every=3", "batch_size=4", "log.progress=false", "device=cpu", f"run_dir={tmp_path / 'run'}",
+                 *(["agent.lr=3e-4"] if agent_name != "reward_model" else [])]  # the tiny LM's rate (the yaml's before issue #22)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     summary = run_train(cfg)

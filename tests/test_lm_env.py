@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from orl.envs.lm import KLPenalty, KVCachePolicy, ReencodePolicy, SequenceBandit, TokenEnv, VectorTokenEnv, rollout
+from orl.text.generation import KLPenalty, KVCachePolicy, ReencodePolicy, VectorTokenEnv, rollout
+
+from orl.envs.lm import SequenceBandit, TokenEnv
 from orl.envs.text_rewards import increasing_numbers, length_window
 from orl.envs.tiny_lm import make_prompts
 
@@ -108,7 +110,7 @@ def test_text_rewards():
 
 
 def test_best_of_n_beats_single_samples(tiny_lm):
-    from orl.envs.lm import best_of_n, evaluate_lm
+    from orl.text.generation import best_of_n, evaluate_lm
 
     prompts = make_prompts(32, seed=4)
     texts, best = best_of_n(tiny_lm["model"], tiny_lm["tokenizer"], prompts, increasing_numbers, n=4, seed=0)

@@ -9,8 +9,10 @@ import torch
 pytest.importorskip("transformers", reason="the LM extra is not installed (pip install -e .[lm])")
 
 import orl  # noqa: E402
-from orl.agents.lm_common import _tokenize, pair_buffer, text_buffer  # noqa: E402
-from orl.envs.lm import KLPenalty, KVCachePolicy, VectorTokenEnv, encode_prompt, eos_token_ids, load_lm, rollout  # noqa: E402
+from orl.text.encoding import tokenize_rows, pair_buffer, text_buffer  # noqa: E402
+from orl.text.generation import KLPenalty, KVCachePolicy, VectorTokenEnv, rollout  # noqa: E402
+from orl.text.encoding import encode_prompt
+from orl.text.runtime import eos_token_ids, load_lm
 from tests.lm_archs import ARCHS, build_tiny_causal_lm  # noqa: E402
 
 SPACE = gym.spaces.Discrete(2)
@@ -32,7 +34,7 @@ def models(tmp_path_factory):
 def test_bos_once_and_training_matches_env(models):
     _, tokenizer = load_lm(models["llama"])
     bos = tokenizer.bos_token_id
-    prompt_ids, response_ids = _tokenize(tokenizer, PROMPTS, CHOSEN)
+    prompt_ids, response_ids = tokenize_rows(tokenizer, PROMPTS, CHOSEN)
     for ids in prompt_ids:
         assert ids[0] == bos and ids.count(bos) == 1  # not [BOS, BOS, ...]
     for ids in response_ids:
@@ -149,7 +151,9 @@ def test_every_lm_agent_through_orl_train_on_every_architecture(models, arch, tm
 
     path = models[arch]
     data = matrix_data(tmp_path)
-    agent_options = {"alol": ["agent.value_epochs=1"], "rloo": ["agent.max_new_tokens=3", "agent.samples_per_prompt=2"]}
+    # alol, dpo, rloo: the rate their yaml had before the defaults became real-model rates (issue #22)
+    agent_options = {"alol": ["agent.value_epochs=1", "agent.lr=3e-4"], "dpo": ["agent.lr=3e-4"],
+                     "rloo": ["agent.max_new_tokens=3", "agent.samples_per_prompt=2", "agent.lr=3e-4"]}
     for agent in MATRIX_AGENTS:
         run_dir = tmp_path / agent
         overrides = [f"agent={agent}", f"dataset={data[agent]}", f"lm.model={path}", "lm.max_new_tokens=3", "lm.num_eval_prompts=2",
@@ -173,7 +177,7 @@ def test_every_lm_agent_through_orl_train_on_every_architecture(models, arch, tm
 def test_kv_cache_path_uses_the_current_api(models, arch):
     import warnings
 
-    from orl.envs.lm import ReencodePolicy
+    from orl.text.generation import ReencodePolicy
 
     model, tokenizer = load_lm(models[arch])
     env = VectorTokenEnv(tokenizer, PROMPTS, max_new_tokens=5, eos_ids=eos_token_ids(tokenizer, model))
@@ -185,7 +189,7 @@ def test_kv_cache_path_uses_the_current_api(models, arch):
 
 # --- 6. rows longer than the context are truncated, with a warning that counts them ----------------
 def test_long_rows_are_truncated_with_a_warning(models):
-    from orl.agents.lm_common import truncate
+    from orl.text.encoding import truncate
 
     prompts, responses, cut = truncate([[1, 5, 6, 7, 8, 9], [1, 5]], [[10, 11, 2], [10, 11, 12, 13, 2]], max_length=5, max_prompt_length=3, bos_id=1)
     assert prompts == [[1, 8, 9], [1, 5]] and responses == [[10, 11], [10, 11, 12]] and cut == (1, 2)
@@ -209,8 +213,9 @@ def test_orl_train_dpo_on_a_long_prompt_with_a_rotary_model(models, tmp_path):
                                                                                for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = ["agent=dpo", f"dataset={path}", f"lm.model={models['llama']}", "lm.num_eval_prompts=4", "lm.max_new_tokens=4", "steps=2",
-                 "eval.every=2", "batch_size=2", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    overrides = ["agent=dpo", "agent.lr=3e-4", f"dataset={path}", f"lm.model={models['llama']}", "lm.num_eval_prompts=4", "lm.max_new_tokens=4", "steps=2",
+                 "eval.every=2", "batch_size=2", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}",
+                 "lm.holdout=0"]  # every row trained on (and the long prompt among them), none held out for evaluation
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with pytest.warns(UserWarning, match="truncated 1 of 4 prompts to max_prompt_length=60 .* and 0 responses to max_length=64"):
@@ -271,7 +276,7 @@ def test_alol_value_fit_on_an_orl_reward_model_run(models, tmp_path):
                                 for i, (p, c) in enumerate(zip(PROMPTS, CHOSEN))))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=common + ["agent=alol", f"dataset={rewarded}", f"lm.reward={tmp_path / 'rm'}",
-                                                               "agent.value_epochs=1", f"run_dir={tmp_path / 'alol'}"])
+                                                               "agent.value_epochs=1", "agent.lr=3e-4", f"run_dir={tmp_path / 'alol'}"])
     summary = run_train(cfg)
     assert math.isfinite(summary["return_mean"])  # evaluated with the reward model's scores, on the dataset's prompts
 
@@ -289,7 +294,7 @@ def test_rloo_through_orl_train_resumes_exactly(models, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 3))
 
     def run(run_dir, steps, resume=False):
-        overrides = ["agent=rloo", f"dataset={prompts}", f"lm.model={models['llama']}", "lm.reward=increasing_numbers", "lm.num_eval_prompts=3",
+        overrides = ["agent=rloo", "agent.lr=3e-4", f"dataset={prompts}", f"lm.model={models['llama']}", "lm.reward=increasing_numbers", "lm.num_eval_prompts=3",
                      "lm.max_new_tokens=4", "agent.max_new_tokens=4", "agent.samples_per_prompt=2", "batch_size=2", f"steps={steps}",
                      "eval.every=4", "log.every=1", "checkpoint.every=2", "log.progress=false", "log.tensorboard=false", "device=cpu",
                      f"run_dir={run_dir}", f"resume={str(resume).lower()}"]
@@ -351,7 +356,7 @@ def test_lora_dpo_reference_is_the_base_model(models, tmp_path):
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from orl.agents.lm_common import save_hf
+    from orl.text.runtime import save_hf
 
     agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": models["llama"], "lora_r": 4, "lr": 1e-2})
     policy, reference = agent.nets["policy"], agent.nets["reference"]
@@ -385,7 +390,7 @@ def test_chat_rows_render_with_the_template_and_train(models, tmp_path):
 
     from hydra import compose, initialize_config_dir
 
-    from orl.agents.lm_common import render_chat
+    from orl.text.encoding import render_chat
     from orl.apps.cli import CONFIG_DIR, run_train
 
     model, tokenizer = load_lm(models["llama"])
@@ -397,11 +402,11 @@ def test_chat_rows_render_with_the_template_and_train(models, tmp_path):
              "rejected": [{"role": "assistant", "content": r}]} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
     rendered = render_chat(rows, tokenizer, ["prompt", "chosen", "rejected"])
     assert rendered[0]["prompt"] == "<s>user count: 3 4 assistant " and rendered[0]["chosen"] == "5 6 "
-    prompt_ids, _ = _tokenize(tokenizer, [r["prompt"] for r in rendered], [r["chosen"] for r in rendered])
+    prompt_ids, _ = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["chosen"] for r in rendered])
     assert all(ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id for ids in prompt_ids)
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = ["agent=dpo", f"dataset={path}", f"lm.model={chat_dir}", "lm.num_eval_prompts=3", "lm.max_new_tokens=3", "steps=2",
+    overrides = ["agent=dpo", "agent.lr=3e-4", f"dataset={path}", f"lm.model={chat_dir}", "lm.num_eval_prompts=3", "lm.max_new_tokens=3", "steps=2",
                  "eval.every=2", "batch_size=2", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         summary = run_train(compose(config_name="train", overrides=overrides))
@@ -453,7 +458,7 @@ def test_lr_warmup_then_cosine(models):
 
 
 def test_top_k_and_top_p_filtering():
-    from orl.envs.lm import filter_logits
+    from orl.text.generation import filter_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]

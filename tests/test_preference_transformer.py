@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from orl.preference_transformer import PreferenceTransformer, PreferenceTransformerConfig, train_preference_transformer
-from orl.preferences import load_reward_model, relabel, save_reward_model, scripted_preferences
+from orl.prefs.transformer import PreferenceTransformer, PreferenceTransformerConfig, train_preference_transformer
+from orl.prefs.store import load_reward_model, relabel, save_reward_model
+from orl.prefs.labels import scripted_preferences
 from tests.test_preferences import pendulum_like
 
 SMALL = dict(embed_dim=32, layers=2, heads=1, dropout=0.0, preference_attention_dim=16)
@@ -61,7 +62,7 @@ def test_learns_a_known_reward_and_round_trips_through_the_reward_model_file(tmp
 def test_orl_prefs_reward_model_transformer(tmp_path, capsys):
     import json
 
-    from orl.preferences import prefs_main
+    from orl.apps.prefs import prefs_main
 
     data = pendulum_like(600)
     path = tmp_path / "known.npz"

@@ -8,7 +8,9 @@ import torch
 
 from orl.data import OfflineDataset
 from orl.errors import DataError
-from orl.preferences import PreferencePairs, Teacher, dataset_checksum, preference_loss, scripted_preferences, segment_starts
+from orl.prefs.labels import PreferencePairs, Teacher, scripted_preferences, segment_starts
+from orl.provenance import dataset_checksum
+from orl.prefs.losses import preference_loss
 
 
 def hand_made(lengths=(5, 3, 7), rewards=None) -> OfflineDataset:
@@ -87,7 +89,7 @@ def test_label_file_roundtrip_and_checks(tmp_path):
     with pytest.raises(DataError, match="holds other data"):
         PreferencePairs.load(tmp_path / "labels.npz", other)
     # indices beyond the data, and a segment across a boundary: clear errors
-    from orl.preferences import check_segments
+    from orl.prefs.labels import check_segments
 
     with pytest.raises(DataError, match="reach index 104, but hand-made has 100 transitions"):
         check_segments(np.array([[0, 95]]), 10, data, "labels.npz")
@@ -117,7 +119,8 @@ def pendulum_like(n=3000, seed=0) -> OfflineDataset:
 
 
 def test_reward_model_ranks_held_out_pairs_and_recovers_the_reward(tmp_path):
-    from orl.preferences import RewardModelConfig, load_reward_model, relabel, save_reward_model, train_reward_model
+    from orl.prefs.reward_model import RewardModelConfig, train_reward_model
+    from orl.prefs.store import load_reward_model, relabel, save_reward_model
 
     data = pendulum_like()
     pairs = scripted_preferences(data, queries=400, length=10, seed=0)
@@ -136,7 +139,7 @@ def test_reward_model_ranks_held_out_pairs_and_recovers_the_reward(tmp_path):
 
 
 def test_ties_pull_segment_returns_together():
-    from orl.preferences import RewardModelConfig, train_reward_model
+    from orl.prefs.reward_model import RewardModelConfig, train_reward_model
 
     data = pendulum_like(1000)
     pairs = scripted_preferences(data, queries=200, length=5, teacher=Teacher(tie_threshold=1e9), seed=0)  # every query a tie
@@ -169,7 +172,7 @@ def test_from_a_dataset_to_labels_to_a_reward_model_to_a_relabelled_run_that_res
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def prefs(*args):
-        out = subprocess.run([sys.executable, "-c", "import orl.preferences as p; p.prefs_main()", *args], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", "import orl.apps.prefs as p; p.prefs_main()", *args], capture_output=True, text=True,
                              env=env, timeout=300)
         return out
 
@@ -207,7 +210,7 @@ def test_from_a_dataset_to_labels_to_a_reward_model_to_a_relabelled_run_that_res
 def test_uni_rlhf_label_files_are_read_without_running_code(tmp_path):
     import pickle
 
-    from orl.preferences import load_uni_rlhf_labels
+    from orl.prefs.importers import load_uni_rlhf_labels
 
     data = hand_made((40, 25, 35))
     folder = tmp_path / "hopper-medium-replay-v2_human_labels"
@@ -239,7 +242,9 @@ def test_preference_transformer_label_files_and_the_last_n_queries(tmp_path, cap
     import pickle
 
     from orl.data import make_dataset
-    from orl.preferences import PreferencePairs, load_preference_transformer_labels, prefs_main
+    from orl.prefs.labels import PreferencePairs
+    from orl.prefs.importers import load_preference_transformer_labels
+    from orl.apps.prefs import prefs_main
 
     data = hand_made((40, 25, 35))
     folder = tmp_path / "hopper-medium-replay-v2"

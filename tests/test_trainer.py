@@ -1,7 +1,5 @@
-import json
 
 import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 

@@ -13,7 +13,7 @@ datasets = pytest.importorskip("datasets")
 
 import orl  # noqa: E402
 from orl.agents.dpo import DPO  # noqa: E402
-from orl.agents.lm_common import _tokenize, pair_buffer  # noqa: E402
+from orl.text.encoding import tokenize_rows, pair_buffer  # noqa: E402
 from orl.text.data import PairBatch  # noqa: E402
 from tests.lm_archs import build_tiny_causal_lm  # noqa: E402
 
@@ -40,8 +40,8 @@ def test_dpo_loss_and_rewards_equal_trl(tmp_path, arch):
         trainer = trl.DPOTrainer(model=agent.nets["policy"], ref_model=agent.nets["reference"], args=args,
                                  train_dataset=datasets.Dataset.from_list(ROWS), processing_class=tokenizer)
     # The same token ids: BOS once on the prompt (Llama), none on the completion, EOS at its end.
-    prompt_ids, chosen_ids = _tokenize(tokenizer, [r["prompt"] for r in ROWS], [r["chosen"] for r in ROWS])
-    _, rejected_ids = _tokenize(tokenizer, [r["prompt"] for r in ROWS], [r["rejected"] for r in ROWS])
+    prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in ROWS], [r["chosen"] for r in ROWS])
+    _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in ROWS], [r["rejected"] for r in ROWS])
     by_prompt = {row["prompt"]: row for row in trainer.train_dataset}
     for row, p, c, r in zip(ROWS, prompt_ids, chosen_ids, rejected_ids):
         trl_row = by_prompt[row["prompt"]]

@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from orl.agent import agent_class, make_agent
-from orl.buffer import TransitionBuffer
 from orl.checkpoint import load_checkpoint, seed_everything
+from orl.distributed import local_rank
 from orl.data import DataConfig, DatasetError, RewardTransform, check_env_compatible, make_dataset, prepare, reward_transform
 from orl.errors import CheckpointError, ConfigError, DataError, DataFileNotFound, OrlError, RunDirError
 from orl.provenance import dataset_checksum, file_checksum, write_provenance
@@ -62,8 +62,8 @@ def setup_torch(device: str, threads: int | None) -> torch.device:
     busy, and these networks are too small to gain from intra-op parallelism anyway.
     """
     resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    if resolved.type == "cuda" and resolved.index is None and "LOCAL_RANK" in os.environ:  # accelerate launch / torchrun
-        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if resolved.type == "cuda" and resolved.index is None and local_rank() is not None:  # accelerate launch / torchrun
+        resolved = torch.device("cuda", local_rank())
     if threads is not None:
         torch.set_num_threads(int(threads))
     elif resolved.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -177,7 +177,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     if dataset.env_id is None:
         raise DatasetError(f"dataset {cfg.dataset} does not say which environment it comes from; pass env=<gymnasium id>")
     env_id = dataset.env_id
-    probe_env = make_env(env_id)
+    try:
+        probe_env = make_env(env_id)
+    except ValueError as exc:  # gymnasium does not know the id: one message naming the data and the fix, no traceback
+        where = f"env={cfg.env}" if cfg.env else f"the env_id of dataset {cfg.dataset}"
+        raise DatasetError(f"{where} is {env_id!r}, an environment gymnasium cannot create ({str(exc).split(': ', 1)[-1]}); "
+                           "pass env=<gymnasium id> (e.g. env=Hopper-v5), with the package that registers it installed") from exc
     check_env_compatible(dataset, probe_env)
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
     agent_name = agent_cfg.pop("name")
@@ -210,15 +215,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     agent = make_agent(agent_name, probe_env.observation_space, probe_env.action_space, agent_cfg, device, cfg.precision)
     probe_env.close()
     agent.set_obs_normalizer(prepared.obs_mean, prepared.obs_std)
-    discount = getattr(agent.cfg, "discount", 0.99)
-    returns_to_go = None
-    if getattr(agent, "needs_returns_to_go", False):
-        returns_to_go = prepared.dataset.returns_to_go(discount, getattr(agent.cfg, "failure_reward", None))
-    if agent.data_kind == "segments":  # CPL: labelled segment pairs of this dataset instead of transitions
-        buffer = segment_buffer(cfg, dataset, prepared.dataset, device)
-    else:
-        buffer = TransitionBuffer.from_dataset(prepared.dataset, device, returns_to_go)
-
+    buffer = agent.make_offline_buffer(prepared.dataset, raw_dataset=dataset, batch_size=int(cfg.batch_size),
+                                       online_steps=int(cfg.online.steps))
     run_dir.mkdir(parents=True, exist_ok=True)
     ref = (dataset.ref_min_score, dataset.ref_max_score) if dataset.ref_min_score is not None and dataset.ref_max_score is not None else None
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(dataset)} transitions, env {env_id}, device {device}, {cfg.precision}) -> {run_dir}")
@@ -247,35 +245,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def segment_buffer(cfg: DictConfig, dataset, prepared_dataset, device: torch.device):
-    """The label file of data.preferences (labelled pairs or scored segments), checked against the raw dataset, over
-    the prepared (normalized) arrays."""
-    from orl.preferences import SegmentPairBuffer, SegmentScoreBuffer, SegmentScores, load_segment_labels
-
-    if not cfg.data.get("preferences"):
-        raise ConfigError(f"agent {cfg.agent.name} learns from preferences: give data.preferences=<label file from `orl-prefs label`>")
-    if int(cfg.online.steps) > 0:
-        raise ConfigError(f"agent {cfg.agent.name} learns from labelled segments offline; it has no online phase (online.steps=0)")
-    labels = load_segment_labels(str(cfg.data.preferences), dataset)
-    if isinstance(labels, SegmentScores):
-        mode = str(cfg.data.score_mode)
-        if mode not in SegmentScoreBuffer.MODES:
-            raise ConfigError(f"data.score_mode must be one of {', '.join(SegmentScoreBuffer.MODES)}, got {mode!r}")
-        if mode == "score" and int(cfg.batch_size) > len(labels):
-            raise ConfigError(f"batch_size={cfg.batch_size} distinct segments, but {cfg.data.preferences} scores {len(labels)}; lower batch_size")
-        if mode == "score" and cfg.agent.get("bc_data") == "preferred":
-            raise ConfigError("agent.bc_data=preferred needs pairs; with data.score_mode=score no segment is the preferred one (use agent.bc_data=all)")
-        how = "each compared with a random one" if mode == "rank" else "every pair in a batch compared"
-        print(f"[orl] {len(labels)} scored segments of {labels.length} steps from {cfg.data.preferences} ({how})")
-        return SegmentScoreBuffer(prepared_dataset, labels, device, mode)
-    print(f"[orl] {len(labels)} preference queries of {labels.length} steps from {cfg.data.preferences}")
-    return SegmentPairBuffer(prepared_dataset, labels, device)
-
-
 def relabel_with_reward_model(dataset, cfg: DictConfig, data_sha256: str):
     """data.reward=learned:<reward model>: every reward replaced by the ensemble-mean learned reward (P-IQL and
     friends); returns the relabelled dataset and a record of the model (path, sha256, labels, metrics)."""
-    from orl.preferences import load_reward_model, relabel
+    from orl.prefs.store import load_reward_model, relabel
 
     if int(cfg.online.steps) > 0:
         raise ConfigError("data.reward=learned:... relabels offline data only; an online phase would mix learned and environment "

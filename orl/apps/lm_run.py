@@ -12,15 +12,16 @@ A new LM agent is one file plus one yaml, as for control.
 """
 from __future__ import annotations
 
-import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from orl.distributed import world_size
 from orl.errors import ConfigError, DataError, DataFileNotFound
 from orl.provenance import file_checksum, write_provenance
 
@@ -39,12 +40,16 @@ class TextRun:
     num_value_prompts: int
     seed: int
     device: torch.device
+    eval_rows: list[dict] = field(default_factory=list)  # the held-out rows (lm.holdout), never trained on
 
 
 def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """Train one LM agent on a text dataset as `cfg` describes; returns the final evaluation summary."""
-    from orl.agents.lm_common import pair_buffer, render_chat, save_hf, text_buffer
-    from orl.envs.lm import VectorTokenEnv, context_length, encode_prompt, load_tokenizer
+    from orl.text.encoding import pair_buffer, render_chat, text_buffer
+    from orl.text.runtime import save_hf
+    from orl.text.generation import VectorTokenEnv
+    from orl.text.runtime import context_length, load_tokenizer
+    from orl.text.encoding import encode_prompt
     from orl.envs.text_rewards import make_text_reward
     from orl.agent import agent_class, make_agent
     from orl.apps.cli import resolve_run_dir, trainer_config, write_run_config
@@ -66,7 +71,8 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     reward_fn = make_text_reward(str(lm.reward), device)
     tokenizer = load_tokenizer(model_path)
     rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[kind] if f != "reward"])
-    eval_prompts = _eval_prompts(cfg, rows)
+    rows, held_out, held_out_index = _hold_out(cfg, rows)
+    eval_prompts = _eval_prompts(cfg, held_out or rows)
     probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
     agent.reward_fn = reward_fn
@@ -94,7 +100,7 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     else:
         buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device, **limits)
     run = TextRun(rows, tokenizer, buffer, eval_prompts, reward_fn, int(lm.max_new_tokens), limits, int(lm.num_value_prompts),
-                  int(cfg.seed), device)
+                  int(cfg.seed), device, eval_rows=held_out)
     prepared = agent.prepare_run(run)
     if prepared:
         print(f"[orl] {agent_name} data: {prepared}")
@@ -112,7 +118,8 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
     local = Path(str(cfg.dataset))
-    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else None, "rows": len(rows), "model": str(model_path)}
+    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else None, "rows": len(rows), "model": str(model_path),
+                   "held_out_rows": held_out_index}  # 0-based indices of the dataset's rows left out of training
     trainer.start_callbacks.append(lambda trainer_: write_provenance(run_dir, data_record, str(device), trainer_.step))
     trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
     result = trainer.train(resume=bool(cfg.resume))
@@ -148,7 +155,7 @@ def _policy_path(cfg: DictConfig) -> str:
         from orl.envs.tiny_lm import build_tiny_lm
 
         first = contextlib.nullcontext()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # data parallel: process 0 builds it, the others then load it
+        if world_size() > 1:  # data parallel: process 0 builds it, the others then load it
             from accelerate import PartialState
 
             first = PartialState().main_process_first()
@@ -159,8 +166,32 @@ def _policy_path(cfg: DictConfig) -> str:
     return path
 
 
+def _hold_out(cfg: DictConfig, rows: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
+    """(training rows, held-out rows, their 0-based indices): lm.holdout of the distinct prompts, drawn with the run's
+    seed, are held out with every row that has them. Evaluation uses those (generation prompts, a reward model's
+    pairs, A-LoL's value prompts), so it never scores a row the agent trained on."""
+    fraction = float(cfg.lm.get("holdout", 0.0))
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"lm.holdout={fraction}: the fraction of distinct prompts held out for evaluation must be in [0, 1)")
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    count = max(1, round(fraction * len(prompts))) if fraction > 0 else 0
+    if count == 0 or count >= len(prompts):
+        if count:
+            warnings.warn(f"lm.holdout={fraction}: {cfg.dataset} has {len(prompts)} distinct prompt(s), too few to hold one out and "
+                          "still train; give evaluation prompts with lm.eval_prompts=<file>", stacklevel=2)
+        print(f"[orl] no row held out (lm.holdout={fraction}): evaluation uses training rows")
+        return rows, [], []
+    held = {prompts[i] for i in np.random.default_rng(int(cfg.seed)).permutation(len(prompts))[:count]}
+    index = [i for i, row in enumerate(rows) if row["prompt"] in held]
+    shown = ", ".join(map(str, index[:10])) + (", ..." if len(index) > 10 else "")
+    print(f"[orl] held out {count} of {len(prompts)} distinct prompts ({len(index)} rows: {shown}; every index in provenance.json) "
+          f"for evaluation, never trained on (lm.holdout={fraction}, seed {cfg.seed}; lm.holdout=0 trains on every row)")
+    return [row for row in rows if row["prompt"] not in held], [rows[i] for i in index], index
+
+
 def _eval_prompts(cfg: DictConfig, rows: list[dict]) -> list[str]:
-    """lm.eval_prompts (a file, one prompt per line), else the dataset's distinct prompts, the last ones first."""
+    """lm.eval_prompts (a file, one prompt per line), else the distinct prompts of `rows` (the held-out ones), the last
+    ones first."""
     lm = cfg.lm
     if lm.eval_prompts:
         path = Path(str(lm.eval_prompts))

@@ -10,7 +10,7 @@ dataset_utils.reward_from_preference_transformer):
 - preference attention: one linear layer maps it to a query, a key (256 each) and a scalar value
   r_t; the segment's weighted rewards are z_t = sum_j softmax_j(q_t . k_j / sqrt(256)) r_j (not causal),
   and the segment's score is their mean over t ("use_weighted_sum", train_type "mean").
-- loss: the soft-label Bradley-Terry cross entropy on the two scores, `orl.preferences.preference_loss`,
+- loss: the soft-label Bradley-Terry cross entropy on the two scores, `orl.prefs.losses.preference_loss`,
   the function the MLP ensemble and the text reward model use.
 - optimizer: AdamW (optax's default weight decay 1e-4), lr warming up from `lr` to 10 `lr` over the
   first 10% of steps, then a cosine back to `lr` (optax.warmup_cosine_decay_schedule as configured there);
@@ -35,6 +35,8 @@ from torch import nn
 
 from orl.data import OfflineDataset
 from orl.errors import ConfigError
+from orl.prefs.losses import pair_accuracy, preference_loss
+from orl.prefs.reward_model import reward_correlation, standardize_inputs
 
 
 @dataclass
@@ -116,10 +118,8 @@ class PreferenceTransformer(nn.Module):
 
 def train_preference_transformer(dataset: OfflineDataset, pairs, cfg: PreferenceTransformerConfig | None = None,
                                  device: torch.device | str = "cpu") -> tuple[PreferenceTransformer, dict[str, float]]:
-    """Fit a Preference Transformer on `pairs`; metrics as `orl.preferences.train_reward_model` reports them."""
+    """Fit a Preference Transformer on `pairs`; metrics as `orl.prefs.reward_model.train_reward_model` reports them."""
     import copy
-
-    from orl.preferences import _accuracy, preference_loss, reward_correlation, standardize_inputs
 
     cfg = cfg or PreferenceTransformerConfig()
     device = torch.device(device)
@@ -155,7 +155,7 @@ def train_preference_transformer(dataset: OfflineDataset, pairs, cfg: Preference
         score_a, score_b = zip(*(scores(part, rows) for rows in torch.arange(len(part), device=device).split(256)))
         score_a, score_b = torch.cat(score_a), torch.cat(score_b)
         model.train(was_training)
-        return float(preference_loss(score_a, score_b, labels)), _accuracy(score_a, score_b, labels)
+        return float(preference_loss(score_a, score_b, labels)), pair_accuracy(score_a, score_b, labels)
 
     labels = torch.as_tensor(train.labels, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

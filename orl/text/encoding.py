@@ -1,0 +1,132 @@
+"""Text rows to token ids as TRL encodes them: prompts with BOS once, completions without special tokens and
+one EOS, chat messages rendered with the tokenizer's template, TRL's truncation, and the device buffers the
+sequence agents train on."""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+
+from orl.errors import DataError
+from orl.text.data import PairBuffer, SequenceBuffer, build_sequences
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids with the special tokens the tokenizer adds itself and BOS exactly once.
+
+    Tokenizers that add BOS (Llama, Mistral, Gemma) keep theirs; for those that do not (GPT-2) BOS is
+    prepended; with no BOS at all (Qwen2) the ids are the plain text's, and an empty prompt starts
+    from EOS, the token such models are trained to continue after. The one path for training data,
+    value fitting and the env, so they all see the same prompts.
+    """
+    # A chat-rendered prompt already carries the template's special tokens (BOS included) as text.
+    rendered = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+    ids = list(tokenizer(prompt, add_special_tokens=not rendered)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    if not ids:
+        ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
+    return ids
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    """Response ids without special tokens (the caller appends EOS), as TRL tokenizes completions."""
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"])
+
+
+def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict]:
+    """TRL's conversational format: message lists rendered to text with the tokenizer's chat template.
+
+    The prompt gets the generation prompt; each completion field is the rendering of prompt +
+    completion messages minus the rendered prompt (so prompt and completion meet exactly where the
+    model starts answering).
+    """
+    if not any(isinstance(row[f], list) for row in rows for f in fields):
+        return rows
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the data holds chat messages but the tokenizer has no chat_template; give plain-text rows or a chat model")
+    out = []
+    for number, row in enumerate(rows, 1):
+        row = dict(row)
+        prompt_messages = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+        row["prompt"] = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+        for field in fields:
+            if field == "prompt":
+                continue
+            messages = row[field] if isinstance(row[field], list) else [{"role": "assistant", "content": row[field]}]
+            full = tokenizer.apply_chat_template(prompt_messages + messages, tokenize=False)
+            if not full.startswith(row["prompt"]):
+                raise DataError(f"row {number}: the chat template renders the prompt differently alone and with its {field}; "
+                                "orl cannot split prompt from completion for this template")
+            row[field] = full[len(row["prompt"]):]
+        out.append(row)
+    return out
+
+
+def tokenize_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str]):
+    """Tokenize prompt and response separately (so boundaries line up) and append EOS to the response.
+
+    Prompts go through `encode_prompt` (BOS once, as the env encodes them), responses carry
+    no special tokens of their own.
+    """
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    response_ids = [encode_response(tokenizer, r) + [tokenizer.eos_token_id] for r in responses]
+    return prompt_ids, response_ids
+
+
+def truncate(prompt_ids: list[list[int]], response_ids: list[list[int]], max_length: int | None, max_prompt_length: int | None,
+             bos_id: int | None = None) -> tuple[list[list[int]], list[list[int]], tuple[int, int]]:
+    """TRL's truncation: prompts keep their last `max_prompt_length` tokens (and their BOS), then
+    responses keep their first tokens so prompt + response fits `max_length`. Returns the rows and
+    (prompts cut, responses cut); the buffers below warn with those counts.
+
+    Without it a row longer than the model's context indexes past its position table (an IndexError
+    on CPU, a device-side assert on GPU) or, with rotary embeddings, trains silently on positions
+    the model never saw.
+    """
+    cut_prompts = cut_responses = 0
+    out_prompts, out_responses = [], []
+    for prompt, response in zip(prompt_ids, response_ids):
+        if max_prompt_length is not None and len(prompt) > max_prompt_length:
+            keep_bos = bos_id is not None and prompt[0] == bos_id
+            prompt = ([bos_id] if keep_bos else []) + prompt[len(prompt) - max_prompt_length + int(keep_bos):]
+            cut_prompts += 1
+        if max_length is not None and len(prompt) + len(response) > max_length:
+            if len(prompt) >= max_length:
+                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room for a response within max_length={max_length}; "
+                                 f"set lm.max_prompt_length below {max_length}")
+            response = response[: max_length - len(prompt)]
+            cut_responses += 1
+        out_prompts.append(prompt)
+        out_responses.append(response)
+    return out_prompts, out_responses, (cut_prompts, cut_responses)
+
+
+def _warn_truncated(rows: int, cut_prompts: int, cut_responses: int, max_length: int | None, max_prompt_length: int | None) -> None:
+    if cut_prompts or cut_responses:
+        warnings.warn(f"truncated {cut_prompts} of {rows} prompts to max_prompt_length={max_prompt_length} tokens (kept their end) and "
+                      f"{cut_responses} responses to max_length={max_length} tokens (kept their start)", stacklevel=3)
+
+
+def text_buffer(tokenizer, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float] | None, device, width: int | None = None,
+                max_length: int | None = None, max_prompt_length: int | None = None) -> SequenceBuffer:
+    """{"prompt","response","reward"} rows as a left-padded device buffer (truncated as `truncate` says)."""
+    prompt_ids, response_ids, cut = truncate(*tokenize_rows(tokenizer, prompts, responses), max_length, max_prompt_length, tokenizer.bos_token_id)
+    _warn_truncated(len(prompt_ids), *cut, max_length, max_prompt_length)
+    ids, mask, response_mask = build_sequences(prompt_ids, response_ids, tokenizer.pad_token_id, width)
+    rewards_t = None if rewards is None else torch.as_tensor(list(rewards), dtype=torch.float32)
+    return SequenceBuffer(ids, mask, response_mask, rewards_t, device)
+
+
+def pair_buffer(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str], device,
+                max_length: int | None = None, max_prompt_length: int | None = None) -> PairBuffer:
+    """{"prompt","chosen","rejected"} rows; chosen and rejected share one width (truncated as `truncate` says)."""
+    p_ids, c_ids, (cut_prompts, cut_chosen) = truncate(*tokenize_rows(tokenizer, prompts, chosen), max_length, max_prompt_length, tokenizer.bos_token_id)
+    _, r_ids, (_, cut_rejected) = truncate(*tokenize_rows(tokenizer, prompts, rejected), max_length, max_prompt_length, tokenizer.bos_token_id)
+    _warn_truncated(len(p_ids), cut_prompts, cut_chosen + cut_rejected, max_length, max_prompt_length)
+    width = max(len(p) + len(r) for p, r in zip(p_ids + p_ids, c_ids + r_ids))
+    chosen_buf = SequenceBuffer(*build_sequences(p_ids, c_ids, tokenizer.pad_token_id, width), None, device)
+    rejected_buf = SequenceBuffer(*build_sequences(p_ids, r_ids, tokenizer.pad_token_id, width), None, device)
+    return PairBuffer(chosen_buf, rejected_buf)
