@@ -1,7 +1,7 @@
 """A2PR: Adaptive Advantage-guided Policy Regularization (Liu et al., ICML 2024).
 
 TD3+BC plus an advantage-gated VAE ("augmented behaviour policy"), following the official code's
-update order (algorithms.md section 1.3). Per iteration, batch (s, a, r, s', d), m = 1 - d:
+update order (ltlhuuu/A2PR A2PR.py). Per iteration, batch (s, a, r, s', d), m = 1 - d:
 
   (1) a'  = clip(pi_targ(s') + clip(N(0, (0.2 max_a)^2), -0.5 max_a, 0.5 max_a), -max_a, max_a)
   (2) y   = r + gamma m min(Q1_targ(s',a'), Q2_targ(s',a'))
@@ -39,7 +39,7 @@ from orl.nn import Critic, DeterministicActor, ValueNet, frozen, make_optimizer,
 
 @dataclass
 class A2PRConfig:
-    """A2PR (Liu et al., ICML 2024), official defaults (algorithms.md section 1.5).
+    """A2PR (Liu et al., ICML 2024), official defaults (ltlhuuu/A2PR utils/config.py and A2PR.py).
     Per-dataset settings: add +preset=a2pr-<env>-<level>, e.g. +preset=a2pr-hopper-medium."""
 
     actor_hidden: tuple[int, ...] = (256, 256, 256)

@@ -38,7 +38,7 @@ VARIANTS = ("nll", "wbc", "rlol", "alol", "alol_seq", "alol_ref_free", "alol_kl"
 
 @dataclass
 class ALoLConfig(LMConfig):
-    """A-LoL (Baheti et al., ICLR 2024), algorithms.md section 4. dataset=<rows {"prompt","response","reward"}>.jsonl
+    """A-LoL (Baheti et al., ICLR 2024; abaheti95/LoL-RL). dataset=<rows {"prompt","response","reward"}>.jsonl
     variant: nll | wbc | rlol | alol | alol_seq | alol_ref_free | alol_kl (kl_beta; needs clip_eps: 0)
     lr: the official A-LoL rate, 2e-5 (AdamW, full fine-tuning; abaheti95/LoL-RL train_generation_task_with_off_policy_PG.py),
     safe on a real model; its QLoRA scripts (7B models) train LoRA adapters at 2e-4. The yaml's 3e-4 and the API's

@@ -1,6 +1,6 @@
 """CQL(H) with importance sampling (Kumar et al., 2020) and Cal-QL (Nakamoto et al., 2023), on SAC.
 
-Critic, for each ensemble member Q_i (algorithms.md section 6.2), with N samples each of
+Critic, for each ensemble member Q_i (as nakamotoo/Cal-QL JaxCQL/conservative_sac.py), with N samples each of
   a_u ~ U[-1, 1]^|A| (log-density |A| log 0.5, in the unit box: the policy's log-probs are in unit tanh
   space, so both densities are measured there whatever the env's action bound),
   a_s ~ pi(.|s),  a_s' ~ pi(.|s'),  all evaluated at s:
@@ -17,7 +17,7 @@ Ensembles with a target subsample (WSRL's 10 members, 2 in the target): as in th
 penalty applies to those 2 members only, with the official weighting mean_i TD_i + alpha mean_j gap_j
 (written here as sum_i TD_i + alpha E mean_j gap_j, identical to the usual sum when no members are
 subsampled); `cql_penalty_members=all` penalizes every member instead.
-Defaults follow the official Cal-QL / WSRL configs where algorithms.md is silent or differs:
+Defaults follow the official Cal-QL (nakamotoo/Cal-QL) and WSRL (zhouzypaul/wsrl) configs:
 max-target-backup on, temperature lr 1e-4 (Cal-QL's alpha optimizer uses the policy lr).
 
 Online, `online_cql=False` turns the regularizer off, leaving SAC: WSRL's fine-tuning agent when the
@@ -42,7 +42,7 @@ from orl.nn import make_optimizer, soft_update
 
 @dataclass
 class CQLConfig(SACConfig):
-    """CQL(H) with importance sampling (algorithms.md 6.2); WSRL's locomotion settings (alpha 5, no Lagrange).
+    """CQL(H) with importance sampling (Kumar et al. 2020); WSRL's locomotion settings (alpha 5, no Lagrange).
     AntMaze: cql_lagrange=true target_action_gap=0.8 max_target_backup=true critic_hidden=[256,256,256,256]."""
 
     actor_lr: float = 1e-4
@@ -65,7 +65,7 @@ class CQLConfig(SACConfig):
 
 @dataclass
 class CalQLConfig(CQLConfig):
-    """Cal-QL (Nakamoto et al. 2023): CQL with the MC-return bound on policy-action Q (algorithms.md 6.2).
+    """Cal-QL (Nakamoto et al. 2023): CQL with the MC-return bound on policy-action Q (nakamotoo/Cal-QL).
     Online: orl-finetune agent=calql online.buffer_mode=mix online.offline_ratio=0.5 (calibration stays on; CORL: calibrate_online=false).
     AntMaze: cql_lagrange=true target_action_gap=0.8 max_target_backup=true critic_hidden=[256,256,256,256]
       data.reward=scale_shift data.reward_scale=10 data.reward_shift=-5 agent.failure_reward=-5."""

@@ -1,4 +1,4 @@
-"""DPO: Direct Preference Optimization (Rafailov et al., 2023), token-level LMs (algorithms.md 5.4).
+"""DPO: Direct Preference Optimization (Rafailov et al., 2023), token-level LMs (the loss is the paper's eq. 7).
 
   h = beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ]
   L = -E log sigma(h)
@@ -20,7 +20,7 @@ from orl.text.data import PairBatch, PairBuffer, response_log_prob
 
 @dataclass
 class DPOConfig(LMConfig):
-    """DPO (Rafailov et al. 2023), algorithms.md 5.4. dataset=<rows {"prompt","chosen","rejected"}>.jsonl
+    """DPO (Rafailov et al. 2023; eric-mitchell/direct-preference-optimization). dataset=<rows {"prompt","chosen","rejected"}>.jsonl
     lr: TRL's DPOConfig default, 1e-6 (AdamW), safe on a real model. The yaml's 3e-4 and the API's 1e-4 were rates
     for the embedded tiny LM, which passes its own (scripts/lm_demo.py --dpo-lr, 3e-5)."""
 

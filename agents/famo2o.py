@@ -2,13 +2,13 @@
 
 The base agent's policy becomes a *universal* policy pi_u(a | s, emb(beta)) conditioned on a balance
 coefficient beta, and a *balance model* pi_b(beta | s) learns a state-dependent beta. beta enters the
-base's own weighting (algorithms.md section 2):
+base's own weighting (Wang et al., 2023; LeapLabTHU/FamO2O):
   * IQL, AWAC: the inverse temperature of the advantage weight, min(exp(beta * A), 100);
   * CQL:       the multiplier of the Q term in the actor loss, alpha log pi_u - beta * min_i Q_i.
 Betas: uniform on [lo, hi] per sample offline; online, sampled from the pre-update pi_b (stop-grad).
 emb(beta) is the sinusoidal code with d = 6, n = 10000.
 
-FamO2O + IQL, per step (official JAX FamilyLearner, section 2.4), Qbar = min_i Q_i_targ:
+FamO2O + IQL, per step (official JAX FamilyLearner, LeapLabTHU/FamO2O jax_iql/family_learner.py), Qbar = min_i Q_i_targ:
   (1) value:       L_V = E L2_tau(Qbar(s,a) - V(s))                                   [IQL]
   (2) balance:     u ~ pi_b(.|s), beta = lo + (u+1)/2 (hi-lo), a_b ~ pi_u(.|s, emb(beta)), both
                    reparameterized; L_b = E[alpha_b log pi_b(u|s) - Qbar(s, a_b)]  (only pi_b updated)
@@ -138,7 +138,7 @@ class FamO2OConfig:
 
 @dataclass
 class FamO2OIQLConfig(FamO2OConfig):
-    """FamO2O on IQL (Wang et al., NeurIPS 2023), algorithms.md section 2.
+    """FamO2O on IQL (Wang et al., NeurIPS 2023; LeapLabTHU/FamO2O jax_iql).
     Locomotion values from third-party ports ([unverified]): beta in [1, 5], expectile 0.7, balance every 5.
     AntMaze (official): beta_lo=8 beta_hi=14 agent.base.expectile=0.9 balance_every=1.
     base.beta is not used: the family's per-sample beta is the advantage weight's inverse temperature."""
@@ -151,7 +151,7 @@ class FamO2OIQLConfig(FamO2OConfig):
 
 @dataclass
 class FamO2OAWACConfig(FamO2OConfig):
-    """FamO2O on AWAC: paper only, no released code -> experimental (algorithms.md 2.6). beta = 1/lambda.
+    """FamO2O on AWAC: paper only, no released code -> experimental (Wang et al., NeurIPS 2023). beta = 1/lambda.
     base.awac_lambda is not used: the family's per-sample beta replaces 1/lambda."""
 
     base: AWACConfig = field(default_factory=AWACConfig)  # CORL's AWAC
@@ -161,7 +161,7 @@ class FamO2OAWACConfig(FamO2OConfig):
 
 @dataclass
 class FamO2OCQLConfig(FamO2OConfig):
-    """FamO2O on CQL, official locomotion settings (algorithms.md 2.5): beta in [0.5, 1.5] multiplies the
+    """FamO2O on CQL, official locomotion settings (LeapLabTHU/FamO2O jax_cql): beta in [0.5, 1.5] multiplies the
     actor's Q term; CQL alpha 1.0 without Lagrange; lr 3e-4 everywhere; no entropy term in the balance loss.
     (LeapLabTHU/FamO2O jax_cql: finetune_configs/family.py over JaxCQL's ConservativeSAC defaults; the temperature's
     optimizer uses the policy lr, 3e-4, and there is no max-target-backup.)"""

@@ -26,7 +26,7 @@ from orl.nn import Critic, GaussianActor, ValueNet, cosine_to_floor, make_optimi
 
 @dataclass
 class IQLConfig:
-    """IQL (Kostrikov et al. 2022), locomotion defaults (algorithms.md 6.1).
+    """IQL (Kostrikov et al. 2022), locomotion defaults (ikostrikov/implicit_q_learning configs/mujoco_config.py).
     For D4RL locomotion also set data.reward=iql_locomotion (r * 1000 / return range);
     AntMaze: expectile=0.9 beta=10 data.reward=scale_shift data.reward_shift=-1."""
 

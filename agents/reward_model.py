@@ -25,7 +25,7 @@ from orl.text.data import PairBatch, SequenceBatch, build_sequences, position_id
 
 @dataclass
 class RewardModelConfig(LMConfig):
-    """Bradley-Terry reward model on {"prompt","chosen","rejected"} pairs (algorithms.md 5.2)."""
+    """Bradley-Terry reward model on {"prompt","chosen","rejected"} pairs (Bradley & Terry, 1952; as TRL's RewardTrainer)."""
 
     lr: float = 1e-4  # TRL's RewardConfig default (trl 1.x)
     weight_decay: float = 0.0

@@ -1,7 +1,6 @@
 """Atomic checkpoints and the random-number state needed for exact resume."""
 from __future__ import annotations
 
-import errno
 import os
 import random
 from pathlib import Path
@@ -11,31 +10,20 @@ import numpy as np
 import torch
 
 from orl.errors import CheckpointError, DataFileNotFound
+from orl.io import WriteError, atomic_path
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write `state` so that `path` always holds either the old or the new checkpoint, never a torn one.
 
     The data goes to a temporary file in the same directory, is fsync'ed, then renamed over `path`
-    (an atomic operation on POSIX and Windows).
+    (`orl.io.atomic_path`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path, "checkpoint") as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # a full disk, a quota, a vanished mount: the previous checkpoint is untouched
-        kept = f"the previous checkpoint {path} is kept" if path.exists() else "no earlier checkpoint exists"
-        reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}. Free space (or fix the path) and "
-                              "continue with resume=true") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except WriteError as exc:  # a full disk, a quota, a vanished mount: the previous checkpoint is untouched
+        raise CheckpointError(f"{exc}, continuing with resume=true") from exc
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from orl.errors import DataError, DataFileNotFound
+from orl.io import atomic_path
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
 # |r| beyond this overflows float32 (max 3.4e38) in a return of horizon 1 / (1 - gamma) ~ 1e3-1e4, with margin.
@@ -128,21 +129,19 @@ class OfflineDataset:
         meta = {k: v for k, v in [("env_id", self.env_id), ("ref_min_score", self.ref_min_score), ("ref_max_score", self.ref_max_score)] if v is not None}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        if path.suffix == ".npz":
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays, **{k: np.asarray(v) for k, v in meta.items()})
-        elif path.suffix in (".hdf5", ".h5"):
-            import h5py
-
-            with h5py.File(tmp, "w") as f:
-                for k, v in arrays.items():
-                    f.create_dataset(k, data=v)
-                for k, v in meta.items():
-                    f.attrs[k] = v
-        else:
+        if path.suffix not in (".npz", ".hdf5", ".h5"):
             raise DatasetError(f"cannot save to {path}: use a .npz, .hdf5 or .h5 suffix")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            if path.suffix == ".npz":
+                np.savez(tmp, **arrays, **{k: np.asarray(v) for k, v in meta.items()})
+            else:
+                import h5py
+
+                with h5py.File(tmp, "w") as f:
+                    for k, v in arrays.items():
+                        f.create_dataset(k, data=v)
+                    for k, v in meta.items():
+                        f.attrs[k] = v
 
 
 # --------------------------------------------------------------------------------------------

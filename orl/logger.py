@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -11,6 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from orl.errors import DivergenceError
+from orl.io import atomic_write_text
 
 
 def to_float(value: Any) -> float:
@@ -38,9 +38,7 @@ class Logger:
         if resume_step is not None and self.path.exists():
             kept = [json.dumps(row) for row in _parse_rows(self.path) if row["step"] <= resume_step]
             # Rewritten atomically: a crash here leaves the old file, never half of it.
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from orl.errors import DataError
+from orl.io import atomic_write_json
 
 PROVENANCE_FILE = "provenance.json"
 PACKAGES = ("torch", "numpy", "gymnasium", "mujoco", "minari", "transformers")
@@ -60,10 +61,17 @@ def _cpu_model() -> str:
     return f"{info['model name']} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
 
-def _git_commit() -> str | None:
-    """The orl checkout's commit (+ '-dirty' with uncommitted changes to tracked files); None outside git."""
-    root = Path(__file__).resolve().parent.parent
+def _git_commit(root: Path | None = None) -> str | None:
+    """The orl checkout's commit (+ '-dirty' with uncommitted changes to tracked files) when orl runs from its own
+    git checkout; None otherwise. An installed orl (site-packages) may sit inside the user's own repository, whose
+    commit says nothing about orl: only a work tree whose top level is orl's repository root counts."""
+    root = (root or Path(__file__).resolve().parent.parent).resolve()
+    if not (root / "pyproject.toml").is_file() or not (root / "orl" / "__init__.py").is_file():
+        return None
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return None
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
@@ -74,8 +82,10 @@ def _git_commit() -> str | None:
 
 
 def software() -> dict[str, Any]:
-    """Python, the packages results depend on, the processor and orl's commit."""
-    versions = {}
+    """Python, orl and the packages results depend on, the processor and orl's commit (from a git checkout only)."""
+    from orl import __version__
+
+    versions = {"orl": __version__}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -102,9 +112,7 @@ def write_provenance(run_dir: str | os.PathLike, data: dict[str, Any], device: s
                             f"the data loaded now has sha256 {now[:12]}: resume it on the same data, or start a new "
                             "run (another run_dir)")
         record.setdefault("resumed", []).append({"step": step, "device": device, **software()})
-    tmp = run_dir / f".{PROVENANCE_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, run_dir / PROVENANCE_FILE)
+    atomic_write_json(run_dir / PROVENANCE_FILE, record)
 
 
 def read_provenance(run_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -119,7 +119,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> EvalResult | None:
-        for stale in self.run_dir.glob(".*.pt.tmp-*"):  # left by a writer killed mid-checkpoint
+        for stale in self.run_dir.glob(".*.tmp-*"):  # left by a writer killed mid-write (orl.io.atomic_path)
             stale.unlink(missing_ok=True)
         resume_step = self._resume() if resume else None
         if resume_step is not None and resume_step >= self.total_steps:

@@ -1,4 +1,4 @@
-"""The seed methods' specified behaviours (algorithms.md 7.5 and issue 5)."""
+"""The seed methods' specified behaviours: A2PR (Liu et al., ICML 2024) and FamO2O (Wang et al., NeurIPS 2023)."""
 import gymnasium as gym
 import numpy as np
 import pytest

@@ -116,3 +116,24 @@ def test_a_resumed_run_keeps_its_start_and_refuses_other_data(tmp_path):
         with pytest.raises(DataError, match="resume it on the same data"):
             run_train(compose(config_name="train", overrides=common + ["steps=9", "resume=true"]))
     assert read_provenance(tmp_path / "run") == resumed and (tmp_path / "run" / "config.yaml").read_text() == config_before
+
+
+def test_provenance_records_orls_version_and_never_the_users_commit(tmp_path):
+    """An installed orl inside the user's own git repository must not record that repository's commit as orl's."""
+    import subprocess
+
+    import orl
+    from orl.provenance import _git_commit, software
+
+    assert software()["packages"]["orl"] == orl.__version__
+    user_repo = tmp_path / "user_project"
+    site = user_repo / ".venv" / "lib" / "site-packages"
+    (site / "orl").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(user_repo)], check=True)
+    subprocess.run(["git", "-C", str(user_repo), "-c", "user.email=u@x", "-c", "user.name=u", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    (site / "orl" / "__init__.py").write_text("")
+    (site / "pyproject.toml").write_text("")  # even a stray pyproject beside it does not make it orl's checkout
+    assert _git_commit(site) is None
+    root = Path(orl.__file__).resolve().parent.parent
+    if (root / ".git").exists():  # running from orl's own checkout: its commit is recorded
+        assert _git_commit(root).split("-")[0] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()

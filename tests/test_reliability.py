@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 import orl
 from orl.checkpoint import load_checkpoint, save_checkpoint
-from orl.apps.cli import resolve_run_dir
+from orl.apps.runs import resolve_run_dir
 from orl.errors import DivergenceError, RunDirError
 from orl.trainer import Trainer, TrainerConfig
 from tests.test_trainer import build, pendulum_buffer

@@ -193,7 +193,7 @@ def test_offline_to_online_columns(tmp_path):
 
 
 def test_a_results_only_run_is_skipped_and_an_unfinished_one_is_not(tmp_path):
-    from orl.apps.cli import finished_run
+    from orl.apps.runs import finished_run
 
     done = fake_run(tmp_path / "done", "bc", "d", 0, [(500, 1.0), (1000, 2.0)])
     assert finished_run(done, 1000, 0).final == 2.0  # committed results: config + metrics, no checkpoint

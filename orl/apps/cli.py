@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -19,15 +18,17 @@ from orl.agent import agent_class, make_agent
 from orl.checkpoint import load_checkpoint, seed_everything
 from orl.distributed import local_rank
 from orl.data import DataConfig, DatasetError, RewardTransform, check_env_compatible, make_dataset, prepare, reward_transform
-from orl.errors import CheckpointError, ConfigError, DataError, DataFileNotFound, OrlError, RunDirError
+from orl.errors import CheckpointError, ConfigError, DataError, DataFileNotFound, OrlError
+from orl.apps.runs import finished_run, resolve_run_dir, trainer_config, write_run_config
 from orl.provenance import dataset_checksum, file_checksum, write_provenance
-from orl.trainer import OFFLINE_CHECKPOINT, Trainer, TrainerConfig
+from orl.trainer import OFFLINE_CHECKPOINT, Trainer
 
 
 # `${offline_only:${online.steps}}` in agent configs: true for offline-only runs (e.g. IQL's lr decay).
 OmegaConf.register_new_resolver("offline_only", lambda online_steps: int(online_steps) == 0, replace=True)
 # A sweep run's directory is named by its overrides; dataset ids and paths hold '/', which would nest it.
-OmegaConf.register_new_resolver("path_safe", lambda name: re.sub(r"[^A-Za-z0-9_.,=+:-]+", "-", str(name)).strip("-") or "run", replace=True)
+# Only characters every OS allows in a file name (no ":" for Windows, which data.reward=learned:<dir> holds).
+OmegaConf.register_new_resolver("path_safe", lambda name: re.sub(r"[^A-Za-z0-9_.,=+-]+", "-", str(name)).strip("-") or "run", replace=True)
 
 
 # Numeric options checked before any data loads: key -> (smallest allowed value, what it means).
@@ -69,79 +70,6 @@ def setup_torch(device: str, threads: int | None) -> torch.device:
     elif resolved.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     return resolved
-
-
-def _slug(spec: str) -> str:
-    path = Path(spec)
-    name = path.stem if path.suffix in (".npz", ".hdf5", ".h5", ".jsonl") else spec
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
-
-
-def resolve_run_dir(cfg: DictConfig, agent_name: str) -> Path:
-    """runs/<dataset>/<agent>/seed<k>-<time>; with resume=true, the newest matching run that has a checkpoint.
-
-    Never reuses a directory that holds a run unless resume=true: an explicit `run_dir` with a run in
-    it is an error, and two new runs started in the same second get distinct directories.
-    """
-    if cfg.run_dir:
-        run_dir = Path(cfg.run_dir)
-        if not cfg.resume and any((run_dir / name).exists() for name in ("checkpoint.pt", "metrics.jsonl")):
-            raise RunDirError(f"run_dir={run_dir} already holds a run; pass resume=true to continue it, or choose a new run_dir "
-                              "(nothing was changed in it)")
-        return run_dir
-    parent = Path(cfg.runs_root) / _slug(str(cfg.dataset)) / agent_name
-    if cfg.resume:
-        candidates = sorted(parent.glob(f"seed{cfg.seed}-*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
-        if candidates:
-            return candidates[-1].parent
-    base = parent / f"seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, suffix = base, 1
-    while True:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=False)  # atomic claim: a concurrent run gets the next name
-            return run_dir
-        except FileExistsError:
-            run_dir = base.with_name(f"{base.name}-{suffix}")
-            suffix += 1
-
-
-def finished_run(run_dir: Path, steps: int, online_steps: int):
-    """The run in `run_dir` (an orl.report.Run) if it logged the last step of a run of `steps` + `online_steps`
-    (read from its metrics.jsonl, so it also holds for committed results without checkpoints), else None. An
-    unfinished run without a checkpoint (killed before its first one) starts again from step 0."""
-    from orl.report import load_run
-
-    if not (run_dir / "metrics.jsonl").exists():
-        return None
-    try:
-        run = load_run(run_dir)
-    except ValueError:
-        return None
-    return run if run.reached(steps, online_steps) else None
-
-
-def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
-    """config.yaml of the run, written atomically once training starts (a failed resume keeps the old one)."""
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, run_dir / "config.yaml")
-
-
-def trainer_config(cfg: DictConfig, offline_steps: int) -> TrainerConfig:
-    return TrainerConfig(
-        offline_steps=offline_steps,
-        online_steps=int(cfg.online.steps),
-        batch_size=int(cfg.batch_size),
-        seed=int(cfg.seed),
-        eval_every=int(cfg.eval.every),
-        eval_episodes=int(cfg.eval.episodes),
-        eval_seed_offset=int(cfg.eval.seed_offset),
-        log_every=int(cfg.log.every),
-        checkpoint_every=int(cfg.checkpoint.every),
-        progress=bool(cfg.log.progress),
-        tensorboard=bool(cfg.log.tensorboard),
-        **{k: v for k, v in OmegaConf.to_container(cfg.online).items() if k != "steps"},
-    )
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from orl.agent import Agent, make_agent
 from orl.checkpoint import seed_everything
 from orl.errors import ConfigError
+from orl.io import atomic_path, atomic_write_json
 from orl.evaluation import evaluate
 from orl.trainer import Trainer, TrainerConfig
 
@@ -91,9 +92,7 @@ class RandomPolicy:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=2)
 
 
 def rollout(policy, env_id: str, n_transitions: int, seed: int, progress: bool = True, desc: str = "") -> list[dict[str, np.ndarray]]:
@@ -212,9 +211,8 @@ def train_behaviour_policy(cfg: CollectConfig, work: Path, env_id: str) -> tuple
     trainer.train(resume=True)
     size = len(trainer.online)
     replay = {k: v[:size].cpu().numpy() for k, v in trainer.online.storage.items()}
-    tmp = replay_path.with_name("replay.tmp.npz")
-    np.savez(tmp, **replay)
-    os.replace(tmp, replay_path)
+    with atomic_path(replay_path) as tmp:
+        np.savez(tmp, **replay)
     _write_json(done_path, {"steps": cfg.sac_steps})
     return agent, evals, replay
 
@@ -372,7 +370,9 @@ def ensure_embedded_dataset(embedded: Any) -> None:
     env_id = str(embedded.env)
     level = str(embedded.dataset_id).rsplit("/", 1)[-1].rsplit("-v", 1)[0]
     namespace = str(embedded.dataset_id).split("/")[0]
-    cfg = CollectConfig(env=env_id, levels=LEVELS, size=int(embedded.level_size), sac_steps=int(embedded.sac_steps),
+    # Only the level asked for: the behaviour policy and reference scores are the same, the other levels' rollouts
+    # (most of the collection time) are skipped; `orl-collect` writes them when wanted.
+    cfg = CollectConfig(env=env_id, levels=(level,), size=int(embedded.level_size), sac_steps=int(embedded.sac_steps),
                         random_steps=int(embedded.get("random_steps", 1000)), snapshot_every=int(embedded.get("snapshot_every", 500)),
                         seed=int(embedded.seed), namespace=namespace, work_dir=str(embedded.get("work_dir", "data/collect")))
     ids = collect(cfg)

@@ -52,7 +52,7 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     from orl.text.encoding import encode_prompt
     from orl.envs.text_rewards import make_text_reward
     from orl.agent import agent_class, make_agent
-    from orl.apps.cli import resolve_run_dir, trainer_config, write_run_config
+    from orl.apps.runs import resolve_run_dir, trainer_config, write_run_config
     from orl.text.data import JSONL_FIELDS, PromptBuffer, load_text_rows
     from orl.trainer import Trainer
 

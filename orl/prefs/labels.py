@@ -22,6 +22,7 @@ import numpy as np
 
 from orl.data import OfflineDataset
 from orl.errors import DataError
+from orl.io import atomic_path
 from orl.provenance import dataset_checksum
 
 
@@ -91,10 +92,9 @@ class PreferencePairs:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, starts=self.starts, labels=self.labels, length=self.length, source=self.source, checksum=self.checksum,
-                 teacher=json.dumps(self.teacher))
-        tmp.replace(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix to the user's name
+            np.savez(f, starts=self.starts, labels=self.labels, length=self.length, source=self.source, checksum=self.checksum,
+                     teacher=json.dumps(self.teacher))
 
     @classmethod
     def load(cls, path: str | Path, dataset: OfflineDataset) -> "PreferencePairs":
@@ -131,10 +131,9 @@ class SegmentScores:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, kind="scores", starts=self.starts, scores=self.scores, length=self.length, source=self.source,
-                 checksum=self.checksum, teacher=json.dumps(self.teacher))
-        tmp.replace(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, kind="scores", starts=self.starts, scores=self.scores, length=self.length, source=self.source,
+                     checksum=self.checksum, teacher=json.dumps(self.teacher))
 
     @classmethod
     def load(cls, path: str | Path, dataset: OfflineDataset) -> "SegmentScores":

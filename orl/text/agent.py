@@ -83,7 +83,7 @@ class LMAgent(Agent):
         """One optimizer step on `batch`, processed in `grad_accum_steps` equal micro-batches whose
         gradients add up to the full batch's (memory for one micro-batch at a time), then gradient
         clipping and the LR schedule. `losses(micro_batch)` returns (mean loss, metrics)."""
-        parts = max(int(getattr(self.cfg, "grad_accum_steps", 1)), 1)
+        parts = max(int(self.cfg.grad_accum_steps), 1)
         optimizer = self.optimizers["policy"]
         optimizer.zero_grad(set_to_none=True)
         total, sums = 0.0, {}
