@@ -45,6 +45,7 @@ from torch import nn
 from orl.agents.awac import AWAC, AWACConfig
 from orl.agents.cql import CQL, CQLConfig
 from orl.agents.iql import IQL, IQLConfig
+from orl.errors import ConfigError
 from orl.agent import Agent, build_config, register
 from orl.buffer import Batch
 from orl.nn import GaussianActor, TanhGaussianActor, cosine_to_floor, frozen, make_optimizer, mlp, soft_update
@@ -188,6 +189,8 @@ class FamO2O(Agent):
         base_cfg = build_config(self.base_class, {**(dataclasses.asdict(family) if dataclasses.is_dataclass(family) else dict(family)),
                                                   **(dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given))})
         self.base = self.base_class(obs_space, action_space, base_cfg, device)
+        if self.base.needs_returns_to_go:  # the official FamO2O has no calibrated base; its buffers carry no MC returns
+            raise ConfigError(f"agent {self.name} does not support a calibrated (Cal-QL) base: set agent.base.calibrated=false")
         self.base.nets["actor"] = ConditionedActor(self._universal_policy(base_cfg), cfg.embedding_dim, cfg.embedding_base).to(self.device)
         actor_lr = base_cfg.actor_lr
         self.base.optimizers["actor"] = make_optimizer(self.base.nets["actor"].parameters(), actor_lr)

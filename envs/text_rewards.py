@@ -71,7 +71,10 @@ def make_text_reward(spec: str, device: str | torch.device = "cpu") -> Callable[
     * a directory holding a Hugging Face sequence-classification model (`config.json` whose
       architecture ends in ForSequenceClassification): sigmoid of its last logit;
     * an orl `reward_model` run directory (its `checkpoint.pt` and `config.yaml`): the trained
-      Bradley-Terry model's score.
+      Bradley-Terry model's score;
+    * `package.module:function`: a Python function, in TRL's signature (prompts=, completions=, completion_ids=,
+      every other dataset column; returns a list of float or None) or R(prompt, response). The module is imported
+      from the installed packages or the current directory.
     """
     from pathlib import Path
 
@@ -83,6 +86,8 @@ def make_text_reward(spec: str, device: str | torch.device = "cpu") -> Callable[
     if name == "length_window" and arguments.count(":") == 1:
         low, high = arguments.split(":")
         return length_window(int(low), int(high))
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+        return reward_function(spec)
     path = Path(spec).expanduser()
     if (path / "checkpoint.pt").exists() and (path / "config.yaml").exists():
         return load_reward_model_run(path, device)
@@ -96,6 +101,27 @@ def make_text_reward(spec: str, device: str | torch.device = "cpu") -> Callable[
                          "give a ...ForSequenceClassification model, an orl reward_model run directory, or a built-in reward")
     raise ValueError(f"lm.reward={spec!r} is neither a built-in reward ({', '.join(TEXT_REWARDS)}, keyword:<word>, "
                      "length_window:<low>:<high>), nor a directory with a sequence-classification model or an orl reward_model run")
+
+
+def reward_function(spec: str) -> Callable:
+    """The function `package.module:function` names (lm.reward=my_rewards:exact_match)."""
+    import importlib
+    import sys
+
+    from orl.errors import ConfigError
+
+    module_name, function_name = spec.split(":")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # a module in the directory orl-train runs from, as `python -m` finds it
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"lm.reward={spec}: cannot import module {module_name!r} ({exc}); give package.module:function of an "
+                          "installed package or of a .py file in the current directory") from exc
+    fn = getattr(module, function_name, None)
+    if not callable(fn):
+        raise ConfigError(f"lm.reward={spec}: module {module_name} has no function {function_name!r}")
+    return fn
 
 
 def load_reward_model_run(run_dir, device: str | torch.device = "cpu"):

@@ -23,7 +23,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         with atomic_path(path, "checkpoint") as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
     except WriteError as exc:  # a full disk, a quota, a vanished mount: the previous checkpoint is untouched
-        raise CheckpointError(f"{exc}, continuing with resume=true") from exc
+        raise CheckpointError(f"{exc} (a training run continues with resume=true)") from exc
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -36,8 +36,9 @@ def atomic_path(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
         reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         raise WriteError(f"could not write {what} {path}: {reason}; {kept}. Free space (or fix the path) and run again") from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, tmp.with_name(tmp.name + ".npz")):  # np.savez adds .npz to a name without it
+            if leftover.exists():
+                leftover.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -64,13 +64,14 @@ def _cpu_model() -> str:
 def _git_commit(root: Path | None = None) -> str | None:
     """The orl checkout's commit (+ '-dirty' with uncommitted changes to tracked files) when orl runs from its own
     git checkout; None otherwise. An installed orl (site-packages) may sit inside the user's own repository, whose
-    commit says nothing about orl: only a work tree whose top level is orl's repository root counts."""
+    commit says nothing about orl: only a repository that tracks orl's own files counts."""
     root = (root or Path(__file__).resolve().parent.parent).resolve()
-    if not (root / "pyproject.toml").is_file() or not (root / "orl" / "__init__.py").is_file():
+    if not (root / "orl" / "__init__.py").is_file():
         return None
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, timeout=10)
-        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+        # orl's own files tracked by the repository (orl's, or one that vendors it): its commit pins orl's code.
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "orl/__init__.py"], cwd=root, capture_output=True, text=True, timeout=10)
+        if tracked.returncode != 0:
             return None
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:

@@ -119,7 +119,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> EvalResult | None:
-        for stale in self.run_dir.glob(".*.tmp-*"):  # left by a writer killed mid-write (orl.io.atomic_path)
+        # Left by a writer killed mid-write (orl.io.atomic_path). Only process 0 writes a run's files, so only it
+        # cleans: another rank must not remove a file process 0 is writing.
+        for stale in self.run_dir.glob(".*.tmp-*") if self.is_main else ():
             stale.unlink(missing_ok=True)
         resume_step = self._resume() if resume else None
         if resume_step is not None and resume_step >= self.total_steps:

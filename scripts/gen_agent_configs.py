@@ -50,6 +50,7 @@ WIRED: dict[str, dict[str, tuple[str, str]]] = {
     "dpo": LM_WIRED,
     "reward_model": LM_WIRED,
     "rloo": {**LM_WIRED, "seed": ("${seed}", "from the run's seed")},
+    "grpo": {**LM_WIRED, "seed": ("${seed}", "from the run's seed")},
     "iql": {"cosine_actor_lr": ("${offline_only:${online.steps}}",
                                 "from online.steps: on offline-only, off with an online phase (official fine-tuning: no decay)")},
 }

@@ -136,7 +136,8 @@ def run_dpo(args, model_path, tokenizer, pair_rows, test_prompts, seed, generato
 
 
 def run_rloo(args, model_path, tokenizer, train_prompts, test_prompts, seed) -> dict:
-    rloo = orl.make_agent("rloo", SPACE, SPACE, {"model_path": model_path, "lr": 3e-4, "max_new_tokens": args.max_new_tokens})
+    rloo = orl.make_agent("rloo", SPACE, SPACE, {"model_path": model_path, "lr": 3e-4, "num_generations": 4,
+                                                 "max_completion_length": args.max_new_tokens})
     rloo.generator.manual_seed(seed)
     rng = np.random.default_rng(seed)
     for _ in range(args.rloo_steps):

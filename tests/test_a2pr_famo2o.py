@@ -156,3 +156,13 @@ def test_famo2o_beta_enters_awac_weight_and_cql_q_term():
     assert torch.autograd.grad(loss, beta)[0].abs().sum() > 0
     metrics = cql.update(batch)  # the whole step runs with per-sample betas tiled through CQL's samples
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in metrics.values())
+
+
+def test_famo2o_cql_refuses_a_calibrated_base():
+    """A calibrated base needs Monte-Carlo returns that FamO2O's buffers do not carry: one clear error, not a crash
+    at the first update."""
+    from orl.errors import ConfigError
+
+    space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    with pytest.raises(ConfigError, match="calibrated"):
+        orl.make_agent("famo2o_cql", space, space, {"base": {"calibrated": True}})

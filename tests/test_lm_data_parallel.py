@@ -65,8 +65,8 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(setting, ag
 def test_rloo_trains_data_parallel(setting, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    rows = orl_train(tmp_path, 2, "rloo", prompts, tmp_path / "rloo", setting["model"], "agent.max_new_tokens=3",
-                     "agent.samples_per_prompt=2", "lm.max_new_tokens=3", "lm.num_eval_prompts=2")
+    rows = orl_train(tmp_path, 2, "rloo", prompts, tmp_path / "rloo", setting["model"], "agent.max_completion_length=3",
+                     "agent.num_generations=2", "lm.max_new_tokens=3", "lm.num_eval_prompts=2")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(np.isfinite(r["train/loss"]) and "train/kl" in r for r in rows)
     assert (tmp_path / "rloo" / "hf" / "config.json").exists()

@@ -118,14 +118,13 @@ def test_kl_penalty_uses_the_sampling_temperature_for_the_reference(models):
 def test_rloo_sampler_follows_its_seed(models):
     draws = []
     for seed in (0, 0, 1):
-        agent = orl.make_agent("rloo", SPACE, SPACE, {"model_path": models["qwen2"], "seed": seed, "max_new_tokens": 4})
-        (_, generated), _ = agent._generate(PROMPTS * 2, lambda p, r: 0.0, greedy=False, kl=False)
-        draws.append(generated)
+        agent = orl.make_agent("rloo", SPACE, SPACE, {"model_path": models["qwen2"], "seed": seed, "max_completion_length": 4})
+        draws.append(agent.generate(PROMPTS * 2)["completion_ids"])
     assert draws[0] == draws[1] and draws[0] != draws[2]
 
 
 # --- the matrix: the env and every agent through orl-train on every architecture -----------------
-MATRIX_AGENTS = ("alol", "dpo", "reward_model", "rloo")
+MATRIX_AGENTS = ("alol", "dpo", "reward_model", "rloo", "grpo")
 
 
 def matrix_data(root):
@@ -135,6 +134,7 @@ def matrix_data(root):
              "dpo": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)],
              "rloo": [{"prompt": p} for p in PROMPTS]}
     files["reward_model"] = files["dpo"]
+    files["grpo"] = files["rloo"]
     paths = {}
     for agent, rows in files.items():
         paths[agent] = root / f"{agent}.jsonl"
@@ -153,7 +153,8 @@ def test_every_lm_agent_through_orl_train_on_every_architecture(models, arch, tm
     data = matrix_data(tmp_path)
     # alol, dpo, rloo: the rate their yaml had before the defaults became real-model rates (issue #22)
     agent_options = {"alol": ["agent.value_epochs=1", "agent.lr=3e-4"], "dpo": ["agent.lr=3e-4"],
-                     "rloo": ["agent.max_new_tokens=3", "agent.samples_per_prompt=2", "agent.lr=3e-4"]}
+                     "rloo": ["agent.max_completion_length=3", "agent.num_generations=2", "agent.lr=3e-4"],
+                     "grpo": ["agent.max_completion_length=3", "agent.num_generations=2", "agent.lr=3e-4", "agent.beta=0.04"]}
     for agent in MATRIX_AGENTS:
         run_dir = tmp_path / agent
         overrides = [f"agent={agent}", f"dataset={data[agent]}", f"lm.model={path}", "lm.max_new_tokens=3", "lm.num_eval_prompts=2",
@@ -295,7 +296,7 @@ def test_rloo_through_orl_train_resumes_exactly(models, tmp_path):
 
     def run(run_dir, steps, resume=False):
         overrides = ["agent=rloo", "agent.lr=3e-4", f"dataset={prompts}", f"lm.model={models['llama']}", "lm.reward=increasing_numbers", "lm.num_eval_prompts=3",
-                     "lm.max_new_tokens=4", "agent.max_new_tokens=4", "agent.samples_per_prompt=2", "batch_size=2", f"steps={steps}",
+                     "lm.max_new_tokens=4", "agent.max_completion_length=4", "agent.num_generations=2", "batch_size=2", f"steps={steps}",
                      "eval.every=4", "log.every=1", "checkpoint.every=2", "log.progress=false", "log.tensorboard=false", "device=cpu",
                      f"run_dir={run_dir}", f"resume={str(resume).lower()}"]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -306,7 +307,7 @@ def test_rloo_through_orl_train_resumes_exactly(models, tmp_path):
     run(tmp_path / "resumed", 4, resume=True)
     full = [r for r in read_metrics(tmp_path / "full") if "train/loss" in r]
     resumed = [r for r in read_metrics(tmp_path / "resumed") if "train/loss" in r]
-    assert [r["step"] for r in full] == [1, 2, 3, 4] and {"train/task_reward", "train/kl"} <= set(full[0])
+    assert [r["step"] for r in full] == [1, 2, 3, 4] and {"train/reward", "train/kl", "train/completions/mean_length"} <= set(full[0])
     assert full == resumed  # steps 3-4 after the resume repeat the uninterrupted run exactly
     assert (tmp_path / "full" / "hf" / "config.json").exists()
 
@@ -327,7 +328,7 @@ def test_dpo_then_rloo_through_init_from(models, tmp_path):
         run_train(compose(config_name="train", overrides=common + ["agent=dpo", f"dataset={pairs}", f"lm.model={models['gpt_neox']}",
                                                                "agent.lr=1e-2", "steps=2", "eval.every=2", f"run_dir={tmp_path / 'dpo'}"]))
         cfg = compose(config_name="train", overrides=common + ["agent=rloo", f"dataset={prompts}", f"init_from={tmp_path / 'dpo'}",
-                                                             "agent.max_new_tokens=3", "agent.samples_per_prompt=2", "agent.lr=0.0", "steps=1", "eval.every=0",
+                                                             "agent.max_completion_length=3", "agent.num_generations=2", "agent.lr=0.0", "steps=1", "eval.every=0",
                                                              f"run_dir={tmp_path / 'rloo'}"])
         run_train(cfg)
     dpo_policy = load_checkpoint(tmp_path / "dpo" / "checkpoint.pt")["agent"]["nets"]
@@ -486,3 +487,25 @@ def test_hub_dataset_ids_go_through_load_dataset(monkeypatch):
     assert calls == [("trl-lib/some-prefs", "test")] and rows[0]["chosen"] == CHOSEN[0]
     with pytest.raises(DataError, match="could not load 'nobody/missing'.*save_to_disk"):
         load_text_rows("hf:nobody/missing", "pairs")
+
+
+def test_lora_generation_uses_the_current_cache_argument(models):
+    """PEFT's forward is (*args, **kwargs): the cache argument is read from the base model, so a LoRA policy uses
+    `cache=` where transformers has it (it used the deprecated `past_key_values=`, removed in later releases)."""
+    import inspect
+    import warnings
+
+    from orl.text.generation import cache_argument
+    from orl.text.runtime import AdapterDisabled, add_lora
+
+    model, tokenizer = load_lm(models["llama"])
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    plain = rollout(KVCachePolicy(model), VectorTokenEnv(tokenizer, PROMPTS, max_new_tokens=5, eos_ids=eos_token_ids(tokenizer, model)))
+    lora = add_lora(model, 4, 8.0, None)
+    assert cache_argument(lora) == expected == cache_argument(AdapterDisabled(lora))
+    policy = KVCachePolicy(lora)
+    assert policy._cache_arg == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = rollout(policy, VectorTokenEnv(tokenizer, PROMPTS, max_new_tokens=5, eos_ids=eos_token_ids(tokenizer, model)))
+    assert out["responses"] == plain["responses"]  # a fresh adapter (B = 0) changes nothing

@@ -274,3 +274,11 @@ def test_preference_transformer_label_files_and_the_last_n_queries(tmp_path, cap
     (folder / "indices_num4").unlink()
     with pytest.raises(DataError, match="expected one indices_num"):
         load_preference_transformer_labels(folder, data, length=10)
+
+
+def test_pair_accuracy_scores_soft_labels_by_direction():
+    from orl.prefs.losses import pair_accuracy
+
+    a, b = torch.tensor([2.0, 0.0, 1.0, 5.0]), torch.tensor([1.0, 1.0, 3.0, 5.0])
+    # 0.7 and 0.2 are decided (a and b preferred), 0.5 is a tie and left out: a>b right, a<b right, a<b wrong
+    assert pair_accuracy(a, b, torch.tensor([0.7, 0.2, 0.9, 0.5])) == pytest.approx(2 / 3)

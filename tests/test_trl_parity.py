@@ -83,3 +83,49 @@ def test_bradley_terry_loss_equals_trl_reward_trainer(margin, center):
     trl_loss = trl.RewardTrainer.compute_loss(trainer, model, inputs)
     ours = bt_loss(chosen, rejected, margin or 0.0, center or 0.0)
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-6)
+
+
+def test_chat_rows_tokenize_as_trl_does_no_eos_after_the_end_of_turn(tmp_path):
+    """TRL adds EOS to non-conversational rows only: a chat completion ends where the template's rendering ends (its
+    end-of-turn), and orl appended the tokenizer's EOS after it (`<|im_end|></s>`-style ids on every chat row)."""
+    from orl.text.encoding import CHAT_ROW, render_chat
+
+    path = build_tiny_causal_lm("qwen2", tmp_path / "qwen2")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    tokenizer.save_pretrained(path)
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in ROWS]
+    agent = orl.make_agent("dpo", gym.spaces.Discrete(2), gym.spaces.Discrete(2), {"model_path": str(path)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = trl.DPOConfig(output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=len(ROWS), report_to=[], use_cpu=True,
+                             precompute_ref_log_probs=False, bf16=False)
+        trainer = trl.DPOTrainer(model=agent.nets["policy"], ref_model=agent.nets["reference"], args=args,
+                                 train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    rendered = render_chat(rows, tokenizer, ["prompt", "chosen", "rejected"])
+    assert all(r[CHAT_ROW] for r in rendered)
+    prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["chosen"] for r in rendered],
+                                           [not r[CHAT_ROW] for r in rendered])
+    _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["rejected"] for r in rendered], False)
+    for trl_row, p, c, r in zip(trainer.train_dataset, prompt_ids, chosen_ids, rejected_ids):
+        assert (trl_row["prompt_ids"], trl_row["chosen_ids"], trl_row["rejected_ids"]) == (p, c, r)  # before: c + [EOS]
+        assert c[-1] != tokenizer.eos_token_id
+
+
+def test_a_chat_template_that_raises_is_one_data_error(tmp_path):
+    from orl.errors import DataError
+    from orl.text.encoding import render_chat
+
+    path = build_tiny_causal_lm("llama", tmp_path / "llama")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                               "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{{ m['content'] }} {% endfor %}")
+    rows = [{"prompt": [{"role": "tool", "content": "3"}], "chosen": "4", "rejected": "1"}]
+    with pytest.raises(DataError, match="row 1: the tokenizer's chat template failed.*unknown role tool"):
+        render_chat(rows, tokenizer, ["prompt", "chosen", "rejected"])

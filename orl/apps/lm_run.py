@@ -1,9 +1,10 @@
 """`orl-train` on text data: the wiring of a language-model run, beside the LM agents it serves.
 
 The CLI only dispatches here (dataset = a `.jsonl` file or a Hugging Face datasets directory). What differs
-between LM agents is declared by the agents themselves (agents/lm_common.py::LMAgent):
+between LM agents is declared by the agents themselves (orl/text/agent.py::LMAgent):
   * `data_kind`: which rows they train on: "rewarded" {prompt, response, reward} (A-LoL), "pairs"
-    {prompt, chosen, rejected} (DPO, reward models) or "prompts" {prompt} (RLOO, which generates online);
+    {prompt, chosen, rejected} (DPO, reward models) or "prompts" {prompt, other columns} (GRPO, RLOO: they
+    generate online, and every other column goes to the reward functions);
   * `prepare_run(run)`: work before the first step (A-LoL fits V_ref on the reference's generations,
     DPO caches reference log-probs);
   * `evaluate_run(run)`: what an evaluation reports (generation by default; pair accuracy for a reward
@@ -45,12 +46,13 @@ class TextRun:
 
 def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """Train one LM agent on a text dataset as `cfg` describes; returns the final evaluation summary."""
-    from orl.text.encoding import pair_buffer, render_chat, text_buffer
+    from orl.text.encoding import CHAT_ROW, pair_buffer, render_chat, text_buffer
     from orl.text.runtime import save_hf
     from orl.text.generation import VectorTokenEnv
     from orl.text.runtime import context_length, load_tokenizer
     from orl.text.encoding import encode_prompt
     from orl.envs.text_rewards import make_text_reward
+    from orl.text.rewards import per_sample_reward
     from orl.agent import agent_class, make_agent
     from orl.apps.runs import resolve_run_dir, trainer_config, write_run_config
     from orl.text.data import JSONL_FIELDS, PromptBuffer, load_text_rows
@@ -68,14 +70,20 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     agent_cfg["model_path"] = model_path
     # The reward for A-LoL's value targets, RLOO's returns and evaluation: a built-in, a sequence-classification
     # model by path, or an orl reward_model run directory.
-    reward_fn = make_text_reward(str(lm.reward), device)
+    specs = list(lm.reward) if OmegaConf.is_list(lm.reward) else [lm.reward]
+    reward_funcs = [make_text_reward(str(spec), device) for spec in specs]
+    reward_weights = list(lm.reward_weights) if lm.get("reward_weights") is not None else None
+    reward_fn = per_sample_reward(reward_funcs, reward_weights)  # R(prompt, response): evaluation, A-LoL's value targets
     tokenizer = load_tokenizer(model_path)
     rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[kind] if f != "reward"])
     rows, held_out, held_out_index = _hold_out(cfg, rows)
     eval_prompts = _eval_prompts(cfg, held_out or rows)
     probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
-    agent.reward_fn = reward_fn
+    if hasattr(agent, "set_rewards"):  # the GRPO family: every reward function in TRL's signature, with its weights
+        agent.set_rewards(reward_funcs, reward_weights)
+    else:
+        agent.reward_fn = reward_fn
 
     # Rows longer than the context are truncated (TRL's max_length / max_prompt_length), with a warning.
     # Defaults: the model's context, and prompts that leave room for max_new_tokens (as generation needs).
@@ -93,12 +101,16 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
                           f"{context} - {lm.max_new_tokens} tokens", stacklevel=2)
         eval_prompts = fitting
 
-    if kind == "prompts":
-        buffer = PromptBuffer([r["prompt"] for r in rows], device)
+    add_eos = [not row.get(CHAT_ROW, False) for row in rows]  # TRL: EOS after plain-text completions only
+    if kind == "prompts":  # every other column of the rows goes to the reward functions (TRL's convention)
+        extra = sorted({key for row in rows for key in row if key not in ("prompt", CHAT_ROW)})
+        buffer = PromptBuffer([r["prompt"] for r in rows], device, {key: [r.get(key) for r in rows] for key in extra})
     elif kind == "rewarded":
-        buffer = text_buffer(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], [r["reward"] for r in rows], device, **limits)
+        buffer = text_buffer(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], [r["reward"] for r in rows], device,
+                             add_eos=add_eos, **limits)
     else:
-        buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device, **limits)
+        buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device,
+                             add_eos=add_eos, **limits)
     run = TextRun(rows, tokenizer, buffer, eval_prompts, reward_fn, int(lm.max_new_tokens), limits, int(lm.num_value_prompts),
                   int(cfg.seed), device, eval_rows=held_out)
     prepared = agent.prepare_run(run)

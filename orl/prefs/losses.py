@@ -24,4 +24,5 @@ def pair_accuracy(returns_a: torch.Tensor, returns_b: torch.Tensor, labels: torc
     decided = labels != 0.5
     if not bool(decided.any()):
         return float("nan")
-    return float(((returns_a > returns_b).float() == labels)[decided].float().mean())
+    # by direction: a soft label (0.7) counts segment a as preferred, as a hard 1 does
+    return float(((returns_a > returns_b) == (labels > 0.5))[decided].float().mean())

@@ -79,15 +79,16 @@ class LMAgent(Agent):
 
         self.schedulers["policy"] = torch.optim.lr_scheduler.LambdaLR(self.optimizers["policy"], factor)
 
-    def optimize(self, batch, losses) -> dict[str, torch.Tensor]:
+    def optimize(self, batch, losses, shard: bool = True) -> dict[str, torch.Tensor]:
         """One optimizer step on `batch`, processed in `grad_accum_steps` equal micro-batches whose
         gradients add up to the full batch's (memory for one micro-batch at a time), then gradient
-        clipping and the LR schedule. `losses(micro_batch)` returns (mean loss, metrics)."""
+        clipping and the LR schedule. `losses(micro_batch)` returns (mean loss, metrics). `shard=False`: the batch is
+        already this process's share (agents that generate shard their prompts before generating)."""
         parts = max(int(self.cfg.grad_accum_steps), 1)
         optimizer = self.optimizers["policy"]
         optimizer.zero_grad(set_to_none=True)
         total, sums = 0.0, {}
-        for micro in split_batch(self.data_parallel.shard(batch), parts):
+        for micro in split_batch(self.data_parallel.shard(batch) if shard else batch, parts):
             loss, metrics = losses(micro)
             (loss / parts).backward()
             total = total + loss.detach() / parts

@@ -9,7 +9,7 @@ so prompt and padding never enter a log-probability.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -143,23 +143,27 @@ class PairBuffer:
 class PromptBatch:
     prompts: list[str]
     index: torch.Tensor
+    # Every other column of the rows (e.g. a reference `answer`), passed to reward functions as TRL passes them.
+    columns: dict[str, list] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
 
 class PromptBuffer:
-    """Prompts for online generation (RLOO through the Trainer): a batch is a random draw of prompts."""
+    """Prompts for online generation (GRPO, RLOO through the Trainer): a batch is a random draw of rows."""
 
-    def __init__(self, prompts: Sequence[str], device: torch.device | str = "cpu"):
+    def __init__(self, prompts: Sequence[str], device: torch.device | str = "cpu", columns: dict[str, Sequence] | None = None):
         self.prompts, self.device = list(prompts), torch.device(device)
+        self.columns = {key: list(values) for key, values in (columns or {}).items()}
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> PromptBatch:
         index = torch.randint(0, len(self), (batch_size,), device=self.device, generator=generator)
-        return PromptBatch([self.prompts[i] for i in index.tolist()], index)
+        rows = index.tolist()
+        return PromptBatch([self.prompts[i] for i in rows], index, {key: [values[i] for i in rows] for key, values in self.columns.items()})
 
 
 def distinct_n(texts: Sequence[Sequence[int]], n: int) -> float:

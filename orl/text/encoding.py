@@ -36,12 +36,23 @@ def encode_response(tokenizer, response: str) -> list[int]:
     return list(tokenizer(response, add_special_tokens=False)["input_ids"])
 
 
+CHAT_ROW = "_chat"  # set on rows rendered from chat messages: their completions end with the template's end-of-turn
+
+
+def _apply_template(tokenizer, messages: list[dict], number: int, **kwargs) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as exc:  # a user's Jinja template raising (unknown role, missing field): one message, not a traceback
+        raise DataError(f"row {number}: the tokenizer's chat template failed on this row's messages ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); check the roles and fields the template expects") from exc
+
+
 def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict]:
     """TRL's conversational format: message lists rendered to text with the tokenizer's chat template.
 
     The prompt gets the generation prompt; each completion field is the rendering of prompt +
     completion messages minus the rendered prompt (so prompt and completion meet exactly where the
-    model starts answering).
+    model starts answering). Rendered rows carry `CHAT_ROW`, so no EOS is appended after their end-of-turn.
     """
     if not any(isinstance(row[f], list) for row in rows for f in fields):
         return rows
@@ -50,13 +61,14 @@ def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict
     out = []
     for number, row in enumerate(rows, 1):
         row = dict(row)
+        row[CHAT_ROW] = True
         prompt_messages = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
-        row["prompt"] = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+        row["prompt"] = _apply_template(tokenizer, prompt_messages, number, add_generation_prompt=True)
         for field in fields:
             if field == "prompt":
                 continue
             messages = row[field] if isinstance(row[field], list) else [{"role": "assistant", "content": row[field]}]
-            full = tokenizer.apply_chat_template(prompt_messages + messages, tokenize=False)
+            full = _apply_template(tokenizer, prompt_messages + messages, number)
             if not full.startswith(row["prompt"]):
                 raise DataError(f"row {number}: the chat template renders the prompt differently alone and with its {field}; "
                                 "orl cannot split prompt from completion for this template")
@@ -65,14 +77,16 @@ def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict
     return out
 
 
-def tokenize_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str]):
+def tokenize_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], add_eos: Sequence[bool] | bool = True):
     """Tokenize prompt and response separately (so boundaries line up) and append EOS to the response.
 
     Prompts go through `encode_prompt` (BOS once, as the env encodes them), responses carry
-    no special tokens of their own.
+    no special tokens of their own. `add_eos` False for a row rendered from chat messages: its response already
+    ends with the template's end-of-turn, and TRL adds EOS to non-conversational rows only.
     """
+    flags = [add_eos] * len(responses) if isinstance(add_eos, bool) else list(add_eos)
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    response_ids = [encode_response(tokenizer, r) + [tokenizer.eos_token_id] for r in responses]
+    response_ids = [encode_response(tokenizer, r) + ([tokenizer.eos_token_id] if eos else []) for r, eos in zip(responses, flags)]
     return prompt_ids, response_ids
 
 
@@ -111,9 +125,10 @@ def _warn_truncated(rows: int, cut_prompts: int, cut_responses: int, max_length:
 
 
 def text_buffer(tokenizer, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float] | None, device, width: int | None = None,
-                max_length: int | None = None, max_prompt_length: int | None = None) -> SequenceBuffer:
+                max_length: int | None = None, max_prompt_length: int | None = None, add_eos: Sequence[bool] | bool = True) -> SequenceBuffer:
     """{"prompt","response","reward"} rows as a left-padded device buffer (truncated as `truncate` says)."""
-    prompt_ids, response_ids, cut = truncate(*tokenize_rows(tokenizer, prompts, responses), max_length, max_prompt_length, tokenizer.bos_token_id)
+    prompt_ids, response_ids, cut = truncate(*tokenize_rows(tokenizer, prompts, responses, add_eos), max_length, max_prompt_length,
+                                             tokenizer.bos_token_id)
     _warn_truncated(len(prompt_ids), *cut, max_length, max_prompt_length)
     ids, mask, response_mask = build_sequences(prompt_ids, response_ids, tokenizer.pad_token_id, width)
     rewards_t = None if rewards is None else torch.as_tensor(list(rewards), dtype=torch.float32)
@@ -121,10 +136,12 @@ def text_buffer(tokenizer, prompts: Sequence[str], responses: Sequence[str], rew
 
 
 def pair_buffer(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str], device,
-                max_length: int | None = None, max_prompt_length: int | None = None) -> PairBuffer:
+                max_length: int | None = None, max_prompt_length: int | None = None, add_eos: Sequence[bool] | bool = True) -> PairBuffer:
     """{"prompt","chosen","rejected"} rows; chosen and rejected share one width (truncated as `truncate` says)."""
-    p_ids, c_ids, (cut_prompts, cut_chosen) = truncate(*tokenize_rows(tokenizer, prompts, chosen), max_length, max_prompt_length, tokenizer.bos_token_id)
-    _, r_ids, (_, cut_rejected) = truncate(*tokenize_rows(tokenizer, prompts, rejected), max_length, max_prompt_length, tokenizer.bos_token_id)
+    p_ids, c_ids, (cut_prompts, cut_chosen) = truncate(*tokenize_rows(tokenizer, prompts, chosen, add_eos), max_length, max_prompt_length,
+                                                       tokenizer.bos_token_id)
+    _, r_ids, (_, cut_rejected) = truncate(*tokenize_rows(tokenizer, prompts, rejected, add_eos), max_length, max_prompt_length,
+                                           tokenizer.bos_token_id)
     _warn_truncated(len(p_ids), cut_prompts, cut_chosen + cut_rejected, max_length, max_prompt_length)
     width = max(len(p) + len(r) for p, r in zip(p_ids + p_ids, c_ids + r_ids))
     chosen_buf = SequenceBuffer(*build_sequences(p_ids, c_ids, tokenizer.pad_token_id, width), None, device)

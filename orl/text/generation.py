@@ -104,6 +104,16 @@ class VectorTokenEnv:
         return bool(self.done.all())
 
 
+def cache_argument(model) -> str:
+    """The name the model's forward takes its KV cache under: `cache` (transformers >= 5) or `past_key_values`.
+
+    A PEFT model's forward is (*args, **kwargs) and passes them to the base model, so the base model's signature
+    decides (reading the wrapper's would fall back to the deprecated `past_key_values` under LoRA)."""
+    while hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class KVCachePolicy:
     """Drives a causal LM one token at a time with its key/value cache: one incremental forward per step.
 
@@ -113,7 +123,7 @@ class KVCachePolicy:
 
     def __init__(self, model):
         self.model = model
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_arg = cache_argument(model)
 
     def _forward(self, **inputs):
         out = self.model(**inputs, use_cache=True)

@@ -199,6 +199,8 @@ def split_batch(batch, parts: int) -> list:
     def cut(value, start):
         if isinstance(value, torch.Tensor) or isinstance(value, list):
             return value[start : start + step]
+        if isinstance(value, dict):  # a PromptBatch's columns
+            return {key: cut(v, start) for key, v in value.items()}
         if dataclasses.is_dataclass(value):
             return type(value)(**{f.name: cut(getattr(value, f.name), start) for f in dataclasses.fields(value)})
         return value

@@ -1,0 +1,51 @@
+"""Rewards of text completions in TRL's convention: f(prompts, completions, completion_ids, **columns) ->
+list[float | None] (None: this function does not score that completion), so a TRL user's reward function works
+unchanged. orl's per-sample rewards R(prompt, response) (built-ins, reward models) are adapted to it, and back."""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Sequence
+
+RewardFunc = Callable[..., Sequence[float | None]]
+
+
+def as_reward_func(fn: Callable) -> RewardFunc:
+    """`fn` in TRL's signature: a function that takes `completions` is used as it is; a per-sample R(prompt,
+    response) is called once per completion."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    if "completions" in parameters:
+        return fn
+
+    def per_sample(prompts, completions, **_: Any) -> list[float]:
+        return [float(fn(p, c)) for p, c in zip(prompts, completions)]
+
+    per_sample.__name__ = reward_name(fn)
+    return per_sample
+
+
+def reward_name(fn: Callable) -> str:
+    """The name TRL logs a reward function under (rewards/<name>/mean)."""
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def per_sample_reward(funcs: Sequence[Callable], weights: Sequence[float] | None = None) -> Callable[[str, str], float]:
+    """R(prompt, response) = sum_k w_k f_k(...) for one completion (None counts as 0): what evaluation and the
+    sequence-level agents (A-LoL's value targets) call."""
+    batched = [as_reward_func(f) for f in funcs]
+    weights = list(weights) if weights is not None else [1.0] * len(batched)
+    if len(batched) == 1 and weights == [1.0] and batched[0] is not funcs[0]:
+        return funcs[0]  # already per-sample
+
+    def reward(prompt: str, response: str) -> float:
+        total = 0.0
+        for weight, fn in zip(weights, batched):
+            value = list(fn(prompts=[prompt], completions=[response], completion_ids=[[]]))[0]
+            total += 0.0 if value is None or (isinstance(value, float) and math.isnan(value)) else weight * float(value)
+        return total
+
+    reward.__name__ = "+".join(reward_name(f) for f in batched)
+    return reward
