@@ -16,7 +16,7 @@ $(VENV)/.core: pyproject.toml
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: $(VENV)/.core
-	$(BIN)/pip install -q -e ".[dev,lm,sweep]"
+	$(BIN)/pip install -q -e ".[dev,lm,sweep,tasks]"
 	touch $@
 
 # The embedded default: orl's SAC collects a small Pendulum medium-replay dataset (first run only), then IQL

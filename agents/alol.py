@@ -81,6 +81,7 @@ def clipped_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: float
 @register("alol")
 class ALoL(LMAgent):
     data_kind = "rewarded"
+    needs_reward = True  # V_ref is fit on lm.reward of the reference's generations
     Config = ALoLConfig
 
     def __init__(self, obs_space, action_space, cfg: ALoLConfig, device="cpu"):

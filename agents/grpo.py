@@ -166,6 +166,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 @register("grpo")
 class GRPO(LMAgent):
     data_kind = "prompts"  # it generates its own completions online, scored by its reward functions
+    needs_reward = True
     Config = GRPOConfig
 
     def __init__(self, obs_space, action_space, cfg: GRPOConfig, device="cpu"):

@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from orl.errors import ConfigError
+
 _INT = re.compile(r"-?\d+")
 
 
@@ -81,6 +83,10 @@ def make_text_reward(spec: str, device: str | torch.device = "cpu") -> Callable[
     name, _, arguments = spec.partition(":")
     if spec in TEXT_REWARDS:
         return TEXT_REWARDS[spec]
+    if spec == "reasoning_gym":  # dataset=reasoning_gym:<task>: each task's own score_answer
+        from orl.envs.reasoning_gym import score
+
+        return score
     if name == "keyword" and arguments:
         return keyword(arguments)
     if name == "length_window" and arguments.count(":") == 1:
@@ -97,9 +103,9 @@ def make_text_reward(spec: str, device: str | torch.device = "cpu") -> Callable[
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
         if any(a.endswith("ForSequenceClassification") for a in architectures):
             return SequenceClassifierReward(str(path), str(device))
-        raise ValueError(f"lm.reward={spec}: {path} holds a {architectures or 'model'} without a sequence-classification head; "
+        raise ConfigError(f"lm.reward={spec}: {path} holds a {architectures or 'model'} without a sequence-classification head; "
                          "give a ...ForSequenceClassification model, an orl reward_model run directory, or a built-in reward")
-    raise ValueError(f"lm.reward={spec!r} is neither a built-in reward ({', '.join(TEXT_REWARDS)}, keyword:<word>, "
+    raise ConfigError(f"lm.reward={spec!r} is neither a built-in reward ({', '.join(TEXT_REWARDS)}, keyword:<word>, "
                      "length_window:<low>:<high>), nor a directory with a sequence-classification model or an orl reward_model run")
 
 
@@ -107,8 +113,6 @@ def reward_function(spec: str) -> Callable:
     """The function `package.module:function` names (lm.reward=my_rewards:exact_match)."""
     import importlib
     import sys
-
-    from orl.errors import ConfigError
 
     module_name, function_name = spec.split(":")
     if "" not in sys.path and "." not in sys.path:
@@ -135,7 +139,8 @@ def load_reward_model_run(run_dir, device: str | torch.device = "cpu"):
     run_cfg = OmegaConf.load(f"{run_dir}/config.yaml")
     options = OmegaConf.to_container(run_cfg.agent, resolve=True)
     if options.pop("name") != "reward_model":
-        raise ValueError(f"{run_dir} is a {run_cfg.agent.name} run, not a reward_model run")
+        raise ConfigError(f"lm.reward={run_dir} is a {run_cfg.agent.name} run, not an `orl-train agent=reward_model` run; give a "
+                          "reward_model run directory, a sequence-classification model, a built-in or package.module:function")
     space = gym.spaces.Discrete(2)
     model = orl.make_agent("reward_model", space, space, options, device)
     model.load_state_dict(load_checkpoint(f"{run_dir}/checkpoint.pt", map_location=device)["agent"], load_optimizers=False)

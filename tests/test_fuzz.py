@@ -156,7 +156,7 @@ def test_malformed_text_data_is_one_clear_message(case, tmp_path, monkeypatch, c
     data = user / "rows.jsonl"
     data.write_bytes(content)
     before = snapshot(user)
-    code, output = run_cli(monkeypatch, capsys, "train_main", "agent=alol", f"dataset={data}", f"lm.model={tmp_path / 'no-model'}",
+    code, output = run_cli(monkeypatch, capsys, "train_main", "agent=alol", f"dataset={data}", f"lm.model={tmp_path / 'no-model'}", "lm.reward=increasing_numbers",
                            "steps=1", "log.progress=false", f"run_dir={tmp_path / 'run'}")
     expect_one_message(code, output, str(data), *words)
     assert snapshot(user) == before
@@ -263,7 +263,7 @@ def test_a_model_path_that_holds_no_model_is_one_clear_message(tmp_path, monkeyp
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": "b", "reward": 1.0}) + "\n")
     (tmp_path / "empty-model").mkdir()
-    code, output = run_cli(monkeypatch, capsys, "train_main", "agent=alol", f"dataset={data}", f"lm.model={tmp_path / 'empty-model'}",
+    code, output = run_cli(monkeypatch, capsys, "train_main", "agent=alol", f"dataset={data}", f"lm.model={tmp_path / 'empty-model'}", "lm.reward=increasing_numbers",
                            "steps=1", f"run_dir={tmp_path / 'run'}")
     expect_one_message(code, output, "lm.model", str(tmp_path / "empty-model"))
 

@@ -243,3 +243,18 @@ def test_orl_train_grpo_with_a_reward_program_learns(tmp_path, monkeypatch, tiny
     first, last = rows[0]["train/reward"], sum(r["train/reward"] for r in rows[-2:]) / 2
     assert "train/rewards/increasing/mean" in rows[0] and "train/completions/mean_length" in rows[0]
     assert last > first + 0.05, (first, last)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_gradient_accumulation_takes_the_full_batch_step(llama, loss_type):
+    """grad_accum_steps splits one generation batch into micro-batches whose gradients add up to the full batch's
+    (the old RLOO ignored the option)."""
+    params = []
+    for parts in (1, 2):
+        agent = orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "num_generations": 4, "max_completion_length": 4, "lr": 1e-2,
+                                                      "loss_type": loss_type, "grad_accum_steps": parts, "seed": 5})
+        agent.reward_fn = lambda p, r: float(len(r.split()))
+        agent.update(PromptBatch(["count: 1", "count: 2"], torch.arange(2)))
+        params.append([p.detach().clone() for p in agent.nets["policy"].parameters()])
+    for full, accumulated in zip(*params):
+        torch.testing.assert_close(accumulated, full, atol=1e-5, rtol=1e-4)

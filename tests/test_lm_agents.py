@@ -165,7 +165,7 @@ def test_orl_train_runs_text_agents_from_jsonl(agent_name, tiny_lm, tmp_path):
                 for p, a, b, ra, rb in zip(prompts, responses, others, rewards, other_rewards)]
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = [f"agent={agent_name}", f"dataset={path}", f"lm.model={tiny_lm['path']}", "lm.num_eval_prompts=16", "lm.num_value_prompts=16",
+    overrides = [f"agent={agent_name}", f"dataset={path}", f"lm.model={tiny_lm['path']}", "lm.reward=increasing_numbers", "lm.num_eval_prompts=16", "lm.num_value_prompts=16",
                  "steps=6", "eval.every=6", "log.every=3", "batch_size=4", "log.progress=false", "device=cpu", f"run_dir={tmp_path / 'run'}",
                  *(["agent.lr=3e-4"] if agent_name != "reward_model" else [])]  # the tiny LM's rate (the yaml's before issue #22)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

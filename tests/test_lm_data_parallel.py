@@ -25,7 +25,7 @@ BAD = ["2 1", "3", "1 0", "0", "4", "1 1", "2", "1"]
 
 
 def orl_train(tmp_path, processes: int, agent: str, data, run_dir, model, *extra):
-    args = [f"agent={agent}", f"dataset={data}", f"lm.model={model}", "batch_size=4", "steps=3", "eval.every=0", "log.every=1",
+    args = [f"agent={agent}", f"dataset={data}", f"lm.model={model}", "lm.reward=increasing_numbers", "batch_size=4", "steps=3", "eval.every=0", "log.every=1",
             "checkpoint.every=3", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={run_dir}", *extra]
     launcher = [sys.executable, "-m", "orl.apps.cli"] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",

@@ -157,7 +157,7 @@ def test_every_lm_agent_through_orl_train_on_every_architecture(models, arch, tm
                      "grpo": ["agent.max_completion_length=3", "agent.num_generations=2", "agent.lr=3e-4", "agent.beta=0.04"]}
     for agent in MATRIX_AGENTS:
         run_dir = tmp_path / agent
-        overrides = [f"agent={agent}", f"dataset={data[agent]}", f"lm.model={path}", "lm.max_new_tokens=3", "lm.num_eval_prompts=2",
+        overrides = [f"agent={agent}", f"dataset={data[agent]}", f"lm.model={path}", "lm.reward=increasing_numbers", "lm.max_new_tokens=3", "lm.num_eval_prompts=2",
                      "lm.num_value_prompts=3", "steps=2", "eval.every=2", "batch_size=2", "log.every=1", "log.progress=false",
                      "log.tensorboard=false", "device=cpu", f"run_dir={run_dir}", *agent_options.get(agent, [])]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -266,7 +266,7 @@ def test_alol_value_fit_on_an_orl_reward_model_run(models, tmp_path):
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)))
-    common = [f"lm.model={models['qwen2']}", "lm.max_new_tokens=4", "log.progress=false", "log.tensorboard=false", "device=cpu",
+    common = [f"lm.model={models['qwen2']}", "lm.reward=increasing_numbers", "lm.max_new_tokens=4", "log.progress=false", "log.tensorboard=false", "device=cpu",
               "batch_size=2", "steps=2", "eval.every=2"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         run_train(compose(config_name="train", overrides=common + ["agent=reward_model", f"dataset={pairs}", f"run_dir={tmp_path / 'rm'}"]))
@@ -323,7 +323,7 @@ def test_dpo_then_rloo_through_init_from(models, tmp_path):
     pairs, prompts = tmp_path / "pairs.jsonl", tmp_path / "prompts.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)))
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    common = ["lm.num_eval_prompts=3", "lm.max_new_tokens=3", "batch_size=2", "log.progress=false", "log.tensorboard=false", "device=cpu"]
+    common = ["lm.reward=increasing_numbers", "lm.num_eval_prompts=3", "lm.max_new_tokens=3", "batch_size=2", "log.progress=false", "log.tensorboard=false", "device=cpu"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         run_train(compose(config_name="train", overrides=common + ["agent=dpo", f"dataset={pairs}", f"lm.model={models['gpt_neox']}",
                                                                "agent.lr=1e-2", "steps=2", "eval.every=2", f"run_dir={tmp_path / 'dpo'}"]))

@@ -157,7 +157,7 @@ def _lm_run(tmp_path, agent_name, rows, model, *extra):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{agent_name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = [f"agent={agent_name}", f"dataset={path}", f"lm.model={model}", "lm.max_new_tokens=3", "steps=2", "eval.every=2",
+    overrides = [f"agent={agent_name}", f"dataset={path}", f"lm.model={model}", "lm.reward=increasing_numbers", "lm.max_new_tokens=3", "steps=2", "eval.every=2",
                  "batch_size=2", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / agent_name}", *extra]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

@@ -85,7 +85,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(int(cfg.seed))
     from orl.text.data import is_text_dataset
 
-    if is_text_dataset(str(cfg.dataset)):  # .jsonl or a Hugging Face datasets directory: the LM side's own wiring
+    from orl.envs.reasoning_gym import is_task
+
+    # .jsonl, a Hugging Face datasets directory or a procedural task: the LM side's own wiring
+    if is_text_dataset(str(cfg.dataset)) or is_task(str(cfg.dataset)):
         from orl.apps.lm_run import run_text
 
         return run_text(cfg, device)

@@ -13,6 +13,8 @@ A new LM agent is one file plus one yaml, as for control.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,8 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     from orl.text.generation import VectorTokenEnv
     from orl.text.runtime import context_length, load_tokenizer
     from orl.text.encoding import encode_prompt
+    from orl.envs.reasoning_gym import is_task
+    from orl.envs.reasoning_gym import load_rows as load_task_rows
     from orl.envs.text_rewards import make_text_reward
     from orl.text.rewards import per_sample_reward
     from orl.agent import agent_class, make_agent
@@ -65,15 +69,33 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     if kind is None:
         raise ConfigError(f"agent {agent_name!r} trains on control transitions, not text; dataset={cfg.dataset} is a text dataset. "
                           "Use a language-model agent (alol, dpo, reward_model, rloo) or a .npz/.hdf5/Minari dataset")
-    rows = load_text_rows(str(cfg.dataset), kind)  # the data is checked before any model loads
+    task = is_task(str(cfg.dataset))
+    if task and kind != "prompts":
+        raise ConfigError(f"dataset={cfg.dataset} is a procedural task with answers, not {kind} rows: train it with agent=grpo or rloo")
+    # the data is checked before any model loads
+    rows = load_task_rows(str(cfg.dataset), OmegaConf.to_container(lm.task) if lm.get("task") else None) if task else \
+        load_text_rows(str(cfg.dataset), kind)
     model_path = _policy_path(cfg)
     agent_cfg["model_path"] = model_path
     # The reward for A-LoL's value targets, RLOO's returns and evaluation: a built-in, a sequence-classification
     # model by path, or an orl reward_model run directory.
-    specs = list(lm.reward) if OmegaConf.is_list(lm.reward) else [lm.reward]
+    if precision_of(cfg) != "fp32":
+        raise ConfigError(f"precision={cfg.precision} applies to control agents' MLPs; a language model's precision is lm.dtype "
+                          "(lm.dtype=bfloat16 trains in bf16 weights; the default float32 keeps fp32 updates)")
+    spec = lm.reward
+    if spec is None and task:
+        spec = "reasoning_gym"  # the task's own score_answer
+    if spec is None and str(model_path) == str(lm.embedded_model) and not cfg.get("init_from"):
+        spec = "increasing_numbers"  # the embedded tiny model's own task (make lm-demo); a user's model gets no toy reward
+    if spec is None:
+        if agent_class(agent_name).needs_reward:
+            raise ConfigError(f"agent {agent_name} trains on a reward: give lm.reward=<package.module:function | a reward model "
+                              "directory | an orl reward_model run | a built-in such as keyword:<word>>")
+        print("[orl] no lm.reward: evaluation reports response length and distinct-n; its rewards are 0")
+    specs = [] if spec is None else (list(spec) if OmegaConf.is_list(spec) else [spec])
     reward_funcs = [make_text_reward(str(spec), device) for spec in specs]
     reward_weights = list(lm.reward_weights) if lm.get("reward_weights") is not None else None
-    reward_fn = per_sample_reward(reward_funcs, reward_weights)  # R(prompt, response): evaluation, A-LoL's value targets
+    reward_fn = per_sample_reward(reward_funcs, reward_weights) if reward_funcs else None  # R(prompt, response): evaluation, A-LoL
     tokenizer = load_tokenizer(model_path)
     rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[kind] if f != "reward"])
     rows, held_out, held_out_index = _hold_out(cfg, rows)
@@ -101,6 +123,16 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
                           f"{context} - {lm.max_new_tokens} tokens", stacklevel=2)
         eval_prompts = fitting
 
+    if kind == "prompts" and context:  # generation needs prompt + completion within the context: skip longer prompts up front
+        room = context - int(agent_cfg.get("max_completion_length", lm.max_new_tokens))
+        fitting = [row for row in rows if len(encode_prompt(tokenizer, row["prompt"])) <= room]
+        if not fitting:
+            raise DataError(f"no training prompt of {cfg.dataset} fits the model's context ({context} tokens) with "
+                            f"agent.max_completion_length={agent_cfg.get('max_completion_length')}; give shorter prompts or lower it")
+        if len(fitting) < len(rows):
+            warnings.warn(f"skipped {len(rows) - len(fitting)} of {len(rows)} training prompts longer than {room} tokens "
+                          f"(the context, {context}, less the completion length)", stacklevel=2)
+        rows = fitting
     add_eos = [not row.get(CHAT_ROW, False) for row in rows]  # TRL: EOS after plain-text completions only
     if kind == "prompts":  # every other column of the rows goes to the reward functions (TRL's convention)
         extra = sorted({key for row in rows for key in row if key not in ("prompt", CHAT_ROW)})
@@ -130,7 +162,9 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
     local = Path(str(cfg.dataset))
-    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else None, "rows": len(rows), "model": str(model_path),
+    generated = hashlib.sha256(json.dumps([[r["prompt"], r.get("answer")] for r in rows]).encode()).hexdigest() if task else None
+    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else generated, "rows": len(rows), "model": str(model_path),
+                   "task_options": OmegaConf.to_container(lm.task) if task and lm.get("task") else None,
                    "held_out_rows": held_out_index}  # 0-based indices of the dataset's rows left out of training
     trainer.start_callbacks.append(lambda trainer_: write_provenance(run_dir, data_record, str(device), trainer_.step))
     trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
@@ -146,6 +180,10 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         print(f"[orl] final evaluation on {len(result.returns)} responses: mean reward {result.mean_return:.3f}, length {result.lengths.mean():.1f}")
     print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
     return summary
+
+
+def precision_of(cfg: DictConfig) -> str:
+    return str(cfg.get("precision", "fp32"))
 
 
 def _policy_path(cfg: DictConfig) -> str:

@@ -42,6 +42,7 @@ class LMAgent(Agent):
     """
 
     exports_policy = True  # orl-train writes the trained policy to run_dir/hf
+    needs_reward = False  # True: it trains on lm.reward (GRPO, RLOO, A-LoL's value targets), so a run must name one
 
     def __init__(self, obs_space, action_space, cfg, device="cpu", with_reference: bool = True):
         super().__init__(obs_space, action_space, cfg, device)

@@ -31,9 +31,13 @@ def load_lm(path: str, device: torch.device | str = "cpu", dtype: torch.dtype | 
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
     kwargs = {} if dtype is None else {"dtype": dtype}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except TypeError:  # transformers < 4.56 names it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {"torch_dtype": dtype}))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {"torch_dtype": dtype}))
+    except (OSError, ValueError) as exc:  # a tokenizer-only directory, a config of no causal LM, missing weights
+        raise DataFileNotFound(f"lm.model={path}: no causal language model could be loaded from it ({str(exc).splitlines()[0][:200]}); "
+                               "give a directory written by save_pretrained (config.json and weights) or a hub id") from exc
     if disable_dropout:
         switch_off_dropout(model)
     return model.to(device), tokenizer
