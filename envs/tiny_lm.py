@@ -32,9 +32,26 @@ def make_corpus(n_lines: int, seed: int, increasing_fraction: float = 1.0 / 3.0)
     return lines
 
 
-def make_prompts(n: int, seed: int) -> list[str]:
+SPLITS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
+
+
+def prompt_pool(split: str = "train") -> list[str]:
+    """The prompt strings of one split of the demo task: "count: a" (a < 30) and "count: a b" (a < b < 40), 810 in
+    all, partitioned once (a fixed permutation) into disjoint train (80%), validation (10%) and test (10%) strings,
+    so a held-out prompt is never a training prompt."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    strings = [f"count: {a}" for a in range(30)] + [f"count: {a} {b}" for a in range(40) for b in range(a + 1, 40)]
+    order = np.random.default_rng(0).permutation(len(strings))
+    low, high = SPLITS[split]
+    return [strings[i] for i in order[int(low * len(strings)) : int(high * len(strings))]]
+
+
+def make_prompts(n: int, seed: int, split: str = "train") -> list[str]:
+    """n prompts drawn (with replacement) from the strings of `split` (see prompt_pool)."""
+    pool = prompt_pool(split)
     rng = np.random.default_rng(seed)
-    return [f"count: {int(x)}" for x in rng.integers(0, 30, size=n)]
+    return [pool[int(i)] for i in rng.integers(0, len(pool), size=n)]
 
 
 def build_tiny_lm(out_dir: str | Path, seed: int = 0, steps: int = 600, n_lines: int = 20000, context: int = 48) -> Path:

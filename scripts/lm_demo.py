@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--rloo-steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--methods", nargs="+", default=["alol", "dpo", "rloo"], choices=["alol", "dpo", "rloo"])
+    parser.add_argument("--methods", nargs="+", default=["alol", "dpo", "rloo", "grpo"], choices=["alol", "dpo", "rloo", "grpo"])
     parser.add_argument("--dpo-lr", type=float, default=3e-5,
                         help="DPO's learning rate, chosen on the validation prompts (--select-on val): 3e-4, the A-LoL/RLOO rate, "
                              "over-optimizes (responses 2-3x longer, one seed in three at or below the reference)")
@@ -72,9 +72,11 @@ def main() -> None:
 
     model_path = str(build_tiny_lm(args.model_dir))
     ref_model, tokenizer = load_lm(model_path)
-    train_prompts = make_prompts(args.train_prompts, seed=100)
-    val_prompts = make_prompts(128, seed=200)
-    test_prompts = make_prompts(args.test_prompts, seed=300)
+    # disjoint prompt strings per split: no test or validation prompt is ever a training prompt
+    train_prompts = make_prompts(args.train_prompts, seed=100, split="train")
+    val_prompts = make_prompts(128, seed=200, split="val")
+    test_prompts = make_prompts(args.test_prompts, seed=300, split="test")
+    assert not set(test_prompts) & set(train_prompts) and not set(val_prompts) & set(train_prompts)
 
     # Offline data sampled from the reference policy.
     responses, rewards = sample_responses(ref_model, tokenizer, train_prompts, args.max_new_tokens, seed=1)
@@ -87,7 +89,7 @@ def main() -> None:
     rewarded_rows, pair_rows = load_jsonl(data_dir / "alol.jsonl", "rewarded"), load_jsonl(data_dir / "pairs.jsonl", "pairs")
 
     results = {"reference": [evaluate_lm(ref_model, tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=s) for s in args.seeds],
-               "alol": [], "dpo": [], "rloo": [], "data": {"alol_rows": len(rewarded_rows), "dpo_pairs": len(pair_rows),
+               "alol": [], "dpo": [], "rloo": [], "grpo": [], "data": {"alol_rows": len(rewarded_rows), "dpo_pairs": len(pair_rows),
                                                            "data_reward_mean": float(np.mean(rewards))},
                # what the numbers depend on: the tiny LM and the sampled data (sha256), the packages and processor
                "provenance": {"tiny_lm_sha256": file_checksum(model_path), "alol_sha256": file_checksum(data_dir / "alol.jsonl"),
@@ -108,6 +110,9 @@ def main() -> None:
         if "rloo" in args.methods:
             torch.manual_seed(seed)
             results["rloo"].append(run_rloo(args, model_path, tokenizer, train_prompts, test_prompts, seed))
+        if "grpo" in args.methods:
+            torch.manual_seed(seed)
+            results["grpo"].append(run_rloo(args, model_path, tokenizer, train_prompts, test_prompts, seed, agent="grpo"))
         print(f"seed {seed}: " + ", ".join(f"{k} {results[k][-1]['reward']:.3f}" for k in ("reference", *args.methods)), flush=True)
     finish(args, results, start, out, len(test_prompts))
 
@@ -135,9 +140,11 @@ def run_dpo(args, model_path, tokenizer, pair_rows, test_prompts, seed, generato
             "train_accuracy": float(metrics["accuracy"])}
 
 
-def run_rloo(args, model_path, tokenizer, train_prompts, test_prompts, seed) -> dict:
-    rloo = orl.make_agent("rloo", SPACE, SPACE, {"model_path": model_path, "lr": 3e-4, "num_generations": 4,
-                                                 "max_completion_length": args.max_new_tokens})
+def run_rloo(args, model_path, tokenizer, train_prompts, test_prompts, seed, agent: str = "rloo") -> dict:
+    # RLOO as it always ran here (TRL RLOOTrainer settings, 4 samples); GRPO with TRL's GRPOTrainer defaults (dapo loss,
+    # group-normalized advantages, no KL) at the same samples per step and steps
+    rloo = orl.make_agent(agent, SPACE, SPACE, {"model_path": model_path, "lr": 3e-4, "num_generations": 4,
+                                                "max_completion_length": args.max_new_tokens, "seed": seed})
     rloo.generator.manual_seed(seed)
     rng = np.random.default_rng(seed)
     for _ in range(args.rloo_steps):

@@ -116,7 +116,7 @@ def test_rloo_raises_reward_online(tiny_lm):
 
     torch.manual_seed(0)
     agent = orl.make_agent("rloo", SPACE, SPACE, {"model_path": tiny_lm["path"], "lr": 3e-4, "num_generations": 4, "max_completion_length": 16})
-    test_prompts = make_prompts(64, seed=7)
+    test_prompts = make_prompts(64, seed=7, split="test")
     before = evaluate_lm(agent.nets["policy"], agent.tokenizer, test_prompts, increasing_numbers, 16, seed=0)["reward"]
     for step in range(25):
         agent.train_step(make_prompts(16, seed=step), increasing_numbers)

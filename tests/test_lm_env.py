@@ -131,3 +131,13 @@ def test_hf_sequence_classifier_reward_loads_by_path(tiny_lm, tmp_path):
     reward = SequenceClassifierReward(str(tmp_path))
     value = reward("count: 3", " 4 5")
     assert 0.0 < value < 1.0
+
+
+def test_demo_prompt_splits_are_disjoint_strings():
+    """make lm-demo's held-out prompts were its training prompts (all drawn from the same 30 strings)."""
+    from orl.envs.tiny_lm import prompt_pool
+
+    train, val, test = (set(prompt_pool(s)) for s in ("train", "val", "test"))
+    assert not train & val and not train & test and not val & test
+    assert len(train) > 600 and len(test) > 60
+    assert set(make_prompts(500, seed=1, split="test")) <= test and set(make_prompts(500, seed=1)) <= train
