@@ -4,7 +4,9 @@ itself on a corpus it generates, saved with `save_pretrained` so it loads throug
 
 Corpus: lines "count: a b c ..." of integers 0-49; a third are strictly increasing, the rest are in
 random order, so the reference model writes increasing sequences only sometimes and the
-`increasing_numbers` reward has room to improve.
+`increasing_numbers` reward has room to improve. And one-digit sums and differences in reasoning-gym's
+`basic_arithmetic` format ("Calculate 4 - 1. Answer: 3"), right only half of the time (otherwise off by 1-3), so
+the reference answers `dataset=reasoning_gym:basic_arithmetic` (2 terms, 1 digit, + and -) sometimes, not always.
 
     python -m orl.envs.tiny_lm data/tiny-lm        # or build_tiny_lm("data/tiny-lm")
 """
@@ -20,7 +22,8 @@ import torch
 SPECIAL = {"eos": "<|endoftext|>", "pad": "<pad>"}
 
 
-def make_corpus(n_lines: int, seed: int, increasing_fraction: float = 1.0 / 3.0) -> list[str]:
+def make_corpus(n_lines: int, seed: int, increasing_fraction: float = 1.0 / 3.0, arithmetic_lines: int = 0,
+                arithmetic_correct: float = 0.5) -> list[str]:
     rng = np.random.default_rng(seed)
     lines = []
     for _ in range(n_lines):
@@ -29,6 +32,13 @@ def make_corpus(n_lines: int, seed: int, increasing_fraction: float = 1.0 / 3.0)
         if rng.random() < increasing_fraction:
             numbers = np.sort(numbers)
         lines.append("count: " + " ".join(str(int(x)) for x in numbers))
+    arithmetic = np.random.default_rng(seed + 1)  # its own stream: the counting lines are the ones they always were
+    for _ in range(arithmetic_lines):
+        a, b, minus = int(arithmetic.integers(0, 11)), int(arithmetic.integers(0, 11)), bool(arithmetic.random() < 0.5)
+        answer = a - b if minus else a + b
+        if arithmetic.random() >= arithmetic_correct:
+            answer += int(arithmetic.choice([-3, -2, -1, 1, 2, 3]))
+        lines.append(f"Calculate {a} {'-' if minus else '+'} {b}. Answer: {answer}")
     return lines
 
 
@@ -54,17 +64,24 @@ def make_prompts(n: int, seed: int, split: str = "train") -> list[str]:
     return [pool[int(i)] for i in rng.integers(0, len(pool), size=n)]
 
 
-def build_tiny_lm(out_dir: str | Path, seed: int = 0, steps: int = 600, n_lines: int = 20000, context: int = 48) -> Path:
-    """Train tokenizer and model (about 30 s on one CPU core); returns the directory. Idempotent."""
+def build_tiny_lm(out_dir: str | Path, seed: int = 0, steps: int = 900, n_lines: int = 20000, context: int = 48,
+                  arithmetic_lines: int = 8000) -> Path:
+    """Train tokenizer and model (about 30 s on one CPU core); returns the directory. Idempotent: a directory built
+    with these settings is reused; one built with other settings (an older orl's) is rebuilt."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     out = Path(out_dir)
+    settings = {"seed": seed, "steps": steps, "lines": n_lines, "arithmetic_lines": arithmetic_lines}
+    record = out / "orl_tiny_lm.json"
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
-        return out
+        built = json.loads(record.read_text()) if record.exists() else {}
+        if {key: built.get(key, 0 if key == "arithmetic_lines" else None) for key in settings} == settings:
+            return out
+        print(f"[orl] rebuilding the embedded tiny LM at {out}: it was built with {built or 'unrecorded settings'}, now {settings}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    corpus = make_corpus(n_lines, seed)
+    corpus = make_corpus(n_lines, seed, arithmetic_lines=arithmetic_lines)
 
     tokenizer_model = Tokenizer(models.BPE())
     tokenizer_model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -101,7 +118,7 @@ def build_tiny_lm(out_dir: str | Path, seed: int = 0, steps: int = 600, n_lines:
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "orl_tiny_lm.json").write_text(json.dumps({"seed": seed, "steps": steps, "final_loss": float(loss.detach()), "lines": n_lines}))
+    record.write_text(json.dumps({**settings, "final_loss": float(loss.detach())}))
     return out
 
 

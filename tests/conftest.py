@@ -73,6 +73,6 @@ def tiny_lm(tmp_path_factory):
     from orl.text.runtime import load_lm
     from orl.envs.tiny_lm import build_tiny_lm
 
-    path = build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), steps=300, n_lines=5000)
+    path = build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), steps=300, n_lines=5000, arithmetic_lines=0)
     model, tokenizer = load_lm(str(path))
     return {"path": str(path), "model": model, "tokenizer": tokenizer}

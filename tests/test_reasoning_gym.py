@@ -66,3 +66,23 @@ def test_grpo_on_a_reasoning_gym_task_through_orl_train(tmp_path, monkeypatch, r
     held_out = {all_rows[i]["prompt"] for i in provenance["held_out_rows"]}
     assert held_out and provenance["sha256"] and provenance["task_options"]["seed"] == 3
     assert held_out.isdisjoint(r["prompt"] for i, r in enumerate(all_rows) if i not in set(provenance["held_out_rows"]))
+
+
+@pytest.mark.slow
+def test_the_embedded_tiny_lm_answers_basic_arithmetic_sometimes_not_always(tmp_path):
+    """The embedded model is pre-trained on the task's format with half-right answers: GRPO has room above and below."""
+    import numpy as np
+    import torch
+
+    from orl.envs.tiny_lm import build_tiny_lm
+    from orl.text.generation import KVCachePolicy, VectorTokenEnv, rollout
+    from orl.text.runtime import load_lm
+
+    model, tokenizer = load_lm(str(build_tiny_lm(tmp_path / "tiny-lm")))
+    rows = load_rows("reasoning_gym:basic_arithmetic", {"size": 200, "seed": 7, "min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                                        "max_digits": 1, "operators": ["+", "-"], "allow_parentheses": False,
+                                                        "allow_negation": False})
+    prompts = [r["prompt"] for r in rows]
+    out = rollout(KVCachePolicy(model), VectorTokenEnv(tokenizer, prompts, None, 6), greedy=True, generator=torch.Generator().manual_seed(0))
+    exact = np.mean([float(extract(t) == r["answer"]) for t, r in zip(out["texts"], rows)])
+    assert 0.05 < exact < 0.8, exact
