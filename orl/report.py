@@ -179,12 +179,13 @@ def load_runs(paths: Iterable[str | Path], group_by: Sequence[str] = (), at_step
 
 # ---------------------------------------------------------------------------------------------------
 # Aggregates over datasets (rliable)
-def score_matrices(runs: Sequence[Run], labels: Sequence[str], datasets: Sequence[str]) -> dict[str, np.ndarray]:
-    """label -> (runs x datasets) final scores / 100. Stratified bootstrap needs as many runs per dataset:
-    each label keeps its first n seeds per dataset, n the fewest it has on any of them."""
+def score_matrices(runs: Sequence[Run], labels: Sequence[str], datasets: Sequence[str], scale: float = 100.0) -> dict[str, np.ndarray]:
+    """label -> (runs x datasets) final scores / scale (100 for normalized scores, 1 for raw returns). Stratified
+    bootstrap needs as many runs per dataset: each label keeps its first n seeds per dataset, n the fewest it has on
+    any of them."""
     out = {}
     for label in labels:
-        columns = [[r.final / 100.0 for r in sorted(runs, key=lambda r: r.seed) if r.label == label and r.dataset == d] for d in datasets]
+        columns = [[r.final / scale for r in sorted(runs, key=lambda r: r.seed) if r.label == label and r.dataset == d] for d in datasets]
         n = min(len(c) for c in columns)
         if n > 0:
             out[label] = np.array([c[:n] for c in columns]).T
@@ -241,7 +242,8 @@ def _mean_std(values: Sequence[float | None], digits: int = 1) -> str:
 
 
 def _ci(point: float, low: float, high: float, scale: float = 100.0) -> str:
-    return f"{point * scale:.1f} [{low * scale:.1f}, {high * scale:.1f}]"
+    digits = 1 if scale == 100.0 else 3
+    return f"{point * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
 
 
 def build_report(runs: Sequence[Run], order: Sequence[str] = (), compare: Sequence[tuple[str, str]] = (),
@@ -259,8 +261,9 @@ def build_report(runs: Sequence[Run], order: Sequence[str] = (), compare: Sequen
     common = [d for d in datasets if all((d, l) in groups for l in labels)]
     normalized = all(r.normalized for r in runs)
     aggregates, improvements = {}, {}
-    if common and normalized:
-        matrices = score_matrices(runs, labels, common)
+    # Raw returns (no reference scores, e.g. an LM's mean reward) aggregate over one dataset only: their scales differ
+    if common and (normalized or len(common) == 1):
+        matrices = score_matrices(runs, labels, common, 100.0 if normalized else 1.0)
         aggregates = interval_estimates(matrices, reps, seed)
         pairs = list(compare) or [(x, y) for i, x in enumerate(labels) for y in labels[i + 1:]]
         improvements = improvement_probabilities(matrices, pairs, reps, seed)
@@ -281,6 +284,7 @@ def mixed_data(runs: Sequence[Run]) -> dict[str, dict[str, list[str]]]:
 
 def to_markdown(report: dict[str, Any], skipped: Sequence[str] = ()) -> str:
     score = "D4RL-normalized score" if report["normalized"] else "mean return"
+    digits, scale = (1, 100.0) if report["normalized"] else (3, 1.0)
     lines = []
     for name, found in report.get("data_versions", {}).items():
         counts = ", ".join(f"{sha[:12]}: {len(dirs)} run(s)" for sha, dirs in found.items())
@@ -288,7 +292,8 @@ def to_markdown(report: dict[str, Any], skipped: Sequence[str] = ()) -> str:
                   "comparable. Split them with `--group-by provenance.data.sha256`.", ""]
     lines += [f"Final and best evaluation during training ({score}, mean ± std over runs).", "",
              "| dataset | agent | final | best during training | n |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {row['dataset']} | {row['agent']} | {_mean_std(row['final'])} | {_mean_std(row['best'])} | {row['n']} |" for row in report["per_dataset"]]
+    lines += [f"| {row['dataset']} | {row['agent']} | {_mean_std(row['final'], digits)} | {_mean_std(row['best'], digits)} | {row['n']} |"
+              for row in report["per_dataset"]]
     if report["online"]:
         lines += ["", "Offline-to-online: worst drop = offline score minus the lowest evaluation after the switch (positive: fell "
                   "below the pre-trained agent); regret = mean over online episodes of 1 - score/100.", "",
@@ -297,9 +302,11 @@ def to_markdown(report: dict[str, Any], skipped: Sequence[str] = ()) -> str:
                   f"| {_mean_std(row['regret'], 3)} | {row['n']} |" for row in report["online"]]
     if report["aggregates"]:
         lines += ["", f"Aggregate over {len(report['aggregate_datasets'])} dataset(s) ({', '.join(report['aggregate_datasets'])}) with rliable: "
-                  "point estimate [95% stratified-bootstrap CI]; optimality gap = mean shortfall below 100 (lower is better).", "",
+                  "point estimate [95% stratified-bootstrap CI]; optimality gap = mean shortfall below "
+                  f"{'100' if report['normalized'] else '1'} (lower is better).", "",
                   "| agent | IQM | median | mean | optimality gap |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {label} | " + " | ".join(_ci(*values[name]) for name in AGGREGATES) + " |" for label, values in report["aggregates"].items()]
+        lines += [f"| {label} | " + " | ".join(_ci(*values[name], scale=scale) for name in AGGREGATES) + " |"
+                  for label, values in report["aggregates"].items()]
     if report["improvements"]:
         lines += ["", "| comparison | probability of improvement [95% CI] |", "|---|---:|"]
         lines += [f"| P({key}) | {p:.2f} [{low:.2f}, {high:.2f}] |" for key, (p, low, high) in report["improvements"].items()]
@@ -390,15 +397,17 @@ def plot_profiles(runs: Sequence[Run], report: dict[str, Any], path: Path, reps:
     from rliable import library as rly
     from rliable import plot_utils
 
-    matrices = score_matrices(runs, report["labels"], report["aggregate_datasets"])
+    scale = 100.0 if report["normalized"] else 1.0
+    matrices = score_matrices(runs, report["labels"], report["aggregate_datasets"], scale)
     top = max(1.0, max(float(m.max()) for m in matrices.values()))
     taus = np.linspace(min(0.0, min(float(m.min()) for m in matrices.values())), top, 101)
     with seeded_bootstrap(seed):
         profiles, cis = rly.create_performance_profile(matrices, taus, reps=reps)
     fig, ax = plt.subplots(figsize=(6, 3.8))
     colors = {label: f"C{report['labels'].index(label) % 10}" for label in matrices}
-    plot_utils.plot_performance_profiles(profiles, taus * 100, performance_profile_cis=cis, ax=ax, colors=colors,
-                                         xlabel=r"normalized score $\tau$", ylabel=r"fraction of runs with score $> \tau$")
+    plot_utils.plot_performance_profiles(profiles, taus * scale, performance_profile_cis=cis, ax=ax, colors=colors,
+                                         xlabel=(r"normalized score $\tau$" if report["normalized"] else r"return $\tau$"),
+                                         ylabel=r"fraction of runs with score $> \tau$")
     ax.legend(handles=[Line2D([0], [0], color=colors[label]) for label in matrices], labels=list(matrices), fontsize=8, loc="upper right")
     ax.set_title(f"performance profiles over {len(report['aggregate_datasets'])} dataset(s)", fontsize=9)
     fig.tight_layout()

@@ -193,3 +193,17 @@ def test_wheel_installs_one_package_with_its_configs_and_runs_outside_the_reposi
                          cwd=elsewhere, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "final evaluation" in run.stdout and (elsewhere / "run" / "checkpoint.pt").exists()
+
+
+def test_long_sweep_directory_names_are_shortened_the_same_way_every_time():
+    """Overrides of a long option (lm.task={...}) gave a name over the file system's 255 bytes: OSError at mkdir."""
+    from orl.apps.cli import path_safe
+
+    task = "{size:2000,seed:0,min_terms:2,max_terms:2,min_digits:1,max_digits:1,operators:[+,-],allow_parentheses:False}"
+    long = f"agent=grpo,dataset=/tmp/{'x' * 120}/data.npz,lm.task={task},seed=2"
+    name = path_safe(long)
+    assert len(name) <= 200 and name == path_safe(long) and name != path_safe(long.replace("seed=2", "seed=3"))
+    assert name.startswith("agent=grpo,dataset=") and ",lm.task=" in name and name.endswith(",seed=2")  # every key kept
+    many = ",".join(f"agent.option_{i}={i}" for i in range(60))
+    assert len(path_safe(many)) <= 200 and path_safe(many) == path_safe(many)
+    assert path_safe("agent=iql,seed=1") == "agent=iql,seed=1"  # short names are unchanged, so finished sweeps are found

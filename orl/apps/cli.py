@@ -28,7 +28,31 @@ from orl.trainer import OFFLINE_CHECKPOINT, Trainer
 OmegaConf.register_new_resolver("offline_only", lambda online_steps: int(online_steps) == 0, replace=True)
 # A sweep run's directory is named by its overrides; dataset ids and paths hold '/', which would nest it.
 # Only characters every OS allows in a file name (no ":" for Windows, which data.reward=learned:<dir> holds).
-OmegaConf.register_new_resolver("path_safe", lambda name: re.sub(r"[^A-Za-z0-9_.,=+-]+", "-", str(name)).strip("-") or "run", replace=True)
+
+
+def path_safe(name: str, limit: int = 200, value_limit: int = 48) -> str:
+    """A directory name for a run's overrides: portable characters, at most `limit` characters (file systems allow
+    255 bytes). When the name is longer, each long value (a data path, lm.task={...}) keeps its start and gets a
+    hash of the whole value, so every key stays readable (agent=, seed=) and the same overrides always give the
+    same directory (a re-run sweep still finds its runs); a name still too long ends in a hash of itself."""
+    import hashlib
+
+    def digest(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+    safe = re.sub(r"[^A-Za-z0-9_.,=+-]+", "-", str(name)).strip("-") or "run"
+    if len(safe) <= limit:
+        return safe
+    items = re.split(r",(?=[A-Za-z0-9_.+-]+=)", safe)  # key=value items; commas inside a value are not followed by key=
+    for i, item in enumerate(items):
+        key, sep, value = item.partition("=")
+        if sep and len(value) > value_limit:
+            items[i] = f"{key}={value[: value_limit - 10].rstrip('-,')}--{digest(value)}"
+    short = ",".join(items)
+    return short if len(short) <= limit else f"{short[: limit - 10].rstrip('-,')}--{digest(short)}"
+
+
+OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
 
 
 # Numeric options checked before any data loads: key -> (smallest allowed value, what it means).

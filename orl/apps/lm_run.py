@@ -75,6 +75,8 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     # the data is checked before any model loads
     rows = load_task_rows(str(cfg.dataset), OmegaConf.to_container(lm.task) if lm.get("task") else None) if task else \
         load_text_rows(str(cfg.dataset), kind)
+    # a generated task's checksum: of all its rows, before any is held out (the split depends on the run's seed)
+    generated = hashlib.sha256(json.dumps([[r["prompt"], r.get("answer")] for r in rows]).encode()).hexdigest() if task else None
     model_path = _policy_path(cfg)
     agent_cfg["model_path"] = model_path
     # The reward for A-LoL's value targets, RLOO's returns and evaluation: a built-in, a sequence-classification
@@ -162,7 +164,6 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
     local = Path(str(cfg.dataset))
-    generated = hashlib.sha256(json.dumps([[r["prompt"], r.get("answer")] for r in rows]).encode()).hexdigest() if task else None
     data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else generated, "rows": len(rows), "model": str(model_path),
                    "task_options": OmegaConf.to_container(lm.task) if task and lm.get("task") else None,
                    "held_out_rows": held_out_index}  # 0-based indices of the dataset's rows left out of training
