@@ -112,6 +112,12 @@ def write_provenance(run_dir: str | os.PathLike, data: dict[str, Any], device: s
             raise DataError(f"{run_dir} trained on {data.get('id')} with sha256 {before[:12]} up to step {step}, but "
                             f"the data loaded now has sha256 {now[:12]}: resume it on the same data, or start a new "
                             "run (another run_dir)")
+        # The rows held out for evaluation (a text run's lm.holdout) are part of what it trains on
+        held_before, held_now = (record.get("data") or {}).get("held_out_rows"), data.get("held_out_rows")
+        if held_before is not None and held_now is not None and held_before != held_now:
+            raise DataError(f"{run_dir} held out {len(held_before)} rows of {data.get('id')} for evaluation up to step {step}, but "
+                            f"the settings now hold out {len(held_now)} other ones (lm.holdout or the seed changed): resume it with "
+                            "the run's own settings (its config.yaml), or start a new run")
         record.setdefault("resumed", []).append({"step": step, "device": device, **software()})
     atomic_write_json(run_dir / PROVENANCE_FILE, record)
 

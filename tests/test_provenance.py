@@ -137,3 +137,17 @@ def test_provenance_records_orls_version_and_never_the_users_commit(tmp_path):
     root = Path(orl.__file__).resolve().parent.parent
     if (root / ".git").exists():  # running from orl's own checkout: its commit is recorded
         assert _git_commit(root).split("-")[0] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_text_run_resumed_with_other_held_out_rows_is_refused(tmp_path):
+    """lm.holdout decides which rows a text run trains on; a resume with another split would silently join two."""
+    import pytest
+
+    from orl.errors import DataError
+    from orl.provenance import write_provenance
+
+    data = {"id": "rows.jsonl", "sha256": "a" * 64, "held_out_rows": [1, 5]}
+    write_provenance(tmp_path, data, "cpu", 0)
+    write_provenance(tmp_path, data, "cpu", 10)  # same split: fine
+    with pytest.raises(DataError, match="held out 2 rows .* other ones"):
+        write_provenance(tmp_path, {**data, "held_out_rows": [2, 7, 9]}, "cpu", 20)

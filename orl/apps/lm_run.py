@@ -100,6 +100,7 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     reward_fn = per_sample_reward(reward_funcs, reward_weights) if reward_funcs else None  # R(prompt, response): evaluation, A-LoL
     tokenizer = load_tokenizer(model_path)
     rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[kind] if f != "reward"])
+    dataset_rows = len(rows)
     rows, held_out, held_out_index = _hold_out(cfg, rows)
     eval_prompts = _eval_prompts(cfg, held_out or rows)
     probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
@@ -164,7 +165,7 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
     trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
     local = Path(str(cfg.dataset))
-    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else generated, "rows": len(rows), "model": str(model_path),
+    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else generated, "rows": dataset_rows, "train_rows": len(rows), "model": str(model_path),
                    "task_options": OmegaConf.to_container(lm.task) if task and lm.get("task") else None,
                    "held_out_rows": held_out_index}  # 0-based indices of the dataset's rows left out of training
     trainer.start_callbacks.append(lambda trainer_: write_provenance(run_dir, data_record, str(device), trainer_.step))
