@@ -5,7 +5,8 @@ Each is a callable R(prompt, response) -> float.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -51,7 +52,12 @@ TEXT_REWARDS = {"increasing_numbers": increasing_numbers}
 
 
 class SequenceClassifierReward:
-    """Any Hugging Face sequence-classification model given by path: R = sigmoid(logit) of the last label."""
+    """Any Hugging Face sequence-classification model given by path: R = sigmoid(logit) of the last label.
+
+    A conversation is rendered with the reward model's own chat template (the messages of the row's prompt plus
+    the completion as the assistant's turn), as TRL renders the reward model's inputs, not with the policy's; plain
+    text is `template` and gets the reward model's special tokens once (no second BOS when the text starts with it).
+    Called per sample (prompt, response) or in TRL's signature with `prompt_messages` (chat datasets)."""
 
     def __init__(self, path: str, device: str = "cpu", template: str = "{prompt}{response}"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -59,11 +65,27 @@ class SequenceClassifierReward:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
         self.template, self.device = template, device
+        self.__name__ = Path(path).name
+
+    def text(self, prompt: str, response: str, messages: list[dict] | None = None) -> tuple[str, bool]:
+        """(the reward model's input text, whether the tokenizer should add its special tokens)."""
+        if messages is not None and getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": response}], tokenize=False), False
+        text = self.template.format(prompt=prompt, response=response)
+        bos = self.tokenizer.bos_token
+        return text, not (bos and text.startswith(bos))
 
     @torch.no_grad()
-    def __call__(self, prompt: str, response: str) -> float:
-        inputs = self.tokenizer(self.template.format(prompt=prompt, response=response), return_tensors="pt", truncation=True).to(self.device)
+    def score(self, prompt: str, response: str, messages: list[dict] | None = None) -> float:
+        text, special = self.text(prompt, response, messages)
+        inputs = self.tokenizer(text, return_tensors="pt", truncation=True, add_special_tokens=special).to(self.device)
         return float(torch.sigmoid(self.model(**inputs).logits[0, -1]))
+
+    def __call__(self, prompts, completions=None, prompt_messages=None, **_: Any):
+        if isinstance(prompts, str):  # R(prompt, response)
+            return self.score(prompts, completions)
+        messages = prompt_messages or [None] * len(prompts)
+        return [self.score(p, c, m) for p, c, m in zip(prompts, completions, messages)]
 
 
 def make_text_reward(spec: str, device: str | torch.device = "cpu") -> Callable[[str, str], float]:

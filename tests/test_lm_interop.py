@@ -509,3 +509,31 @@ def test_lora_generation_uses_the_current_cache_argument(models):
         warnings.simplefilter("error", FutureWarning)
         out = rollout(policy, VectorTokenEnv(tokenizer, PROMPTS, max_new_tokens=5, eos_ids=eos_token_ids(tokenizer, model)))
     assert out["responses"] == plain["responses"]  # a fresh adapter (B = 0) changes nothing
+
+
+def test_sequence_classifier_reward_renders_with_its_own_template_and_one_bos(models, tmp_path):
+    """The reward model got the policy's chat rendering and, on text starting with BOS, a second BOS of its own."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from orl.envs.text_rewards import SequenceClassifierReward
+    from orl.text.rewards import per_sample_reward
+
+    tokenizer = AutoTokenizer.from_pretrained(models["llama"])
+    tokenizer.chat_template = "{% for m in messages %}{{ bos_token }}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    classifier = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                            num_attention_heads=2, num_labels=1, pad_token_id=0))
+    classifier.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    reward = SequenceClassifierReward(str(tmp_path / "rm"))
+    seen = []
+    original = reward.model.forward
+    reward.model.forward = lambda input_ids=None, **kw: seen.append(input_ids[0].tolist()) or original(input_ids=input_ids, **kw)
+    policy_rendered = "<s>user count: 3 4 assistant "  # the policy's template, BOS as text
+    reward(policy_rendered, "5 6")
+    assert seen[-1].count(tokenizer.bos_token_id) == 1  # was two: the text's and the tokenizer's
+    messages = [{"role": "user", "content": "count: 3 4"}]
+    text, special = reward.text(policy_rendered, "5 6", messages)
+    assert text == "<s>user count: 3 4 <s>assistant 5 6 " and not special  # the reward model's own template
+    values = reward(prompts=[policy_rendered], completions=["5 6"], prompt_messages=[messages])  # TRL's signature
+    assert len(values) == 1 and 0.0 < values[0] < 1.0
+    assert per_sample_reward([reward])(policy_rendered, "5 6") == pytest.approx(reward(policy_rendered, "5 6"))

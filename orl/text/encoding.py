@@ -63,6 +63,7 @@ def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict
         row = dict(row)
         row[CHAT_ROW] = True
         prompt_messages = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+        row["prompt_messages"] = prompt_messages  # for rewards that render the conversation themselves (a reward model's template)
         row["prompt"] = _apply_template(tokenizer, prompt_messages, number, add_generation_prompt=True)
         for field in fields:
             if field == "prompt":
