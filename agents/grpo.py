@@ -211,8 +211,15 @@ class GRPO(LMAgent):
             raise RuntimeError("set the reward functions (agent.reward_fn or set_rewards) before training GRPO; orl-train does it "
                                "from lm.reward")
         out = torch.full((len(prompts), len(self.reward_funcs)), float("nan"))
+        columns = columns or {}
+        # Chat rows: as TRL, a reward function gets the prompt's messages and each completion as an assistant message
+        # (functions that read text, orl's built-ins and reward models, set `orl_text_only` and get the rendered text)
+        messages = columns.get("prompt_messages")
+        chat_completions = [[{"role": "assistant", "content": c}] for c in completions] if messages is not None else None
         for k, fn in enumerate(self.reward_funcs):
-            values = list(fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **(columns or {})))
+            chat = messages is not None and not getattr(fn, "orl_text_only", False)
+            values = list(fn(prompts=messages if chat else prompts, completions=chat_completions if chat else completions,
+                             completion_ids=completion_ids, **columns))
             if len(values) != len(prompts):
                 raise ValueError(f"reward function {reward_name(fn)} returned {len(values)} values for {len(prompts)} completions")
             out[:, k] = torch.tensor([float("nan") if v is None else float(v) for v in values])

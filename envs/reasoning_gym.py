@@ -82,3 +82,4 @@ def score(prompts: Sequence[str], completions: Sequence[str], entry: Sequence[di
 
 
 score.__name__ = "reasoning_gym"
+score.orl_text_only = True

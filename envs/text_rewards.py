@@ -66,6 +66,7 @@ class SequenceClassifierReward:
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
         self.template, self.device = template, device
         self.__name__ = Path(path).name
+        self.orl_text_only = True  # renders chat rows itself from the prompt_messages column
 
     def text(self, prompt: str, response: str, messages: list[dict] | None = None) -> tuple[str, bool]:
         """(the reward model's input text, whether the tokenizer should add its special tokens)."""

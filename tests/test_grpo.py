@@ -258,3 +258,56 @@ def test_gradient_accumulation_takes_the_full_batch_step(llama, loss_type):
         params.append([p.detach().clone() for p in agent.nets["policy"].parameters()])
     for full, accumulated in zip(*params):
         torch.testing.assert_close(accumulated, full, atol=1e-5, rtol=1e-4)
+
+
+def test_chat_rows_reach_reward_functions_as_messages_like_trl(llama):
+    """TRL hands a conversational row's prompt and completions to reward functions as message lists; orl's text
+    rewards (marked orl_text_only) keep getting the rendered text."""
+    from orl.text.rewards import as_reward_func
+
+    seen = {}
+
+    def trl_style(prompts, completions, **kwargs):
+        seen["prompt"], seen["completion"] = prompts[0], completions[0]
+        return [float(len(c[0]["content"])) for c in completions]
+
+    text_reward = as_reward_func(lambda prompt, response: float(isinstance(prompt, str) and isinstance(response, str)))
+    agent = orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "num_generations": 2, "max_completion_length": 3, "lr": 0.0})
+    agent.set_rewards([trl_style, text_reward])
+    messages = [[{"role": "user", "content": "count: 1"}], [{"role": "user", "content": "count: 7"}]]
+    metrics = agent.update(PromptBatch(["<s>user count: 1 assistant ", "<s>user count: 7 assistant "], torch.arange(2),
+                                       {"prompt_messages": messages}))
+    assert seen["prompt"] == messages[0] and seen["completion"][0]["role"] == "assistant"
+    assert float(metrics["rewards/<lambda>/mean"]) == 1.0  # the text reward saw strings
+
+
+def test_a_group_is_never_split_across_data_parallel_processes(llama):
+    """Each process takes whole prompts of the batch and generates all num_generations completions of each."""
+    agent = orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "num_generations": 3, "max_completion_length": 2, "lr": 0.0})
+    agent.reward_fn = lambda p, r: 0.0
+    agent.data_parallel.rank, agent.data_parallel.world = 1, 2  # process 1 of 2 (averaging is skipped: no process group)
+    agent.data_parallel.average = lambda metrics: metrics
+    agent.data_parallel.average_gradients = lambda params: None
+    seen = []
+    original = agent.generate
+    agent.generate = lambda prompts, greedy=False: seen.append(list(prompts)) or original(prompts, greedy)
+    agent.update(PromptBatch(["count: 1", "count: 2", "count: 3", "count: 4"], torch.arange(4)))
+    assert seen == [["count: 3"] * 3 + ["count: 4"] * 3]  # its half of the prompts, each with its whole group
+
+
+def test_grpo_with_lora_through_orl_train(llama, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoModelForCausalLM
+
+    from orl.apps.cli import CONFIG_DIR, run_train
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"count: {i}"}) + "\n" for i in range(8)))
+    overrides = ["agent=grpo", f"dataset={data}", f"lm.model={llama}", "lm.reward=increasing_numbers", "lm.lora.r=4", "agent.lr=1e-2",
+                 "agent.num_generations=2", "agent.max_completion_length=3", "lm.max_new_tokens=3", "steps=2", "batch_size=2",
+                 "eval.every=2", "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        summary = run_train(compose(config_name="train", overrides=overrides))
+    assert math.isfinite(summary["return_mean"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")  # the adapter merged into a plain model
+    assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -24,6 +24,7 @@ def as_reward_func(fn: Callable) -> RewardFunc:
         return [float(fn(p, c)) for p, c in zip(prompts, completions)]
 
     per_sample.__name__ = reward_name(fn)
+    per_sample.orl_text_only = True  # R(prompt, response) reads the rendered text, also on chat rows
     return per_sample
 
 
