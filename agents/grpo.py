@@ -16,7 +16,8 @@ Advantage of completion i (shared by its tokens), `advantage`:
                 (`batch`), or no division (`none`, Dr. GRPO); std is Bessel-corrected as TRL's nanstd
   rloo          A_i = r_i - mean_{j != i} r_j                       (leave-one-out, TRL's RLOOTrainer)
   remax         A_i = r_i - R(x, greedy completion)                 (one greedy rollout per prompt)
-  reinforce_pp  A_i = (r_i - mean_B r) / (std_B r + 1e-4)           (REINFORCE++: batch-normalized, no group baseline)
+  reinforce_pp  A_i = (r_i - mean_B r) / (std_B r + 1e-4)           (REINFORCE++'s batch normalization at sequence
+                level: OpenRLHF whitens per token, length-weighted, and gives each token its KL-reward-to-go)
 With `kl_in_reward` (RLOO's penalty), r_i first loses beta * sum_t (log pi_old - log pi_ref)(y_i,t).
 
 Loss, with the per-token ratio rho_t = pi(y_t | x, y_<t) / pi_old(y_t | x, y_<t) (1 with num_iterations = 1, where
@@ -60,8 +61,11 @@ SCALE_REWARDS = ("group", "batch", "none")
 @dataclass
 class GRPOConfig(LMConfig):
     """The GRPO family (agents/grpo.py). orl-train agent=grpo dataset=<prompts>.jsonl lm.reward=<module:function>;
-    defaults are TRL 1.16's GRPOConfig (loss_type dapo, num_generations 8, lr 1e-6, beta 0, epsilon 0.2,
-    max_completion_length 512)."""
+    the algorithm's defaults are TRL 1.16's GRPOConfig (loss_type dapo, num_generations 8, lr 1e-6, beta 0,
+    epsilon 0.2, max_completion_length 512); orl's LM defaults differ from TRL's Trainer in two places: dropout
+    off (TRL: on) and a constant learning rate (HF Trainer: linear decay), and prompts are drawn with replacement.
+    Under data parallel, the batch-level statistics of scale_rewards=batch and reinforce_pp are each process's own,
+    and every process's sampler restarts from process 0's state on resume."""
 
     num_generations: int = 8  # G: completions sampled per prompt (a group)
     advantage: str = "grpo"  # grpo | rloo | remax | reinforce_pp
@@ -100,7 +104,9 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, advantage: str
             out = out / (std + 1e-4)
     elif advantage == "rloo":
         counts = (~torch.isnan(grouped)).sum(1, keepdim=True)
-        baseline = (torch.nansum(grouped, 1, keepdim=True) - grouped) / (counts - 1).clamp(min=1)
+        # a group with one scorable completion has no baseline: NaN, so its advantage becomes 0 (as TRL's 0/0)
+        others = torch.where(counts > 1, counts - 1, torch.full_like(counts, 0)).to(grouped.dtype)
+        baseline = (torch.nansum(grouped, 1, keepdim=True) - grouped) / others
         out = (grouped - baseline).reshape(-1)
         std = nanstd(grouped, 1).repeat_interleave(num_generations)
     elif advantage == "remax":
@@ -177,6 +183,9 @@ class GRPO(LMAgent):
         if cfg.advantage in ("grpo", "rloo") and cfg.num_generations < 2:
             raise ConfigError(f"agent.advantage={cfg.advantage} compares completions of one prompt: agent.num_generations must be >= 2, "
                               f"got {cfg.num_generations}")
+        if cfg.loss_type == "sequence" and cfg.beta != 0.0 and not cfg.kl_in_reward:
+            raise ConfigError("agent.loss_type=sequence (TRL's RLOO) takes its KL in the reward: set agent.kl_in_reward=true, "
+                              "or use a token-level loss_type for the k3 term")
         if cfg.num_iterations < 1 or cfg.max_completion_length < 1 or cfg.temperature <= 0:
             raise ConfigError("agent.num_iterations and agent.max_completion_length must be >= 1 and agent.temperature > 0")
         super().__init__(obs_space, action_space, cfg, device, with_reference=cfg.beta != 0.0)
@@ -246,7 +255,11 @@ class GRPO(LMAgent):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1].float()
         log_probs = F.log_softmax(logits / self.cfg.temperature, dim=-1)
         logps = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        ent = -(log_probs.exp() * log_probs).sum(-1) if entropy else None
+        ent = None
+        if entropy:  # a logged metric: no graph kept for it
+            with torch.no_grad():
+                detached = log_probs.detach()
+                ent = -(detached.exp() * detached).sum(-1)
         return logps, ent
 
     # --- the step -----------------------------------------------------------------------------
@@ -284,9 +297,12 @@ class GRPO(LMAgent):
             greedy_columns = {key: list(values) for key, values in (getattr(local, "columns", None) or {}).items()}
             greedy_scores = self.score(list(local.prompts), greedy["texts"], greedy["completion_ids"], greedy_columns)
             greedy_rewards = (greedy_scores * weights).nansum(1)
+            greedy_rewards[torch.isnan(greedy_scores).all(1)] = float("nan")  # no baseline: those completions get advantage 0
         advantages, std = group_advantages(rewards, G, cfg.advantage, cfg.scale_rewards, greedy_rewards)
         advantages = advantages.to(self.device)
-        num_items = float(token_mask.sum())
+        # dapo's normalizer: the generation batch's tokens over all processes, per process (TRL: num_items_in_batch /
+        # num_processes), so the averaged gradient is the global token mean
+        num_items = self.data_parallel.total(float(token_mask.sum())) / self.data_parallel.world
 
         metrics: dict[str, torch.Tensor] = {}
         for _ in range(cfg.num_iterations):
@@ -338,13 +354,17 @@ class GRPO(LMAgent):
     # --- evaluation -------------------------------------------------------------------------
     def evaluate_run(self, run):
         """Sampled completions of the held-out rows (their columns go to the reward functions), mean reward."""
-        rows = run.eval_rows or [{"prompt": p} for p in run.eval_prompts]
-        prompts = [r["prompt"] for r in rows][:256]
-        fits = set(run.eval_prompts) if run.eval_prompts else None
-        keep = [i for i, p in enumerate(prompts) if fits is None or p in fits] or list(range(len(prompts)))
-        rows = [rows[i] for i in keep]
-        prompts = [prompts[i] for i in keep]
-        columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"} if rows else {}
+        # The evaluation prompts the run chose (held-out rows, or lm.eval_prompts, already fitted to the context), each
+        # with its row's columns where the data has it (a reference answer for the reward functions)
+        chosen = set(run.eval_prompts)
+        if run.eval_rows and any(row["prompt"] in chosen for row in run.eval_rows):
+            rows = [row for row in run.eval_rows if row["prompt"] in chosen][:256]  # the held-out rows, in their order
+        else:  # lm.eval_prompts, or nothing held out: the prompts, with a training row's columns where one matches
+            known = {row["prompt"]: row for row in run.rows}
+            rows = [known.get(p, {"prompt": p}) for p in run.eval_prompts][:256]
+        prompts = [r["prompt"] for r in rows]
+        keys = sorted({key for r in rows for key in r if key not in ("prompt", "_chat")})
+        columns = {key: [r.get(key) for r in rows] for key in keys}
         saved = self.generator.get_state()
         self.generator.manual_seed(run.seed + 12345)
         rewards, lengths, ids = [], [], []

@@ -311,3 +311,37 @@ def test_grpo_with_lora_through_orl_train(llama, tmp_path):
     assert math.isfinite(summary["return_mean"])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")  # the adapter merged into a plain model
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_review_mends_single_scorable_rloo_group_sequence_beta_and_kwargs_rewards(llama):
+    from orl.errors import ConfigError
+    from orl.text.rewards import as_reward_func
+
+    rloo, _ = group_advantages(torch.tensor([1.0, float("nan"), 2.0, 4.0]), 2, "rloo")
+    assert rloo.tolist() == [0.0, 0.0, -2.0, 2.0]  # a group with one scorable completion has no baseline (TRL: 0/0 -> 0)
+    with pytest.raises(ConfigError, match="kl_in_reward"):  # the sequence loss had silently dropped the k3 term
+        orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "loss_type": "sequence", "beta": 0.1})
+
+    def kwargs_only(**kwargs):
+        return [1.0] * len(kwargs["completions"])
+
+    assert as_reward_func(kwargs_only) is kwargs_only
+
+
+def test_evaluation_uses_the_runs_prompts_with_their_columns(llama):
+    """Held-out rows beyond 256, an lm.eval_prompts file, and lm.holdout=0 all evaluate the run's chosen prompts with
+    the columns their rows carry."""
+    from types import SimpleNamespace
+
+    agent = orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "num_generations": 2, "max_completion_length": 2})
+    seen = []
+    agent.set_rewards([lambda prompts, completions, answer=None, **kw: seen.extend(zip(prompts, answer or [None] * len(prompts)))
+                       or [0.0] * len(prompts)])
+    rows = [{"prompt": f"count: {i}", "answer": str(i)} for i in range(3)]
+    run = SimpleNamespace(eval_rows=[], rows=rows, eval_prompts=["count: 2", "count: 9"], seed=0)  # holdout 0 / a file
+    agent.evaluate_run(run)
+    assert seen == [("count: 2", "2"), ("count: 9", None)]
+    seen.clear()
+    held = [{"prompt": f"count: {i % 40}", "answer": str(i)} for i in range(300)]
+    agent.evaluate_run(SimpleNamespace(eval_rows=held, rows=rows, eval_prompts=["count: 39", "count: 38"], seed=0))
+    assert {p for p, _ in seen} == {"count: 39", "count: 38"} and len(seen) == 14  # every held-out row of those prompts

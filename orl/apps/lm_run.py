@@ -116,14 +116,16 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     max_length = int(lm.max_length) if lm.get("max_length") else context
     default_prompt = max_length - int(lm.max_new_tokens) if max_length and max_length > int(lm.max_new_tokens) else None
     limits = dict(max_length=max_length, max_prompt_length=int(lm.max_prompt_length) if lm.get("max_prompt_length") else default_prompt)
-    if context:  # generation needs prompt + max_new_tokens within the context: longer evaluation prompts are skipped
-        fitting = [p for p in eval_prompts if len(encode_prompt(tokenizer, p)) + int(lm.max_new_tokens) <= context]
+    # what evaluation generates: lm.max_new_tokens, or the agent's own completion length (GRPO family)
+    new_tokens = int(agent_cfg.get("max_completion_length", lm.max_new_tokens))
+    if context:  # generation needs prompt + new tokens within the context: longer evaluation prompts are skipped
+        fitting = [p for p in eval_prompts if len(encode_prompt(tokenizer, p)) + new_tokens <= context]
         if not fitting:
-            raise DataError(f"no evaluation prompt fits the model's context ({context} tokens) with lm.max_new_tokens={lm.max_new_tokens}; "
-                            "give shorter prompts with lm.eval_prompts=<file> or lower lm.max_new_tokens")
+            raise DataError(f"no evaluation prompt fits the model's context ({context} tokens) with {new_tokens} new tokens; "
+                            "give shorter prompts with lm.eval_prompts=<file> or generate fewer tokens")
         if len(fitting) < len(eval_prompts):
             warnings.warn(f"skipped {len(eval_prompts) - len(fitting)} of {len(eval_prompts)} evaluation prompts longer than "
-                          f"{context} - {lm.max_new_tokens} tokens", stacklevel=2)
+                          f"{context} - {new_tokens} tokens", stacklevel=2)
         eval_prompts = fitting
 
     if kind == "prompts" and context:  # generation needs prompt + completion within the context: skip longer prompts up front

@@ -17,8 +17,10 @@ def as_reward_func(fn: Callable) -> RewardFunc:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         parameters = {}
-    if "completions" in parameters:
-        return fn
+    if "completions" in parameters or (any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+                                         and not any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+                                                     for p in parameters.values())):
+        return fn  # TRL's signature (or f(**kwargs), which TRL also calls with keywords)
 
     def per_sample(prompts, completions, **_: Any) -> list[float]:
         return [float(fn(p, c)) for p, c in zip(prompts, completions)]

@@ -182,6 +182,14 @@ class DataParallel:
         for param, chunk in zip(params, flat.split([g.numel() for g in grads])):
             param.grad = chunk.view_as(param).clone()
 
+    def total(self, value: float) -> float:
+        """The sum of `value` over the processes (itself outside data parallel)."""
+        if self.world == 1:
+            return value
+        from accelerate.utils import reduce
+
+        return float(reduce(torch.tensor([float(value)]), reduction="sum")[0])
+
     def average(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.world == 1 or not metrics:
             return metrics
