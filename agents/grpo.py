@@ -234,6 +234,12 @@ class GRPO(LMAgent):
             out[:, k] = torch.tensor([float("nan") if v is None else float(v) for v in values])
         return out
 
+    def combine(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """r = sum_k w_k R_k over the functions that scored each completion; NaN where none did (TRL)."""
+        rewards = (rewards_per_func * torch.tensor(self.reward_weights)).nansum(1)
+        rewards[torch.isnan(rewards_per_func).all(1)] = float("nan")
+        return rewards
+
     # --- generation ---------------------------------------------------------------------------
     def generate(self, prompts: list[str], greedy: bool = False) -> dict[str, Any]:
         policy = self.nets["policy"]
@@ -248,7 +254,7 @@ class GRPO(LMAgent):
         return {"prompt_ids": env.prompt_ids, "completion_ids": sampled, "texts": out["texts"],
                 "truncated": torch.tensor([not ids or ids[-1] not in eos for ids in sampled])}
 
-    def token_logps(self, model, ids: torch.Tensor, mask: torch.Tensor, completion_mask: torch.Tensor,
+    def token_logps(self, model, ids: torch.Tensor, mask: torch.Tensor,
                     entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log pi(y_t | .) at the sampling temperature for every position (B, L-1) (entry t-1 scores token t), and
         the per-token entropy of the tempered distribution where asked."""
@@ -269,13 +275,10 @@ class GRPO(LMAgent):
         local = self.data_parallel.shard(batch)  # whole prompts per process: groups are never split
         G = cfg.num_generations
         prompts = [p for p in local.prompts for _ in range(G)]
-        columns = {key: [v for v in values for _ in range(G)] for key, values in (getattr(local, "columns", None) or {}).items()}
+        columns = {key: [v for v in values for _ in range(G)] for key, values in local.columns.items()}
         gen = self.generate(prompts)
         rewards_per_func = self.score(prompts, gen["texts"], gen["completion_ids"], columns)
-        weights = torch.tensor(self.reward_weights)
-        unscorable = torch.isnan(rewards_per_func).all(1)
-        rewards = (rewards_per_func * weights).nansum(1)
-        rewards[unscorable] = float("nan")
+        rewards = self.combine(rewards_per_func)
         task_rewards = rewards  # what TRL logs as `reward`: before any KL penalty
 
         ids, mask, completion_mask = build_sequences(gen["prompt_ids"], gen["completion_ids"], self.tokenizer.pad_token_id)
@@ -285,8 +288,8 @@ class GRPO(LMAgent):
             token_mask = token_mask * (~gen["truncated"]).to(self.device).float().unsqueeze(1)
         policy = self.nets["policy"]
         with torch.no_grad():
-            old_logps = self.token_logps(policy, ids, mask, token_mask)[0] if cfg.num_iterations > 1 or cfg.kl_in_reward else None
-            ref_logps = self.token_logps(self.nets["reference"], ids, mask, token_mask)[0] if cfg.beta != 0.0 else None
+            old_logps = self.token_logps(policy, ids, mask)[0] if cfg.num_iterations > 1 or cfg.kl_in_reward else None
+            ref_logps = self.token_logps(self.nets["reference"], ids, mask)[0] if cfg.beta != 0.0 else None
         kl_sequence = None
         if cfg.kl_in_reward and ref_logps is not None:
             kl_sequence = ((old_logps - ref_logps) * token_mask).sum(-1).cpu()
@@ -294,10 +297,8 @@ class GRPO(LMAgent):
         greedy_rewards = None
         if cfg.advantage == "remax":
             greedy = self.generate(list(local.prompts), greedy=True)
-            greedy_columns = {key: list(values) for key, values in (getattr(local, "columns", None) or {}).items()}
-            greedy_scores = self.score(list(local.prompts), greedy["texts"], greedy["completion_ids"], greedy_columns)
-            greedy_rewards = (greedy_scores * weights).nansum(1)
-            greedy_rewards[torch.isnan(greedy_scores).all(1)] = float("nan")  # no baseline: those completions get advantage 0
+            # an unscorable greedy completion (NaN) gives no baseline: its group's completions get advantage 0
+            greedy_rewards = self.combine(self.score(list(local.prompts), greedy["texts"], greedy["completion_ids"], local.columns))
         advantages, std = group_advantages(rewards, G, cfg.advantage, cfg.scale_rewards, greedy_rewards)
         advantages = advantages.to(self.device)
         # dapo's normalizer: the generation batch's tokens over all processes, per process (TRL: num_items_in_batch /
@@ -306,11 +307,9 @@ class GRPO(LMAgent):
 
         metrics: dict[str, torch.Tensor] = {}
         for _ in range(cfg.num_iterations):
-            step_stats: dict[str, torch.Tensor] = {}
-
             def losses(micro):
                 rows = micro
-                logps, entropy = self.token_logps(policy, ids[rows], mask[rows], token_mask[rows], entropy=True)
+                logps, entropy = self.token_logps(policy, ids[rows], mask[rows], entropy=True)
                 old = old_logps[rows] if old_logps is not None else logps.detach()
                 loss, stats = policy_loss(logps, old, advantages[rows], token_mask[rows], cfg.loss_type, cfg.epsilon,
                                           cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon, cfg.beta,
@@ -329,8 +328,7 @@ class GRPO(LMAgent):
                     loss = loss * max(int(cfg.grad_accum_steps), 1)
                 return loss, out
 
-            step_stats = self.optimize(torch.arange(len(prompts), device=self.device), losses, shard=False)
-            metrics = step_stats
+            metrics = self.optimize(torch.arange(len(prompts), device=self.device), losses, shard=False)
         self.step += 1
         lengths = torch.tensor([len(c) for c in gen["completion_ids"]], dtype=torch.float32)
         finite = task_rewards[~torch.isnan(task_rewards)]
@@ -372,7 +370,7 @@ class GRPO(LMAgent):
             part = slice(start, start + 64)
             gen = self.generate(prompts[part])
             scores = self.score(prompts[part], gen["texts"], gen["completion_ids"], {k: v[part] for k, v in columns.items()})
-            rewards.extend(torch.nan_to_num((scores * torch.tensor(self.reward_weights)).nansum(1), nan=0.0).tolist())
+            rewards.extend(torch.nan_to_num(self.combine(scores), nan=0.0).tolist())
             lengths.extend(len(c) for c in gen["completion_ids"])
             ids.extend(gen["completion_ids"])
         self.generator.set_state(saved)  # evaluation never moves the training sampler

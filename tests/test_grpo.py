@@ -107,7 +107,7 @@ def test_loss_equals_trls_grpo_trainer(llama, tmp_path, loss_type, beta, epsilon
     from orl.text.data import build_sequences
 
     ids, mask, response_mask = build_sequences(prompt_ids.tolist(), completions, tok.pad_token_id)
-    logps, _ = agent.token_logps(agent.nets["policy"], ids, mask, None)
+    logps, _ = agent.token_logps(agent.nets["policy"], ids, mask)
     token_mask = response_mask[:, 1:].bool()
     ours = torch.zeros_like(current)
     for row, length in enumerate(map(len, completions)):

@@ -52,7 +52,6 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     from orl.text.runtime import save_hf
     from orl.text.generation import VectorTokenEnv
     from orl.text.runtime import context_length, load_tokenizer
-    from orl.text.encoding import encode_prompt
     from orl.envs.reasoning_gym import is_task
     from orl.envs.reasoning_gym import load_rows as load_task_rows
     from orl.envs.text_rewards import make_text_reward
@@ -81,7 +80,7 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     agent_cfg["model_path"] = model_path
     # The reward for A-LoL's value targets, RLOO's returns and evaluation: a built-in, a sequence-classification
     # model by path, or an orl reward_model run directory.
-    if precision_of(cfg) != "fp32":
+    if str(cfg.get("precision", "fp32")) != "fp32":
         raise ConfigError(f"precision={cfg.precision} applies to control agents' MLPs; a language model's precision is lm.dtype "
                           "(lm.dtype=bfloat16 trains in bf16 weights; the default float32 keeps fp32 updates)")
     spec = lm.reward
@@ -116,28 +115,16 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     max_length = int(lm.max_length) if lm.get("max_length") else context
     default_prompt = max_length - int(lm.max_new_tokens) if max_length and max_length > int(lm.max_new_tokens) else None
     limits = dict(max_length=max_length, max_prompt_length=int(lm.max_prompt_length) if lm.get("max_prompt_length") else default_prompt)
-    # what evaluation generates: lm.max_new_tokens, or the agent's own completion length (GRPO family)
+    # Generation needs prompt + new tokens (lm.max_new_tokens, or the agent's own completion length for the GRPO
+    # family) within the context: longer evaluation prompts, and longer training prompts of agents that generate
+    # from them, are skipped up front with a warning instead of failing mid-run.
     new_tokens = int(agent_cfg.get("max_completion_length", lm.max_new_tokens))
-    if context:  # generation needs prompt + new tokens within the context: longer evaluation prompts are skipped
-        fitting = [p for p in eval_prompts if len(encode_prompt(tokenizer, p)) + new_tokens <= context]
-        if not fitting:
-            raise DataError(f"no evaluation prompt fits the model's context ({context} tokens) with {new_tokens} new tokens; "
-                            "give shorter prompts with lm.eval_prompts=<file> or generate fewer tokens")
-        if len(fitting) < len(eval_prompts):
-            warnings.warn(f"skipped {len(eval_prompts) - len(fitting)} of {len(eval_prompts)} evaluation prompts longer than "
-                          f"{context} - {new_tokens} tokens", stacklevel=2)
-        eval_prompts = fitting
-
-    if kind == "prompts" and context:  # generation needs prompt + completion within the context: skip longer prompts up front
-        room = context - int(agent_cfg.get("max_completion_length", lm.max_new_tokens))
-        fitting = [row for row in rows if len(encode_prompt(tokenizer, row["prompt"])) <= room]
-        if not fitting:
-            raise DataError(f"no training prompt of {cfg.dataset} fits the model's context ({context} tokens) with "
-                            f"agent.max_completion_length={agent_cfg.get('max_completion_length')}; give shorter prompts or lower it")
-        if len(fitting) < len(rows):
-            warnings.warn(f"skipped {len(rows) - len(fitting)} of {len(rows)} training prompts longer than {room} tokens "
-                          f"(the context, {context}, less the completion length)", stacklevel=2)
-        rows = fitting
+    if context:
+        eval_prompts = _fitting(eval_prompts, lambda p: p, tokenizer, context, new_tokens, "evaluation prompts",
+                                "give shorter prompts with lm.eval_prompts=<file> or generate fewer tokens")
+        if kind == "prompts":
+            rows = _fitting(rows, lambda row: row["prompt"], tokenizer, context, new_tokens, "training prompts",
+                            f"give {cfg.dataset} shorter prompts or lower agent.max_completion_length")
     add_eos = [not row.get(CHAT_ROW, False) for row in rows]  # TRL: EOS after plain-text completions only
     if kind == "prompts":  # every other column of the rows goes to the reward functions (TRL's convention)
         extra = sorted({key for row in rows for key in row if key not in ("prompt", CHAT_ROW)})
@@ -186,8 +173,17 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     return summary
 
 
-def precision_of(cfg: DictConfig) -> str:
-    return str(cfg.get("precision", "fp32"))
+def _fitting(items: list, prompt_of: Callable[[Any], str], tokenizer, context: int, new_tokens: int, what: str, fix: str) -> list:
+    """The items whose prompt leaves room for `new_tokens` within the model's context; a warning counts the others."""
+    from orl.text.encoding import encode_prompt
+
+    fitting = [item for item in items if len(encode_prompt(tokenizer, prompt_of(item))) + new_tokens <= context]
+    if not fitting:
+        raise DataError(f"none of the {len(items)} {what} fits the model's context ({context} tokens) with {new_tokens} new tokens; {fix}")
+    if len(fitting) < len(items):
+        warnings.warn(f"skipped {len(items) - len(fitting)} of {len(items)} {what} longer than {context} - {new_tokens} tokens "
+                      "(the context less the generated tokens)", stacklevel=3)
+    return fitting
 
 
 def _policy_path(cfg: DictConfig) -> str:
