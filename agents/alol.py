@@ -137,9 +137,16 @@ class ALoL(LMAgent):
 
     def prepare_run(self, run) -> dict[str, float]:
         """V_ref is fit on the reference policy's greedy generations for held-out (validation) prompts, scored
-        by the run's reward; then the advantages of the training rows are cached."""
+        by the run's reward (logged conversations: the reference's returns from held-out episode seeds); then the
+        advantages of the training rows are cached."""
+        from orl.text.data import pad_left
         from orl.text.generation import evaluate_lm
 
+        if self.conversation_env is not None:  # logged conversations: V_ref(opening) = the reference's return from held-out seeds
+            convs = self.play(run.value_seeds, greedy=True, model=self.nets["reference"])
+            ids, mask = pad_left([c.prompt_ids for c in convs], run.tokenizer.pad_token_id)
+            self.fit_value(ids, mask, torch.tensor([c.episode_return for c in convs]))
+            return self.prepare(run.buffer)
         prompts = run.eval_prompts[: run.num_value_prompts]
         reference = evaluate_lm(self.nets["reference"], run.tokenizer, prompts, run.reward_fn, run.max_new_tokens, greedy=True, details=True)
         encoded = text_buffer(run.tokenizer, prompts, [""] * len(prompts), None, run.device, **run.limits)
@@ -151,7 +158,8 @@ class ALoL(LMAgent):
         advantages = []
         self.nets["value"].eval()
         for index in torch.arange(len(buffer), device=buffer.device).split(batch_size):
-            prompt_mask = buffer.attention_mask[index] * (1 - buffer.response_mask[index])
+            # the prompt: the tokens before the first response token (a logged conversation's later replies are not in it)
+            prompt_mask = buffer.attention_mask[index] * (buffer.response_mask[index].cumsum(-1) == 0)
             advantages.append(buffer.rewards[index] - self.value(buffer.input_ids[index], prompt_mask))
         self.advantages = torch.cat(advantages).detach()
         positive = self.advantages.clamp(min=0)

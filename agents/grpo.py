@@ -33,6 +33,12 @@ many optimizer steps on one generation batch, against the log-probs stored when 
 
 One orl step = one generation batch (batch_size prompts x num_generations completions) and num_iterations optimizer
 steps on it. Under `accelerate launch` each process takes whole prompts, so a group is never split across processes.
+Multi-turn environments (`env=text:<task>` or `env=textarena:<game>`, orl/text/conversation.py): a "prompt" is a
+starting state (an environment seed) and a completion is a whole conversation, the agent's turns and the environment's
+replies in one token sequence sampled with one KV cache; r_i is the episode's return, the loss covers the agent's tokens
+only (the replies are context), and a group is G conversations from the same seed. `turn_returns=to_go` gives the tokens
+of turn k the advantage of the return-to-go from turn k, normalized as above over the group's conversations that
+reached turn k (a per-turn variant in the spirit of GiGPO's step-level groups, Feng et al., 2025, arXiv:2505.10978).
 `agent=rloo` is this agent with RLOO's settings (advantage rloo, loss sequence, k1 penalty in the reward, beta 0.05).
 """
 from __future__ import annotations
@@ -85,6 +91,7 @@ class GRPOConfig(LMConfig):
     lr: float = 1e-6  # TRL's GRPOConfig default (AdamW)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    turn_returns: str = "episode"  # multi-turn envs: every agent token gets the episode's advantage | to_go: its turn's return-to-go
     seed: int = 0  # the sampler's seed (orl-train passes the run's seed)
 
 
@@ -137,7 +144,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
                 bias_correction_kl: bool = True) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate aggregated by `loss_type` (module docstring) over per-token log-probs (B, T) with mask
     (B, T); returns (loss, per-token stats for logging). `num_items`: dapo's token count of the generation batch."""
-    advantages = advantages.view(-1, 1)
+    advantages = advantages.view(-1, 1) if advantages.dim() == 1 else advantages  # (B,) per sequence or (B, T) per token
     mask = mask.to(logps.dtype)
     if loss_type == "sequence":
         ratio = torch.exp(((logps - old_logps) * mask).sum(-1, keepdim=True))
@@ -186,6 +193,11 @@ class GRPO(LMAgent):
         if cfg.loss_type == "sequence" and cfg.beta != 0.0 and not cfg.kl_in_reward:
             raise ConfigError("agent.loss_type=sequence (TRL's RLOO) takes its KL in the reward: set agent.kl_in_reward=true, "
                               "or use a token-level loss_type for the k3 term")
+        if cfg.turn_returns not in ("episode", "to_go"):
+            raise ConfigError(f"agent.turn_returns must be episode or to_go, got {cfg.turn_returns!r}")
+        if cfg.turn_returns == "to_go" and cfg.loss_type == "sequence":
+            raise ConfigError("agent.turn_returns=to_go gives each turn its own advantage; loss_type=sequence has one ratio per "
+                              "conversation: use a token-level loss_type")
         if cfg.num_iterations < 1 or cfg.max_completion_length < 1 or cfg.temperature <= 0:
             raise ConfigError("agent.num_iterations and agent.max_completion_length must be >= 1 and agent.temperature > 0")
         super().__init__(obs_space, action_space, cfg, device, with_reference=cfg.beta != 0.0)
@@ -268,24 +280,69 @@ class GRPO(LMAgent):
                 ent = -(detached.exp() * detached).sum(-1)
         return logps, ent
 
+    # --- multi-turn environments (the conversation env and `play` are LMAgent's) ----------------
+    def _sample_conversations(self, local: PromptBatch, G: int) -> dict[str, Any]:
+        from orl.text.conversation import conversation_tensors
+
+        seeds = [int(seed) for seed in local.columns["seed"] for _ in range(G)]
+        convs = self.play(seeds, temperature=self.cfg.temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p)
+        ids, mask, agent = conversation_tensors(convs, self.tokenizer.pad_token_id)
+        returns = torch.tensor([c.episode_return for c in convs], dtype=torch.float32)
+        out = {"ids": ids, "mask": mask, "token_mask": agent[:, 1:].float(), "rewards": returns, "rewards_per_func": returns[:, None],
+               "truncated": torch.tensor([not c.terminated for c in convs]), "lengths": agent.sum(1).float(), "conversations": convs}
+        if self.cfg.turn_returns == "to_go":
+            out["token_advantages"] = self._to_go_advantages(convs, ids.shape[1], G)
+        return out
+
+    def _to_go_advantages(self, convs: list, width: int, G: int) -> torch.Tensor:
+        """(N, width - 1) per-token advantages: the tokens of turn k carry the return-to-go from turn k, normalized over the
+        group's conversations that reached turn k (as `advantage`/`scale_rewards` say), 0 elsewhere."""
+        turns = max(c.turns for c in convs)
+        to_go = torch.full((len(convs), turns), float("nan"))
+        for row, conv in enumerate(convs):
+            rewards = torch.tensor(conv.rewards, dtype=torch.float32)
+            to_go[row, : conv.turns] = rewards.flip(0).cumsum(0).flip(0)
+        per_turn = torch.stack([group_advantages(to_go[:, k], G, self.cfg.advantage, self.cfg.scale_rewards)[0] for k in range(turns)], 1)
+        out = torch.zeros(len(convs), width - 1)
+        for row, conv in enumerate(convs):
+            offset = width - len(conv.ids) - 1  # column of ids[0] in the shifted (width - 1) layout
+            start = 0
+            for k, end in enumerate(conv.turn_ends):
+                out[row, offset + start : offset + end + 1] = per_turn[row, k]
+                start = end + 1
+            if conv.ids:  # the replies between turns are context: no advantage
+                out[row, offset : offset + len(conv.ids)] *= torch.tensor(conv.agent_mask, dtype=out.dtype)
+        return out
+
     # --- the step -----------------------------------------------------------------------------
+    def _sample_completions(self, local: PromptBatch, G: int) -> dict[str, Any]:
+        prompts = [p for p in local.prompts for _ in range(G)]
+        columns = {key: [v for v in values for _ in range(G)] for key, values in local.columns.items()}
+        gen = self.generate(prompts)
+        rewards_per_func = self.score(prompts, gen["texts"], gen["completion_ids"], columns)
+        ids, mask, completion_mask = build_sequences(gen["prompt_ids"], gen["completion_ids"], self.tokenizer.pad_token_id)
+        return {"ids": ids, "mask": mask, "token_mask": completion_mask[:, 1:].float(), "rewards_per_func": rewards_per_func,
+                "rewards": self.combine(rewards_per_func), "truncated": gen["truncated"],
+                "lengths": torch.tensor([len(c) for c in gen["completion_ids"]], dtype=torch.float32)}
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.cfg.temperature
+
     def update(self, batch: PromptBatch) -> dict[str, torch.Tensor]:
         """One generation batch (this process's prompts x num_generations), then num_iterations optimizer steps."""
         cfg = self.cfg
         local = self.data_parallel.shard(batch)  # whole prompts per process: groups are never split
         G = cfg.num_generations
-        prompts = [p for p in local.prompts for _ in range(G)]
-        columns = {key: [v for v in values for _ in range(G)] for key, values in local.columns.items()}
-        gen = self.generate(prompts)
-        rewards_per_func = self.score(prompts, gen["texts"], gen["completion_ids"], columns)
-        rewards = self.combine(rewards_per_func)
+        multi_turn = self.conversation_env is not None
+        sample = self._sample_conversations(local, G) if multi_turn else self._sample_completions(local, G)
+        rewards_per_func, rewards = sample["rewards_per_func"], sample["rewards"]
         task_rewards = rewards  # what TRL logs as `reward`: before any KL penalty
 
-        ids, mask, completion_mask = build_sequences(gen["prompt_ids"], gen["completion_ids"], self.tokenizer.pad_token_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        token_mask = completion_mask[:, 1:].to(self.device).float()
+        ids, mask = sample["ids"].to(self.device), sample["mask"].to(self.device)
+        token_mask = sample["token_mask"].to(self.device)
         if cfg.mask_truncated_completions:
-            token_mask = token_mask * (~gen["truncated"]).to(self.device).float().unsqueeze(1)
+            token_mask = token_mask * (~sample["truncated"]).to(self.device).float().unsqueeze(1)
         policy = self.nets["policy"]
         with torch.no_grad():
             old_logps = self.token_logps(policy, ids, mask)[0] if cfg.num_iterations > 1 or cfg.kl_in_reward else None
@@ -296,10 +353,15 @@ class GRPO(LMAgent):
             rewards = rewards - cfg.beta * kl_sequence
         greedy_rewards = None
         if cfg.advantage == "remax":
-            greedy = self.generate(list(local.prompts), greedy=True)
-            # an unscorable greedy completion (NaN) gives no baseline: its group's completions get advantage 0
-            greedy_rewards = self.combine(self.score(list(local.prompts), greedy["texts"], greedy["completion_ids"], local.columns))
+            if multi_turn:
+                greedy_rewards = torch.tensor([c.episode_return for c in self.play([int(s) for s in local.columns["seed"]], greedy=True)])
+            else:
+                greedy = self.generate(list(local.prompts), greedy=True)
+                # an unscorable greedy completion (NaN) gives no baseline: its group's completions get advantage 0
+                greedy_rewards = self.combine(self.score(list(local.prompts), greedy["texts"], greedy["completion_ids"], local.columns))
         advantages, std = group_advantages(rewards, G, cfg.advantage, cfg.scale_rewards, greedy_rewards)
+        if "token_advantages" in sample:
+            advantages = sample["token_advantages"]
         advantages = advantages.to(self.device)
         # dapo's normalizer: the generation batch's tokens over all processes, per process (TRL: num_items_in_batch /
         # num_processes), so the averaged gradient is the global token mean
@@ -328,17 +390,21 @@ class GRPO(LMAgent):
                     loss = loss * max(int(cfg.grad_accum_steps), 1)
                 return loss, out
 
-            metrics = self.optimize(torch.arange(len(prompts), device=self.device), losses, shard=False)
+            metrics = self.optimize(torch.arange(len(ids), device=self.device), losses, shard=False)
         self.step += 1
-        lengths = torch.tensor([len(c) for c in gen["completion_ids"]], dtype=torch.float32)
+        lengths = sample["lengths"]
         finite = task_rewards[~torch.isnan(task_rewards)]
         metrics.update({"reward": finite.mean() if len(finite) else torch.tensor(float("nan")),
                         "reward_std": nanstd(task_rewards) if len(finite) > 1 else torch.tensor(0.0),
                         "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean(),
-                        "completions/mean_length": lengths.mean(), "completions/clipped_ratio": gen["truncated"].float().mean()})
+                        "completions/mean_length": lengths.mean(), "completions/clipped_ratio": sample["truncated"].float().mean()})
+        if multi_turn:
+            convs = sample["conversations"]
+            metrics.update({"episode/success": torch.tensor([bool(c.success) for c in convs], dtype=torch.float32).mean(),
+                            "episode/turns": torch.tensor([float(c.turns) for c in convs]).mean()})
         if kl_sequence is not None:
             metrics["kl"] = (kl_sequence.sum() / max(num_items, 1.0)).to(torch.float32)
-        for k, fn in enumerate(self.reward_funcs):
+        for k, fn in enumerate([] if multi_turn else self.reward_funcs):
             metrics[f"rewards/{reward_name(fn)}/mean"] = torch.nanmean(rewards_per_func[:, k])
         return self.data_parallel.average({k: torch.as_tensor(v, dtype=torch.float32).detach().cpu() for k, v in metrics.items()})
 
@@ -351,7 +417,10 @@ class GRPO(LMAgent):
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate_run(self, run):
-        """Sampled completions of the held-out rows (their columns go to the reward functions), mean reward."""
+        """Sampled completions of the held-out rows (their columns go to the reward functions), mean reward; in a
+        multi-turn environment, conversations from the run's held-out seeds."""
+        if self.conversation_env is not None:
+            return super().evaluate_run(run)
         # The evaluation prompts the run chose (held-out rows, or lm.eval_prompts, already fitted to the context), each
         # with its row's columns where the data has it (a reference answer for the reward functions)
         chosen = set(run.eval_prompts)

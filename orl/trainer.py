@@ -60,6 +60,7 @@ class TrainerConfig:
     utd: int = 1  # agent.update calls per environment step
     online_batch_size: int | None = None  # e.g. WSRL's 1024 (split into critic minibatches by the agent)
     switch_log_window: int = 5000  # log 10x more often for this many online steps (Q around the switch)
+    eval_at_start: bool = False  # evaluate before the first step of a fresh run (online LM runs: the starting policy's score)
 
 
 class Trainer:
@@ -135,6 +136,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, dynamic_ncols=True, unit="step")
         self._bar = bar
         try:
+            if resume_step is None and self.step == 0 and self.cfg.eval_at_start and self.cfg.eval_every > 0:
+                self.run_evaluation()  # the starting policy: where an online run's curve (and any dip) starts
             if resume_step is None and 0 < self.step == self.cfg.offline_steps and self.cfg.online_steps > 0 and self.cfg.eval_every > 0:
                 self.run_evaluation()  # started from a pre-trained agent (init_from): the online curve starts at the switch
             while self.step < self.cfg.offline_steps:

@@ -47,6 +47,7 @@ LM_WIRED = {
 }
 WIRED: dict[str, dict[str, tuple[str, str]]] = {
     "alol": LM_WIRED,
+    "ilql": LM_WIRED,
     "dpo": LM_WIRED,
     "reward_model": LM_WIRED,
     "rloo": {**LM_WIRED, "seed": ("${seed}", "from the run's seed")},

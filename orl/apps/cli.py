@@ -111,6 +111,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     from orl.envs.reasoning_gym import is_task
 
+    from orl.envs.text_games import is_text_env
+
+    if cfg.env and is_text_env(str(cfg.env)):  # a multi-turn text environment: online RL of a language model in it
+        from orl.apps.lm_run import run_conversations
+
+        return run_conversations(cfg, device)
     # .jsonl, a Hugging Face datasets directory or a procedural task: the LM side's own wiring
     if is_text_dataset(str(cfg.dataset)) or is_task(str(cfg.dataset)):
         from orl.apps.lm_run import run_text
@@ -322,7 +328,15 @@ def _collect(cfg: DictConfig) -> None:
 
     with user_errors("orl-collect"):
         setup_torch("cpu", cfg.threads)
+        from orl.envs.text_games import is_text_env
+
+        if is_text_env(str(cfg.env)):  # a language model's conversations in a multi-turn text environment
+            from orl.apps.lm_run import log_conversations
+
+            log_conversations(cfg)
+            return
         values = OmegaConf.to_container(cfg, resolve=True)
+        values.pop("conversations", None)
         values.pop("threads")
         values["levels"] = tuple(values["levels"])
         ids = collect(CollectConfig(**values))

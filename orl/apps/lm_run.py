@@ -44,12 +44,13 @@ class TextRun:
     seed: int
     device: torch.device
     eval_rows: list[dict] = field(default_factory=list)  # the held-out rows (lm.holdout), never trained on
+    eval_seeds: list[int] = field(default_factory=list)  # multi-turn environments: held-out episode seeds
+    value_seeds: list[int] = field(default_factory=list)  # and others held out for fitting values (A-LoL's V_ref)
 
 
 def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """Train one LM agent on a text dataset as `cfg` describes; returns the final evaluation summary."""
     from orl.text.encoding import CHAT_ROW, pair_buffer, render_chat, text_buffer
-    from orl.text.runtime import save_hf
     from orl.text.generation import VectorTokenEnv
     from orl.text.runtime import context_length, load_tokenizer
     from orl.envs.reasoning_gym import is_task
@@ -57,9 +58,7 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     from orl.envs.text_rewards import make_text_reward
     from orl.text.rewards import per_sample_reward
     from orl.agent import agent_class, make_agent
-    from orl.apps.runs import resolve_run_dir, trainer_config, write_run_config
     from orl.text.data import JSONL_FIELDS, PromptBuffer, load_text_rows
-    from orl.trainer import Trainer
 
     lm = cfg.lm
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
@@ -68,6 +67,10 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     if kind is None:
         raise ConfigError(f"agent {agent_name!r} trains on control transitions, not text; dataset={cfg.dataset} is a text dataset. "
                           "Use a language-model agent (alol, dpo, reward_model, rloo) or a .npz/.hdf5/Minari dataset")
+    from orl.text.conversation import is_conversation_file
+
+    if is_conversation_file(str(cfg.dataset)):
+        return run_logged_conversations(cfg, device, agent_name, agent_cfg)
     task = is_task(str(cfg.dataset))
     if task and kind != "prompts":
         raise ConfigError(f"dataset={cfg.dataset} is a procedural task with answers, not {kind} rows: train it with agent=grpo or rloo")
@@ -140,7 +143,20 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     prepared = agent.prepare_run(run)
     if prepared:
         print(f"[orl] {agent_name} data: {prepared}")
+    local = Path(str(cfg.dataset))
+    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else generated, "rows": dataset_rows, "train_rows": len(rows), "model": str(model_path),
+                   "task_options": OmegaConf.to_container(lm.task) if task and lm.get("task") else None,
+                   "held_out_rows": held_out_index}  # 0-based indices of the dataset's rows left out of training
+    return _train(cfg, agent, agent_name, run, data_record, f"{cfg.dataset} ({len(rows)} rows, model {model_path}, device {device})")
 
+
+def _train(cfg: DictConfig, agent, agent_name: str, run: TextRun, data_record: dict, what: str) -> dict[str, Any]:
+    """The part every LM run shares: the run directory, the Trainer, provenance, the exported policy, the summary."""
+    from orl.apps.runs import resolve_run_dir, trainer_config, write_run_config
+    from orl.text.runtime import save_hf
+    from orl.trainer import Trainer
+
+    device, tokenizer = run.device, run.tokenizer
     parallel = agent.data_parallel  # under `accelerate launch`: process 0 picks the run directory, the others learn it
     run_dir = resolve_run_dir(cfg, agent_name) if parallel.rank == 0 else None
     if parallel.world > 1:
@@ -151,26 +167,165 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     if parallel.world > 1:
         print(f"[orl] data parallel: process {parallel.rank} of {parallel.world}, batch_size={cfg.batch_size} in all")
-    print(f"[orl] {agent_name} on {cfg.dataset} ({len(rows)} rows, model {model_path}, device {device}) -> {run_dir}")
-    trainer = Trainer(agent, run_dir, trainer_config(cfg, int(cfg.steps)), buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
-    local = Path(str(cfg.dataset))
-    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(local) if local.exists() else generated, "rows": dataset_rows, "train_rows": len(rows), "model": str(model_path),
-                   "task_options": OmegaConf.to_container(lm.task) if task and lm.get("task") else None,
-                   "held_out_rows": held_out_index}  # 0-based indices of the dataset's rows left out of training
+    print(f"[orl] {agent_name} on {what} -> {run_dir}")
+    settings = trainer_config(cfg, int(cfg.steps))
+    # agents that learn from their own samples start their curve with the starting policy's score (after init_from:
+    # the offline policy's, so the dip after the switch to online is in the metrics, as on the control side)
+    settings.eval_at_start = agent.data_kind == "prompts"
+    trainer = Trainer(agent, run_dir, settings, run.buffer, evaluator=lambda agent_: agent_.evaluate_run(run))
     trainer.start_callbacks.append(lambda trainer_: write_provenance(run_dir, data_record, str(device), trainer_.step))
     trainer.start_callbacks.append(lambda _: write_run_config(run_dir, cfg))
     result = trainer.train(resume=bool(cfg.resume))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if agent.exports_policy and parallel.rank == 0:
         # The trained policy in Hugging Face format: AutoModelForCausalLM.from_pretrained(run_dir / "hf").
-        save_hf(agent.nets["policy"], tokenizer, run_dir / "hf")
+        save_hf(agent.export_policy(), tokenizer, run_dir / "hf")
         summary["hf_model"] = str(run_dir / "hf")
+        if hasattr(agent, "export_extra"):  # what the agent's decoding needs beyond the LM (ILQL's heads)
+            from orl.io import atomic_path
+
+            with atomic_path(run_dir / "hf" / "orl_extra.pt") as tmp:
+                torch.save(agent.export_extra(), tmp)
         print(f"[orl] policy saved in Hugging Face format: {run_dir / 'hf'}")
     if result is not None:
         summary.update(result.metrics(prefix=""))
-        print(f"[orl] final evaluation on {len(result.returns)} responses: mean reward {result.mean_return:.3f}, length {result.lengths.mean():.1f}")
+        print(f"[orl] final evaluation on {len(result.returns)} episodes: mean return {result.mean_return:.3f}, length {result.lengths.mean():.1f}"
+              + "".join(f", {k} {v:.3f}" for k, v in result.extra.items() if k in ("success", "turns")))
     print(f"[orl] metrics: {run_dir / 'metrics.jsonl'}   tensorboard: tensorboard --logdir {run_dir / 'tb'}")
     return summary
+
+
+def run_logged_conversations(cfg: DictConfig, device: torch.device, agent_name: str, agent_cfg: dict) -> dict[str, Any]:
+    """Offline training on logged conversations (orl-collect env=text:<task>): sequence agents (A-LoL; filtered
+    behaviour cloning is `agent.variant=nll lm.min_return=<r>`) train on the agent's tokens of whole conversations,
+    weighted by the episode's return, and are evaluated by playing the conversations' environment on held-out seeds."""
+    from orl.agent import agent_class, make_agent
+    from orl.envs.text_games import eval_seeds, make_text_env
+    from orl.text.conversation import ConversationFormat, conversation_buffer, load_conversations
+    from orl.text.generation import VectorTokenEnv
+    from orl.text.runtime import context_length, eos_token_ids, load_tokenizer
+
+    lm = cfg.lm
+    if agent_class(agent_name).data_kind != "rewarded":
+        raise ConfigError(f"{cfg.dataset} holds logged conversations: train them with agent=alol (agent.variant=nll and lm.min_return "
+                          f"for filtered behaviour cloning); agent={agent_name} trains on {agent_class(agent_name).data_kind}")
+    rows = load_conversations(cfg.dataset)
+    env_ids = sorted({str(row.get("env")) for row in rows if row.get("env")})
+    env_id = str(cfg.env) if cfg.env else (env_ids[0] if len(env_ids) == 1 else None)
+    if env_id is None:
+        raise ConfigError(f"{cfg.dataset}: the conversations name {len(env_ids)} environments ({', '.join(env_ids) or 'none'}); "
+                          "evaluation plays one: give env=<text:task | textarena:game>")
+    options = OmegaConf.to_container(lm.env_options, resolve=True) if lm.get("env_options") else {}
+    make_text_env(env_id, **options)
+    total = len(rows)
+    if lm.get("min_return") is not None:  # filtered behaviour cloning: keep the conversations that went well
+        rows = [row for row in rows if float(row["return"]) >= float(lm.min_return)]
+        if not rows:
+            raise DataError(f"no conversation of {cfg.dataset} has a return >= lm.min_return={lm.min_return}")
+        print(f"[orl] kept {len(rows)} of {total} conversations with return >= {lm.min_return}")
+    model_path = _policy_path(cfg)
+    agent_cfg["model_path"] = model_path
+    tokenizer = load_tokenizer(model_path)
+    probe = VectorTokenEnv(tokenizer, [""], max_new_tokens=1)
+    agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
+    policy = agent.nets["policy"]
+    chat = {"auto": None, "true": True, "false": False}[str(lm.get("chat", "auto")).lower()]
+    stop = str(lm.get("stop", "\n"))
+    fmt = ConversationFormat(tokenizer, eos_token_ids(tokenizer, policy), chat, stop)
+    buffer = conversation_buffer(fmt, rows, device, context_length(policy, tokenizer))
+    agent.set_conversation_env(lambda: make_text_env(env_id, **options), env_id=env_id, chat=chat, stop=stop,
+                               max_turn_tokens=int(lm.max_new_tokens))
+    # evaluation seeds, then value-fitting seeds: both above every training seed, and disjoint from each other
+    seeds = eval_seeds(int(lm.num_eval_episodes) + int(lm.num_value_prompts))
+    run = TextRun(rows, tokenizer, buffer, [], None, int(lm.max_new_tokens), {}, int(lm.num_value_prompts), int(cfg.seed), device,
+                  eval_seeds=seeds[: int(lm.num_eval_episodes)], value_seeds=seeds[int(lm.num_eval_episodes):])
+    prepared = agent.prepare_run(run)
+    if prepared:
+        print(f"[orl] {agent_name} data: {prepared}")
+    data_record = {"id": str(cfg.dataset), "sha256": file_checksum(Path(str(cfg.dataset))), "rows": total, "train_rows": len(rows),
+                   "env": env_id, "env_options": options, "model": str(model_path), "min_return": lm.get("min_return"),
+                   "eval_seeds": f"{seeds[0]}..{seeds[int(lm.num_eval_episodes) - 1]}"}
+    return _train(cfg, agent, agent_name, run, data_record, f"{cfg.dataset} ({len(rows)} conversations, env {env_id}, model {model_path})")
+
+
+def log_conversations(cfg: DictConfig) -> Path:
+    """orl-collect env=text:<task>: play `conversations.episodes` conversations with a language model from training seeds
+    and write them as JSON lines (orl/text/conversation.py::save_conversations), the offline data of agent=alol."""
+    from orl.envs.text_games import make_text_env, train_seeds
+    from orl.io import atomic_write_json
+    from orl.text.conversation import rollout_conversations, save_conversations
+    from orl.text.runtime import load_lm
+
+    spec, settings = str(cfg.env), cfg.conversations
+    options = OmegaConf.to_container(settings.env_options, resolve=True) if settings.get("env_options") else {}
+    make_text_env(spec, **options)
+    path = str(settings.model)
+    if path == "data/tiny-lm":
+        from orl.envs.tiny_lm import build_tiny_lm
+
+        build_tiny_lm(path)  # built on first use; reused while its settings are the current ones
+    model, tokenizer = load_lm(path, "cpu")
+    episodes, seed = int(settings.episodes), int(cfg.seed)
+    out = Path(str(settings.out)) if settings.get("out") else \
+        Path("data/conversations") / f"{spec.replace(':', '-').replace('/', '-')}-{episodes}-seed{seed}.jsonl"
+    if out.exists() and not cfg.overwrite:
+        raise ConfigError(f"{out} exists; give conversations.out=<another file> or overwrite=true")
+    seeds = train_seeds(episodes, seed)
+    generator = torch.Generator().manual_seed(seed)
+    chat = {"auto": None, "true": True, "false": False}[str(settings.get("chat", "auto")).lower()]
+    convs = []
+    batch = int(settings.batch_size)
+    for start in range(0, episodes, batch):
+        part = seeds[start : start + batch]
+        convs.extend(rollout_conversations(model, tokenizer, [make_text_env(spec, **options) for _ in part], part,
+                                           max_turn_tokens=int(settings.max_turn_tokens), temperature=float(settings.temperature),
+                                           generator=generator, chat=chat, stop=str(settings.stop), env_id=spec))
+        if cfg.progress:
+            print(f"[orl-collect] {len(convs)}/{episodes} conversations")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_conversations(out, convs)
+    summary = {"env": spec, "env_options": options, "model": path, "episodes": episodes, "seed": seed,
+               "temperature": float(settings.temperature), "max_turn_tokens": int(settings.max_turn_tokens),
+               "success": float(np.mean([bool(c.success) for c in convs])), "return_mean": float(np.mean([c.episode_return for c in convs])),
+               "turns_mean": float(np.mean([c.turns for c in convs])), "sha256": file_checksum(out)}
+    atomic_write_json(out.with_suffix(".json"), summary)
+    print(f"[orl-collect] {episodes} conversations -> {out}: success {summary['success']:.3f}, return {summary['return_mean']:.3f}, "
+          f"turns {summary['turns_mean']:.2f}")
+    return out
+
+
+def run_conversations(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Online RL in a multi-turn text environment (`env=text:<task>` or `env=textarena:<game>`) with the GRPO family:
+    a batch is `batch_size` episode seeds x num_generations conversations; evaluation plays held-out seeds."""
+    from orl.agent import agent_class, make_agent
+    from orl.envs.text_games import eval_seeds, make_text_env
+    from orl.text.conversation import SeedBuffer
+    from orl.text.generation import VectorTokenEnv
+    from orl.text.runtime import load_tokenizer
+
+    lm = cfg.lm
+    agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
+    agent_name = agent_cfg.pop("name")
+    agent_type = agent_class(agent_name)
+    if agent_type.data_kind != "prompts":
+        raise ConfigError(f"env={cfg.env} is a multi-turn text environment, trained online by agent=grpo or rloo (got agent={agent_name}); "
+                          "to train offline on it, log conversations with `orl-collect env=" + str(cfg.env) + "` and give the file as dataset=")
+    options = OmegaConf.to_container(lm.env_options, resolve=True) if lm.get("env_options") else {}
+    make_text_env(str(cfg.env), **options)  # a bad id or option fails here, before any model loads
+    model_path = _policy_path(cfg)
+    agent_cfg["model_path"] = model_path
+    tokenizer = load_tokenizer(model_path)
+    probe = VectorTokenEnv(tokenizer, [""], max_new_tokens=1)
+    agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
+    chat = {"auto": None, "true": True, "false": False}[str(lm.get("chat", "auto")).lower()]
+    agent.set_conversation_env(lambda: make_text_env(str(cfg.env), **options), env_id=str(cfg.env), chat=chat, stop=str(lm.get("stop", "\n")),
+                               max_turn_tokens=int(agent_cfg.get("max_completion_length", lm.max_new_tokens)))
+    seeds = eval_seeds(int(lm.num_eval_episodes))
+    run = TextRun([], tokenizer, SeedBuffer(device), [], None, int(agent_cfg.get("max_completion_length", lm.max_new_tokens)), {}, 0,
+                  int(cfg.seed), device, eval_seeds=seeds)
+    data_record = {"id": str(cfg.env), "sha256": None, "env_options": options, "model": str(model_path),
+                   "train_seeds": f"drawn from [0, {SeedBuffer.HIGH})", "eval_seeds": f"{seeds[0]}..{seeds[-1]}"}
+    return _train(cfg, agent, agent_name, run, data_record, f"{cfg.env} (model {model_path}, device {device})")
 
 
 def _fitting(items: list, prompt_of: Callable[[Any], str], tokenizer, context: int, new_tokens: int, what: str, fix: str) -> list:
@@ -212,7 +367,7 @@ def _policy_path(cfg: DictConfig) -> str:
         with first:
             if not Path(path, "config.json").exists():
                 print(f"[orl] building the embedded tiny GPT-2 at {path} (first run only)")
-                build_tiny_lm(path)
+            build_tiny_lm(path)  # reuses a build with the current settings, rebuilds an older orl's
     return path
 
 

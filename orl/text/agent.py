@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from orl.errors import ConfigError
 from orl.text.data import position_ids
 from orl.text.generation import evaluate_lm
 from orl.text.runtime import AdapterDisabled, DataParallel, add_lora, load_lm, split_batch
+
+if TYPE_CHECKING:
+    from orl.evaluation import EvalResult
 
 
 @dataclass
@@ -104,6 +107,57 @@ class LMAgent(Agent):
         metrics = self.data_parallel.average({"loss": total, **sums})
         return {**metrics, "grad_norm": grad_norm, "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
 
+    # --- multi-turn text environments (orl/text/conversation.py) -------------------------------------
+    conversation_env: Callable[[], Any] | None = None  # builds one TextEnv; set by orl-train from env= or the data's env
+    conversation_options: dict = {}
+
+    def set_conversation_env(self, make_env: Callable[[], Any] | None, env_id: str | None = None, chat: bool | None = None,
+                             stop: str = "\n", max_turn_tokens: int = 16) -> None:
+        """Play (GRPO: train) and evaluate in a multi-turn text environment: `make_env()` builds one TextEnv."""
+        self.conversation_env = make_env
+        self.conversation_options = {"env_id": env_id, "chat": chat, "stop": stop, "max_turn_tokens": max_turn_tokens}
+
+    def play(self, seeds: Sequence[int], greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             model=None) -> list:
+        """One conversation per seed with the policy (or `model`), sampled with the agent's generator."""
+        from orl.text.conversation import rollout_conversations
+
+        generator = getattr(self, "generator", None)
+        return rollout_conversations(model if model is not None else self.acting_model(), self.tokenizer,
+                                     [self.conversation_env() for _ in seeds], list(seeds), greedy=greedy, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, generator=generator, **self.conversation_options)
+
+    sampling_temperature = 1.0  # what evaluation samples at (agents with a temperature option report theirs)
+
+    def export_policy(self):
+        """The LM orl-train writes to run_dir/hf (what `init_from` starts from): the policy."""
+        return self.nets["policy"]
+
+    def acting_model(self):
+        """The model that generates when the agent acts: the policy (ILQL: the policy perturbed by its Q and V heads)."""
+        return self.nets["policy"]
+
+    def evaluate_conversations(self, seeds: Sequence[int], seed: int = 0) -> "EvalResult":
+        """Conversations sampled from held-out seeds: returns, turns, success rate (any training sampler is left where it was)."""
+        from orl.evaluation import EvalResult
+
+        generator = getattr(self, "generator", None)
+        saved = generator.get_state() if generator is not None else None
+        torch_state = torch.random.get_rng_state()
+        if generator is not None:
+            generator.manual_seed(seed + 12345)
+        else:
+            torch.manual_seed(seed + 12345)
+        convs = []
+        for start in range(0, len(seeds), 64):
+            convs.extend(self.play(list(seeds[start : start + 64]), temperature=self.sampling_temperature))
+        if saved is not None:
+            generator.set_state(saved)
+        torch.random.set_rng_state(torch_state)
+        return EvalResult(np.array([c.episode_return for c in convs]), np.array([float(c.turns) for c in convs]),
+                          extra={"success": float(np.mean([bool(c.success) for c in convs])),
+                                 "turns": float(np.mean([c.turns for c in convs]))})
+
     # --- hooks for orl-train (orl/apps/lm_run.py) ----------------------------------------------------
     def prepare_run(self, run) -> dict[str, float] | None:
         """Before the first step: the agent's `prepare(buffer)` if it has one (e.g. DPO's reference log-probs)."""
@@ -111,8 +165,12 @@ class LMAgent(Agent):
         return prepare(run.buffer) if prepare is not None else None
 
     def evaluate_run(self, run):
-        """Sampled responses to the run's held-out prompts, scored by its reward (mean reward, length, distinct-n)."""
+        """Sampled responses to the run's held-out prompts, scored by its reward (mean reward, length, distinct-n); in a
+        multi-turn environment, conversations from the run's held-out seeds."""
         from orl.evaluation import EvalResult
+
+        if self.conversation_env is not None:
+            return self.evaluate_conversations(run.eval_seeds, run.seed)
 
         out = evaluate_lm(self.nets["policy"], run.tokenizer, run.eval_prompts, run.reward_fn, run.max_new_tokens, seed=run.seed, details=True)
         return EvalResult(np.asarray(out["rewards"]), np.asarray(out["lengths"]), extra={"distinct_1": out["distinct_1"], "distinct_2": out["distinct_2"]})

@@ -25,6 +25,7 @@ class SequenceBatch:
     response_mask: torch.Tensor  # (B, L) 1 on response tokens
     rewards: torch.Tensor | None = None  # (B,) sequence-level reward
     index: torch.Tensor | None = None  # (B,) row ids in the buffer (for cached per-example values)
+    token_rewards: torch.Tensor | None = None  # (B, L) per-token rewards (logged conversations: each turn's on its last token)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -85,6 +86,7 @@ class SequenceBuffer:
         self.response_mask = response_mask.to(self.device)
         self.rewards = None if rewards is None else rewards.float().to(self.device)
         self.weights: torch.Tensor | None = None  # set by agents that sample by priority (A-LoL)
+        self.token_rewards: torch.Tensor | None = None  # (N, L) where rewards are per turn (logged conversations)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -102,7 +104,8 @@ class SequenceBuffer:
         mask = self.attention_mask[index]
         first = int(mask.any(0).float().argmax())
         return SequenceBatch(self.input_ids[index, first:], mask[:, first:], self.response_mask[index, first:],
-                             None if self.rewards is None else self.rewards[index], index)
+                             None if self.rewards is None else self.rewards[index], index,
+                             None if self.token_rewards is None else self.token_rewards[index, first:])
 
     def state_dict(self) -> dict:
         return {"weights": self.weights}
@@ -250,19 +253,15 @@ def _validated_row(row, kind: str, where: str) -> dict:
     return row
 
 
-def load_jsonl(path, kind: str) -> list[dict]:
-    """Read and validate a text dataset: `rewarded` rows {"prompt","response","reward"} (A-LoL),
-    `pairs` rows {"prompt","chosen","rejected"} (DPO, reward models) or `prompts` rows {"prompt"}
-    (online RL). Every malformed line is reported with its file and line number."""
+def read_jsonl(path, what: str):
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; a missing file, a line that is not UTF-8
+    or not JSON is one DataError naming the file and line."""
     import json
     from pathlib import Path
 
-    if kind not in JSONL_FIELDS:
-        raise ValueError(f"kind must be one of {sorted(JSONL_FIELDS)}, got {kind!r}")
     path = Path(path)
     if not path.exists():
-        raise DataFileNotFound(f"text dataset {path} does not exist")
-    rows = []
+        raise DataFileNotFound(f"{what} {path} does not exist")
     for number, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
             line = raw.decode("utf-8")
@@ -271,9 +270,22 @@ def load_jsonl(path, kind: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+
+
+def load_jsonl(path, kind: str) -> list[dict]:
+    """Read and validate a text dataset: `rewarded` rows {"prompt","response","reward"} (A-LoL),
+    `pairs` rows {"prompt","chosen","rejected"} (DPO, reward models) or `prompts` rows {"prompt"}
+    (online RL). Every malformed line is reported with its file and line number."""
+    from pathlib import Path
+
+    if kind not in JSONL_FIELDS:
+        raise ValueError(f"kind must be one of {sorted(JSONL_FIELDS)}, got {kind!r}")
+    path = Path(path)
+    rows = []
+    for number, row in read_jsonl(path, "text dataset"):
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: each line must be a JSON object with fields {list(JSONL_FIELDS[kind])}, got {type(row).__name__}")
         rows.append(_validated_row(row, kind, f"{path}:{number}"))
