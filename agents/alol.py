@@ -143,7 +143,13 @@ class ALoL(LMAgent):
         from orl.text.generation import evaluate_lm
 
         if self.conversation_env is not None:  # logged conversations: V_ref(opening) = the reference's return from held-out seeds
-            convs = self.play(run.value_seeds, greedy=True, model=self.nets["reference"])
+            returns = run.buffer.rewards
+            if float(returns.min()) < 0 or float(returns.max()) > self.cfg.max_value:
+                raise ConfigError(f"A-LoL's value head predicts in [0, agent.max_value={self.cfg.max_value}] (a sigmoid, as the official "
+                                  f"code), but the conversations' returns span [{float(returns.min()):g}, {float(returns.max()):g}]: "
+                                  "set agent.max_value to the largest return, and shift negative rewards (e.g. turn_penalty) to >= 0")
+            convs = [c for start in range(0, len(run.value_seeds), 64)
+                     for c in self.play(run.value_seeds[start : start + 64], greedy=True, model=self.nets["reference"])]
             ids, mask = pad_left([c.prompt_ids for c in convs], run.tokenizer.pad_token_id)
             self.fit_value(ids, mask, torch.tensor([c.episode_return for c in convs]))
             return self.prepare(run.buffer)

@@ -195,6 +195,10 @@ class GRPO(LMAgent):
                               "or use a token-level loss_type for the k3 term")
         if cfg.turn_returns not in ("episode", "to_go"):
             raise ConfigError(f"agent.turn_returns must be episode or to_go, got {cfg.turn_returns!r}")
+        if cfg.turn_returns == "to_go" and (cfg.advantage == "remax" or cfg.kl_in_reward):
+            raise ConfigError("agent.turn_returns=to_go takes each turn's return-to-go from the environment's rewards: it has no "
+                              "per-turn greedy baseline (advantage=remax) and no per-turn KL in the reward (kl_in_reward); use "
+                              "turn_returns=episode, or the k3 term in the loss")
         if cfg.turn_returns == "to_go" and cfg.loss_type == "sequence":
             raise ConfigError("agent.turn_returns=to_go gives each turn its own advantage; loss_type=sequence has one ratio per "
                               "conversation: use a token-level loss_type")
@@ -297,7 +301,9 @@ class GRPO(LMAgent):
     def _to_go_advantages(self, convs: list, width: int, G: int) -> torch.Tensor:
         """(N, width - 1) per-token advantages: the tokens of turn k carry the return-to-go from turn k, normalized over the
         group's conversations that reached turn k (as `advantage`/`scale_rewards` say), 0 elsewhere."""
-        turns = max(c.turns for c in convs)
+        turns = max((c.turns for c in convs), default=0)
+        if turns == 0:  # no conversation got a turn (its opening filled the context): nothing to credit
+            return torch.zeros(len(convs), width - 1)
         to_go = torch.full((len(convs), turns), float("nan"))
         for row, conv in enumerate(convs):
             rewards = torch.tensor(conv.rewards, dtype=torch.float32)

@@ -241,12 +241,12 @@ class ILQL(LMAgent):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        print(f"[orl] ilql: distilled the perturbed decoding (beta {self.cfg.beta}) into the exported LM: KL {float(loss):.4f} "
+        print(f"[orl] ilql: distilled the perturbed decoding (beta {self.cfg.beta}) into the exported LM: KL {loss.item():.4f} "
               f"after {self.cfg.distill_steps} steps")
         return student.eval()
 
     def export_extra(self) -> dict[str, Any]:
-        """What run_dir/hf lacks for ILQL's decoding: the heads and beta (run_dir/ilql_heads.pt)."""
+        """What run_dir/hf lacks for ILQL's decoding: the target Q and V heads and beta (orl-train writes run_dir/hf/orl_extra.pt)."""
         return {"q_target": self.nets["q_target"].state_dict(), "value": self.nets["value"].state_dict(), "beta": self.cfg.beta}
 
 

@@ -134,7 +134,9 @@ def load_run(path: Path, group_by: Sequence[str] = ()) -> Run:
     label = str(config.get("tag") or config["agent"].get("name", "?"))
     extra = [f"{k}={_select(config, k)}" for k in group_by]
     run = Run(
-        path=path, label=label + (f"[{','.join(extra)}]" if extra else ""), dataset=str(config.get("dataset")),
+        # what the run trained on as its provenance names it: the dataset, or the environment of an online LM run
+        path=path, label=label + (f"[{','.join(extra)}]" if extra else ""),
+        dataset=str(((provenance or {}).get("data") or {}).get("id") or config.get("dataset")),
         seed=int(config.get("seed") or 0), curve=[(int(r["step"]), float(r[key])) for r in evals],
         online_episodes=[(int(r["step"]), float(r["online/episode_normalized"])) for r in rows if "online/episode_normalized" in r],
         q_mean=[(int(r["step"]), float(r["train/q_mean"])) for r in rows if "train/q_mean" in r],

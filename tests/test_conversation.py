@@ -1,6 +1,8 @@
 """Multi-turn text environments: the batched conversation rollout with one KV cache (orl/text/conversation.py)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -155,3 +157,25 @@ def test_a_logged_conversation_tokenizes_to_the_tokens_of_its_rollout(tmp_path, 
     assert (prompt_ids, ids, agent, rewards) == (conv.prompt_ids, conv.ids, conv.agent_mask, conv.rewards)
     ids_t, mask, agent_t = conversation_tensors([conv], tokenizer.pad_token_id or 0)
     assert agent_t.sum() == sum(len(t) for t in turns) and ((agent_t == 1) <= (mask == 1)).all()
+    # the context rule is exact: a turn starts only if the conversation so far plus max_turn_tokens fits. The room the
+    # third turn needs is the conversation before it plus 8; one token less and the conversation is cut before it.
+    before_third = len(conv.prompt_ids) + conv.turn_ends[1] + 1 + sum(1 for a in conv.agent_mask[conv.turn_ends[1] + 1:] if not a)
+    for context, cut in ((before_third + 8, False), (before_third + 7, True)):
+        model.calls = 0
+        again = rollout_conversations(wrapped, tokenizer, [ScriptedGame()], [0], max_turn_tokens=8, greedy=True, chat=chat,
+                                      eos_ids=[tokenizer.eos_token_id], context=context)[0]
+        assert again.truncated == cut and again.turns == (2 if cut else 3) and bool(again.info.get("context_full")) == cut
+
+
+def test_malformed_conversation_files_are_refused(tmp_path):
+    from orl.errors import DataError
+
+    path = tmp_path / "bad.jsonl"
+    for messages, what in (([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
+                            "alternates"),
+                           ([{"role": "assistant", "content": "a"}], "alternates"),
+                           ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "reward": "1"}], "reward"),
+                           ([{"role": "user", "content": "hi"}], "no assistant turn")):
+        path.write_text(json.dumps({"messages": messages}) + "\n")
+        with pytest.raises(DataError, match=what):
+            load_conversations(path)

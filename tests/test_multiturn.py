@@ -159,11 +159,33 @@ def test_logged_conversations_train_alol_and_filtered_bc_through_the_cli(models,
     common = [f"dataset={log}", f"lm.model={models[arch]}", "agent=alol", "agent.lr=1e-3", "agent.value_epochs=1", "batch_size=4", "steps=2",
               "eval.every=2", "lm.num_eval_episodes=4", "lm.num_value_prompts=4", "lm.max_new_tokens=3", "log.progress=false",
               "log.tensorboard=false", "device=cpu"] + ([f"lm.stop={stop}"] if arch == "llama" else [])
-    # A-LoL needs a positive advantage: give one conversation a return no reference value reaches
-    rows[0]["return"] = 5.0
+    # A-LoL needs a positive advantage: one conversation with the top return (the random reference wins none)
+    rows[0]["return"] = 1.0
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = _train(common + [f"run_dir={tmp_path / 'alol'}"])
+    # env= names the environment the conversations come from (it routes to offline training, not to online RL)
+    out = _train(common + ["env=text:guess_number", f"run_dir={tmp_path / 'alol'}"])
     assert {"success", "turns"} <= set(out)
     out = _train(common + ["agent.variant=nll", "lm.min_return=1", f"run_dir={tmp_path / 'fbc'}"])
     provenance = json.loads((tmp_path / "fbc" / "provenance.json").read_text())
     assert provenance["data"]["train_rows"] == sum(r["return"] >= 1 for r in rows) >= 1
+
+
+def test_option_combinations_that_cannot_work_are_refused(models, tmp_path):
+    from orl.errors import ConfigError
+
+    for options in ({"turn_returns": "to_go", "advantage": "remax"}, {"turn_returns": "to_go", "kl_in_reward": True, "beta": 0.1},
+                    {"turn_returns": "to_go", "loss_type": "sequence"}, {"turn_returns": "sometimes"}):
+        with pytest.raises(ConfigError, match="turn_returns"):
+            _grpo(models["llama"], **options)
+    rows = [{"env": "text:guess_number", "seed": i, "messages": [{"role": "user", "content": "guess 1-16"},
+                                                                  {"role": "assistant", "content": "8", "reward": -0.5}]} for i in range(4)]
+    log = tmp_path / "negative.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match="max_value"):
+        _train([f"dataset={log}", f"lm.model={models['llama']}", "agent=alol", "lm.stop=the", "lm.num_value_prompts=2", "steps=1",
+                "log.progress=false", f"run_dir={tmp_path / 'a'}"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "count: 1"}) + "\n")
+    with pytest.raises(ConfigError, match="min_return"):
+        _train([f"dataset={prompts}", f"lm.model={models['llama']}", "agent=grpo", "lm.reward=increasing_numbers", "lm.min_return=1",
+                "steps=1", "log.progress=false", f"run_dir={tmp_path / 'b'}"])

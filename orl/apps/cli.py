@@ -113,7 +113,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     from orl.envs.text_games import is_text_env
 
-    if cfg.env and is_text_env(str(cfg.env)):  # a multi-turn text environment: online RL of a language model in it
+    from orl.text.conversation import is_conversation_file
+
+    # a multi-turn text environment without logged conversations to learn from: online RL of a language model in it
+    if cfg.env and is_text_env(str(cfg.env)) and not is_conversation_file(str(cfg.dataset)):
         from orl.apps.lm_run import run_conversations
 
         return run_conversations(cfg, device)

@@ -71,6 +71,8 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
 
     if is_conversation_file(str(cfg.dataset)):
         return run_logged_conversations(cfg, device, agent_name, agent_cfg)
+    if lm.get("min_return") is not None:
+        raise ConfigError(f"lm.min_return filters logged conversations; {cfg.dataset} is not a conversation file (rows with `messages`)")
     task = is_task(str(cfg.dataset))
     if task and kind != "prompts":
         raise ConfigError(f"dataset={cfg.dataset} is a procedural task with answers, not {kind} rows: train it with agent=grpo or rloo")
@@ -201,15 +203,19 @@ def run_logged_conversations(cfg: DictConfig, device: torch.device, agent_name: 
     weighted by the episode's return, and are evaluated by playing the conversations' environment on held-out seeds."""
     from orl.agent import agent_class, make_agent
     from orl.envs.text_games import eval_seeds, make_text_env
-    from orl.text.conversation import ConversationFormat, conversation_buffer, load_conversations
+    from orl.text.conversation import ConversationFormat, SeedBuffer, conversation_buffer, load_conversations
     from orl.text.generation import VectorTokenEnv
     from orl.text.runtime import context_length, eos_token_ids, load_tokenizer
 
     lm = cfg.lm
     if agent_class(agent_name).data_kind != "rewarded":
         raise ConfigError(f"{cfg.dataset} holds logged conversations: train them with agent=alol (agent.variant=nll and lm.min_return "
-                          f"for filtered behaviour cloning); agent={agent_name} trains on {agent_class(agent_name).data_kind}")
+                          f"for filtered behaviour cloning) or agent=ilql; agent={agent_name} trains on {agent_class(agent_name).data_kind}")
     rows = load_conversations(cfg.dataset)
+    overlapping = sum(int(row.get("seed") or 0) >= SeedBuffer.HIGH for row in rows)
+    if overlapping:
+        warnings.warn(f"{overlapping} of {len(rows)} conversations of {cfg.dataset} have seeds >= {SeedBuffer.HIGH}, where orl's evaluation "
+                      "seeds lie: their episodes may be evaluated on (log with orl-collect, which draws training seeds below it)", stacklevel=2)
     env_ids = sorted({str(row.get("env")) for row in rows if row.get("env")})
     env_id = str(cfg.env) if cfg.env else (env_ids[0] if len(env_ids) == 1 else None)
     if env_id is None:
@@ -229,7 +235,7 @@ def run_logged_conversations(cfg: DictConfig, device: torch.device, agent_name: 
     probe = VectorTokenEnv(tokenizer, [""], max_new_tokens=1)
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
     policy = agent.nets["policy"]
-    chat = {"auto": None, "true": True, "false": False}[str(lm.get("chat", "auto")).lower()]
+    chat = _chat_option(lm.get("chat", "auto"))
     stop = str(lm.get("stop", "\n"))
     fmt = ConversationFormat(tokenizer, eos_token_ids(tokenizer, policy), chat, stop)
     buffer = conversation_buffer(fmt, rows, device, context_length(policy, tokenizer))
@@ -272,7 +278,7 @@ def log_conversations(cfg: DictConfig) -> Path:
         raise ConfigError(f"{out} exists; give conversations.out=<another file> or overwrite=true")
     seeds = train_seeds(episodes, seed)
     generator = torch.Generator().manual_seed(seed)
-    chat = {"auto": None, "true": True, "false": False}[str(settings.get("chat", "auto")).lower()]
+    chat = _chat_option(settings.get("chat", "auto"))
     convs = []
     batch = int(settings.batch_size)
     for start in range(0, episodes, batch):
@@ -317,7 +323,7 @@ def run_conversations(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path)
     probe = VectorTokenEnv(tokenizer, [""], max_new_tokens=1)
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
-    chat = {"auto": None, "true": True, "false": False}[str(lm.get("chat", "auto")).lower()]
+    chat = _chat_option(lm.get("chat", "auto"))
     agent.set_conversation_env(lambda: make_text_env(str(cfg.env), **options), env_id=str(cfg.env), chat=chat, stop=str(lm.get("stop", "\n")),
                                max_turn_tokens=int(agent_cfg.get("max_completion_length", lm.max_new_tokens)))
     seeds = eval_seeds(int(lm.num_eval_episodes))
@@ -326,6 +332,14 @@ def run_conversations(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     data_record = {"id": str(cfg.env), "sha256": None, "env_options": options, "model": str(model_path),
                    "train_seeds": f"drawn from [0, {SeedBuffer.HIGH})", "eval_seeds": f"{seeds[0]}..{seeds[-1]}"}
     return _train(cfg, agent, agent_name, run, data_record, f"{cfg.env} (model {model_path}, device {device})")
+
+
+def _chat_option(value) -> bool | None:
+    """lm.chat / conversations.chat: auto (None: a tokenizer with a chat template uses it), true or false."""
+    options = {"auto": None, "true": True, "false": False}
+    if str(value).lower() not in options:
+        raise ConfigError(f"chat must be auto, true or false, got {value!r}")
+    return options[str(value).lower()]
 
 
 def _fitting(items: list, prompt_of: Callable[[Any], str], tokenizer, context: int, new_tokens: int, what: str, fix: str) -> list:

@@ -208,6 +208,8 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
 
     if len(envs) != len(seeds):
         raise ValueError(f"{len(envs)} environments but {len(seeds)} seeds")
+    if max_turn_tokens < 1 or (not greedy and temperature <= 0):
+        raise ValueError(f"max_turn_tokens must be >= 1 and temperature > 0, got {max_turn_tokens} and {temperature}")
     device = next(model.parameters()).device
     fmt = ConversationFormat(tokenizer, eos_ids if eos_ids is not None else eos_token_ids(tokenizer, model), chat, stop)
     context = context if context is not None else context_length(model, tokenizer)
@@ -263,8 +265,8 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
                 # rows that stopped earlier receive padding, masked out, so the batch stays rectangular
                 logits = feed(torch.where(fed, tokens, torch.full_like(tokens, pad_id))[:, None], fed.long()[:, None])
                 lengths += fed.long()
+            # the last tokens sampled are not in the cache yet: they go in with the replies (counted in `lengths` then)
             pending = [[turn[row][-1]] if fed[row] else [] for row in range(len(live))]
-            lengths += fed.long()
             # --- the environment's turn ---------------------------------------------------------------------
             keep, blocks = [], []
             for row, index in enumerate(live):
@@ -283,7 +285,7 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
                     truncated = True
                 reply_ids = [] if terminated or truncated else fmt.reply(conv.messages, reply, turn[row])
                 if not (terminated or truncated) and context is not None and \
-                        int(lengths[row]) + len(reply_ids) + max_turn_tokens > context:
+                        int(lengths[row]) + len(pending[row]) + len(reply_ids) + max_turn_tokens > context:
                     truncated, conv.info["context_full"] = True, True
                 conv.messages.append({"role": "user", "content": reply})
                 if terminated or truncated:
@@ -353,8 +355,10 @@ def load_conversations(path: str | Path) -> list[dict]:
                             "\"content\": <text>}} objects")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{path}:{number}: the conversation has no assistant turn to learn from")
-        if messages[0]["role"] == "assistant" or (messages[0]["role"] == "system" and messages[1:2] and messages[1]["role"] != "user"):
-            raise DataError(f"{path}:{number}: a conversation opens with a user message (after an optional system message)")
+        turns = messages[1:] if messages[0]["role"] == "system" else messages
+        if any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns)):
+            raise DataError(f"{path}:{number}: after an optional system message, a conversation alternates user and assistant "
+                            "messages, starting with the user's (the environment's opening)")
         for m in messages:
             reward = m.get("reward", 0.0)
             if m["role"] == "assistant" and (not isinstance(reward, (int, float)) or isinstance(reward, bool) or reward != reward):
