@@ -153,7 +153,7 @@ class ALoL(LMAgent):
             ids, mask = pad_left([c.prompt_ids for c in convs], run.tokenizer.pad_token_id)
             self.fit_value(ids, mask, torch.tensor([c.episode_return for c in convs]))
             return self.prepare(run.buffer)
-        prompts = run.eval_prompts[: run.num_value_prompts]
+        prompts = (run.value_prompts or run.eval_prompts)[: run.num_value_prompts]
         reference = evaluate_lm(self.nets["reference"], run.tokenizer, prompts, run.reward_fn, run.max_new_tokens, greedy=True, details=True)
         encoded = text_buffer(run.tokenizer, prompts, [""] * len(prompts), None, run.device, **run.limits)
         self.fit_value(encoded.input_ids, encoded.attention_mask * (1 - encoded.response_mask), torch.tensor(reference["rewards"]))

@@ -186,6 +186,17 @@ def test_option_combinations_that_cannot_work_are_refused(models, tmp_path):
                 "log.progress=false", f"run_dir={tmp_path / 'a'}"])
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "count: 1"}) + "\n")
-    with pytest.raises(ConfigError, match="min_return"):
+    with pytest.raises(ConfigError, match="min_return"):  # GRPO's prompt rows have no reward to filter by
         _train([f"dataset={prompts}", f"lm.model={models['llama']}", "agent=grpo", "lm.reward=increasing_numbers", "lm.min_return=1",
                 "steps=1", "log.progress=false", f"run_dir={tmp_path / 'b'}"])
+
+
+def test_an_opening_longer_than_the_context_is_refused_up_front(tmp_path, tiny_lm):
+    from orl.errors import ConfigError
+
+    pytest.importorskip("textarena")
+    # TextArena's GuessTheNumber opens with ~420 tokens of the tiny LM's 128-token context (built by conftest's tiny_lm)
+    with pytest.raises(ConfigError, match="longer context"):
+        _train(["agent=grpo", "env=textarena:GuessTheNumber-v0", f"lm.model={tiny_lm['path']}", "agent.max_completion_length=4", "steps=1",
+                "log.progress=false",
+                f"run_dir={tmp_path / 'r'}"])

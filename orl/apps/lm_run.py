@@ -46,6 +46,7 @@ class TextRun:
     eval_rows: list[dict] = field(default_factory=list)  # the held-out rows (lm.holdout), never trained on
     eval_seeds: list[int] = field(default_factory=list)  # multi-turn environments: held-out episode seeds
     value_seeds: list[int] = field(default_factory=list)  # and others held out for fitting values (A-LoL's V_ref)
+    value_prompts: list[str] = field(default_factory=list)  # lm.value_prompts: held-out prompts for values (default: eval_prompts)
 
 
 def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
@@ -71,14 +72,21 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
 
     if is_conversation_file(str(cfg.dataset)):
         return run_logged_conversations(cfg, device, agent_name, agent_cfg)
-    if lm.get("min_return") is not None:
-        raise ConfigError(f"lm.min_return filters logged conversations; {cfg.dataset} is not a conversation file (rows with `messages`)")
+    if lm.get("min_return") is not None and kind != "rewarded":
+        raise ConfigError(f"lm.min_return filters rewarded rows or logged conversations by their reward; agent={agent_name} trains on "
+                          f"{kind} rows")
     task = is_task(str(cfg.dataset))
     if task and kind != "prompts":
         raise ConfigError(f"dataset={cfg.dataset} is a procedural task with answers, not {kind} rows: train it with agent=grpo or rloo")
     # the data is checked before any model loads
     rows = load_task_rows(str(cfg.dataset), OmegaConf.to_container(lm.task) if lm.get("task") else None) if task else \
         load_text_rows(str(cfg.dataset), kind)
+    if lm.get("min_return") is not None:  # filtered behaviour cloning: keep the rows that went well
+        total = len(rows)
+        rows = [row for row in rows if float(row["reward"]) >= float(lm.min_return)]
+        if not rows:
+            raise DataError(f"no row of {cfg.dataset} has a reward >= lm.min_return={lm.min_return}")
+        print(f"[orl] kept {len(rows)} of {total} rows with reward >= {lm.min_return}")
     # a generated task's checksum: of all its rows, before any is held out (the split depends on the run's seed)
     generated = hashlib.sha256(json.dumps([[r["prompt"], r.get("answer")] for r in rows]).encode()).hexdigest() if task else None
     model_path = _policy_path(cfg)
@@ -140,8 +148,9 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     else:
         buffer = pair_buffer(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], device,
                              add_eos=add_eos, **limits)
+    value_prompts = _prompt_file(lm.value_prompts, "lm.value_prompts") if lm.get("value_prompts") else []
     run = TextRun(rows, tokenizer, buffer, eval_prompts, reward_fn, int(lm.max_new_tokens), limits, int(lm.num_value_prompts),
-                  int(cfg.seed), device, eval_rows=held_out)
+                  int(cfg.seed), device, eval_rows=held_out, value_prompts=value_prompts)
     prepared = agent.prepare_run(run)
     if prepared:
         print(f"[orl] {agent_name} data: {prepared}")
@@ -324,14 +333,34 @@ def run_conversations(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     probe = VectorTokenEnv(tokenizer, [""], max_new_tokens=1)
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
     chat = _chat_option(lm.get("chat", "auto"))
+    turn_tokens = int(agent_cfg.get("max_completion_length", lm.max_new_tokens))
+    _check_opening_fits(cfg, agent.nets["policy"], tokenizer, options, chat, turn_tokens)
     agent.set_conversation_env(lambda: make_text_env(str(cfg.env), **options), env_id=str(cfg.env), chat=chat, stop=str(lm.get("stop", "\n")),
-                               max_turn_tokens=int(agent_cfg.get("max_completion_length", lm.max_new_tokens)))
+                               max_turn_tokens=turn_tokens)
     seeds = eval_seeds(int(lm.num_eval_episodes))
     run = TextRun([], tokenizer, SeedBuffer(device), [], None, int(agent_cfg.get("max_completion_length", lm.max_new_tokens)), {}, 0,
                   int(cfg.seed), device, eval_seeds=seeds)
     data_record = {"id": str(cfg.env), "sha256": None, "env_options": options, "model": str(model_path),
                    "train_seeds": f"drawn from [0, {SeedBuffer.HIGH})", "eval_seeds": f"{seeds[0]}..{seeds[-1]}"}
     return _train(cfg, agent, agent_name, run, data_record, f"{cfg.env} (model {model_path}, device {device})")
+
+
+def _check_opening_fits(cfg: DictConfig, model, tokenizer, options: dict, chat: bool | None, turn_tokens: int) -> None:
+    """A conversation whose opening leaves no room for a turn in the model's context would end before it starts: refuse
+    the run up front (measured on the first evaluation episode)."""
+    from orl.envs.text_games import eval_seeds, make_text_env
+    from orl.text.conversation import ConversationFormat
+    from orl.text.runtime import context_length, eos_token_ids
+
+    context = context_length(model, tokenizer)
+    env = make_text_env(str(cfg.env), **options)
+    opening, _ = env.reset(eval_seeds(1)[0])
+    fmt = ConversationFormat(tokenizer, eos_token_ids(tokenizer, model), chat, str(cfg.lm.get("stop", "\n")))
+    _, ids = fmt.opening(getattr(env, "system_prompt", None), opening)
+    if context is not None and len(ids) + turn_tokens > context:
+        raise ConfigError(f"env={cfg.env} opens with {len(ids)} tokens of this model; a turn of up to {turn_tokens} tokens "
+                          f"(agent.max_completion_length) after it needs {len(ids) + turn_tokens} positions, but the model's context is "
+                          f"{context}: use a model with a longer context (lm.model=<path or hub id>)")
 
 
 def _chat_option(value) -> bool | None:
@@ -408,16 +437,21 @@ def _hold_out(cfg: DictConfig, rows: list[dict]) -> tuple[list[dict], list[dict]
     return [row for row in rows if row["prompt"] not in held], [rows[i] for i in index], index
 
 
+def _prompt_file(spec, option: str) -> list[str]:
+    """The prompts of a text file, one per line."""
+    path = Path(str(spec))
+    if not path.is_file():
+        raise DataFileNotFound(f"{option}={path} does not exist; give a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"{option}={path} holds no prompt")
+    return prompts
+
+
 def _eval_prompts(cfg: DictConfig, rows: list[dict]) -> list[str]:
     """lm.eval_prompts (a file, one prompt per line), else the distinct prompts of `rows` (the held-out ones), the last
     ones first."""
     lm = cfg.lm
     if lm.eval_prompts:
-        path = Path(str(lm.eval_prompts))
-        if not path.is_file():
-            raise DataFileNotFound(f"lm.eval_prompts={path} does not exist; give a text file with one prompt per line")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise DataError(f"lm.eval_prompts={path} holds no prompt")
-        return prompts
+        return _prompt_file(lm.eval_prompts, "lm.eval_prompts")
     return list(dict.fromkeys(r["prompt"] for r in reversed(rows)))[: int(lm.num_eval_prompts)]
