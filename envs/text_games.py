@@ -356,13 +356,14 @@ PREFIXES = ("text:", "textarena:")
 
 
 def is_text_env(spec: str) -> bool:
-    """True for "text:<built-in>" and "textarena:<id>" specs."""
+    """True for "text:<built-in>", "text:<module>:<Class>" and "textarena:<id>" specs."""
     return isinstance(spec, str) and spec.startswith(PREFIXES)
 
 
 def make_text_env(spec: str, **options) -> TextEnv:
-    """"text:<name>" -> the built-in task (options go to its class, e.g. max_number=32); "textarena:<id>" -> a TextArena
-    game through orl.envs.textarena (imported only then)."""
+    """"text:<name>" -> the built-in task (options go to its class, e.g. max_number=32); "text:<module>:<Class>" -> a
+    user's TextEnv class (orl.text.conversation.TextEnv); "textarena:<id>" -> a TextArena game through
+    orl.envs.textarena (imported only then)."""
     if isinstance(spec, str) and spec.startswith("textarena:"):
         from orl.envs.textarena import TextArenaEnv
 
@@ -370,9 +371,29 @@ def make_text_env(spec: str, **options) -> TextEnv:
     if isinstance(spec, str) and spec.startswith("text:"):
         name = spec[len("text:"):]
         if name in TEXT_GAMES:
+            make = TEXT_GAMES[name]
+        elif ":" in name:  # a user's own TextEnv class: text:package.module:ClassName
+            make = _import_env_class(spec, *name.split(":", 1))
+        else:
+            make = None
+        if make is not None:
             try:
-                return TEXT_GAMES[name](**options)
+                return make(**options)
             except TypeError as exc:
                 raise ConfigError(f"text environment {spec!r}: {exc}") from exc
     raise ConfigError(f"unknown text environment {spec!r}: the built-ins are "
-                      f"{', '.join('text:' + n for n in TEXT_GAMES)}; TextArena games are 'textarena:<id>'")
+                      f"{', '.join('text:' + n for n in TEXT_GAMES)}; TextArena games are 'textarena:<id>'; your own class is "
+                      "'text:package.module:ClassName'")
+
+
+def _import_env_class(spec: str, module_name: str, class_name: str):
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"text environment {spec!r}: cannot import {module_name} ({exc}); is it on PYTHONPATH?") from exc
+    make = getattr(module, class_name, None)
+    if make is None or not all(hasattr(make, name) for name in ("reset", "step")):
+        raise ConfigError(f"text environment {spec!r}: {module_name} has no class {class_name} with reset(seed) and step(text)")
+    return make

@@ -55,6 +55,7 @@ class Run:
     last_step: int = 0              # the last step metrics.jsonl has a row for
     finished: bool = True
     normalized: bool = True         # scored by the D4RL-normalized score (else the mean return)
+    online_only: bool = False       # trained on nothing but its own samples in an environment (no dataset)
     data_sha256: str | None = None  # provenance.json: the sha256 of the data it trained on (None: not recorded)
 
     def reached(self, steps: int, online_steps: int) -> bool:
@@ -130,17 +131,21 @@ def load_run(path: Path, group_by: Sequence[str] = ()) -> Run:
     online_rows = [r for r in rows if "train/online_step" in r]
     switch = int(online_rows[0]["step"] - online_rows[0]["train/online_step"]) if online_rows else None
     provenance = read_provenance(path)
+    data = (provenance or {}).get("data") or {}
     config["provenance"] = provenance  # --group-by provenance.data.sha256 splits runs by the data they saw
     label = str(config.get("tag") or config["agent"].get("name", "?"))
     extra = [f"{k}={_select(config, k)}" for k in group_by]
     run = Run(
-        # what the run trained on as its provenance names it: the dataset, or the environment of an online LM run
+        # the task a run is scored on: its dataset, or the text environment it plays (online in it, or offline on
+        # conversations logged in it), so offline and online language agents of one environment share a table
         path=path, label=label + (f"[{','.join(extra)}]" if extra else ""),
-        dataset=str(((provenance or {}).get("data") or {}).get("id") or config.get("dataset")),
+        dataset=str(data.get("env") or data.get("id") or config.get("dataset")),
         seed=int(config.get("seed") or 0), curve=[(int(r["step"]), float(r[key])) for r in evals],
         online_episodes=[(int(r["step"]), float(r["online/episode_normalized"])) for r in rows if "online/episode_normalized" in r],
         q_mean=[(int(r["step"]), float(r["train/q_mean"])) for r in rows if "train/q_mean" in r],
         switch_step=switch, last_step=int(max(r["step"] for r in rows)), normalized=key == "eval/normalized_mean",
+        # (runs written before the "source" field record their training seeds and no data checksum)
+        online_only=data.get("source") == "environment" or ("train_seeds" in data and data.get("sha256") is None),
         data_sha256=_select(config, "provenance.data.sha256"),
     )
     run.finished = run.reached(int(config.get("steps") or 0), int(_select(config, "online.steps") or 0))
@@ -280,7 +285,8 @@ def build_report(runs: Sequence[Run], order: Sequence[str] = (), compare: Sequen
 def mixed_data(runs: Sequence[Run]) -> dict[str, dict[str, list[str]]]:
     """dataset name -> {sha256 (or "unrecorded"): run directories}, for every dataset whose runs did not all train on
     the same recorded arrays. Locally collected datasets differ between machines, so one name can hide two datasets."""
-    versions = data_versions((run.dataset, run.data_sha256, str(run.path)) for run in runs)
+    # runs that learnt only from their own samples in an environment (online LM runs) have no data to compare
+    versions = data_versions((run.dataset, run.data_sha256, str(run.path)) for run in runs if not run.online_only)
     return {name: found for name, found in versions.items() if len(found) > 1}
 
 

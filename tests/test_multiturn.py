@@ -200,3 +200,41 @@ def test_an_opening_longer_than_the_context_is_refused_up_front(tmp_path, tiny_l
         _train(["agent=grpo", "env=textarena:GuessTheNumber-v0", f"lm.model={tiny_lm['path']}", "agent.max_completion_length=4", "steps=1",
                 "log.progress=false",
                 f"run_dir={tmp_path / 'r'}"])
+
+
+def test_orl_report_puts_offline_and_online_runs_of_one_environment_in_one_table(tmp_path):
+    """An offline run on conversations logged in text:guess_number and an online run in it are scored on the same task:
+    one dataset row, an aggregate, and no warning about different data (the online run has none)."""
+    import yaml
+
+    from orl.report import build_report, load_runs, mixed_data
+
+    def run(name, agent, data, seed, scores):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.yaml").write_text(yaml.safe_dump({"agent": {"name": agent}, "dataset": "log.jsonl", "seed": seed, "tag": name.split("-")[0]}))
+        (path / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "eval/return_mean": score}) + "\n" for step, score in scores))
+        (path / "provenance.json").write_text(json.dumps({"data": data}))
+
+    for seed in range(3):
+        run(f"alol-{seed}", "alol", {"id": "log.jsonl", "sha256": "ab" * 32, "env": "text:guess_number"}, seed, [(100, 0.4 + 0.01 * seed)])
+        run(f"grpo-{seed}", "grpo", {"id": "text:guess_number", "source": "environment", "sha256": None}, seed,
+            [(0, 0.3), (100, 0.5 + 0.01 * seed)])
+    runs, skipped = load_runs([tmp_path])
+    assert not skipped and {r.dataset for r in runs} == {"text:guess_number"}
+    assert not mixed_data(runs)
+    report = build_report(runs, reps=200, seed=0)
+    assert report["aggregate_datasets"] == ["text:guess_number"]
+
+
+def test_a_users_own_environment_class_through_orl_train(models, tmp_path):
+    """env=text:<module>:<Class> plugs in a user's TextEnv (here this test module's SayThree)."""
+    out = _train(["agent=grpo", "env=text:tests.test_multiturn:SayThree", f"lm.model={models['llama']}", "lm.stop=the", "agent.lr=1e-3",
+                  "agent.num_generations=2", "agent.max_completion_length=3", "batch_size=2", "steps=1", "eval.every=1",
+                  "lm.num_eval_episodes=4", "log.progress=false", "log.tensorboard=false", f"run_dir={tmp_path / 'r'}"])
+    assert out["turns"] == 2.0  # SayThree always lasts two turns
+    from orl.envs.text_games import make_text_env
+    from orl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no class Nope"):
+        make_text_env("text:tests.test_multiturn:Nope")

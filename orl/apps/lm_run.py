@@ -340,7 +340,7 @@ def run_conversations(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     seeds = eval_seeds(int(lm.num_eval_episodes))
     run = TextRun([], tokenizer, SeedBuffer(device), [], None, int(agent_cfg.get("max_completion_length", lm.max_new_tokens)), {}, 0,
                   int(cfg.seed), device, eval_seeds=seeds)
-    data_record = {"id": str(cfg.env), "sha256": None, "env_options": options, "model": str(model_path),
+    data_record = {"id": str(cfg.env), "source": "environment", "sha256": None, "env_options": options, "model": str(model_path),
                    "train_seeds": f"drawn from [0, {SeedBuffer.HIGH})", "eval_seeds": f"{seeds[0]}..{seeds[-1]}"}
     return _train(cfg, agent, agent_name, run, data_record, f"{cfg.env} (model {model_path}, device {device})")
 
