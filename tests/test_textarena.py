@@ -171,3 +171,29 @@ def test_games_that_need_nltk_data_name_the_download(monkeypatch):
     monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: False)  # Wordle's import would try the network
     with pytest.raises(ConfigError, match=r"Wordle-v0 needs NLTK data.*nltk\.download\('words'\)"):
         TextArenaEnv("Wordle-v0")
+
+
+def test_grpo_trains_in_a_textarena_game_through_orl_train(tmp_path):
+    """orl-train agent=grpo env=textarena:GuessTheNumber-v0 with a model whose context holds the game's opening (a random
+    toy Llama with 1024 positions; the embedded tiny LM's 128 do not, which is refused up front)."""
+    from hydra import compose, initialize_config_dir
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orl.apps.cli import CONFIG_DIR, run_train
+    from tests.lm_archs import _tokenizer
+
+    tokenizer = _tokenizer("llama")
+    tokenizer.model_max_length = 1024
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["agent=grpo", "env=textarena:GuessTheNumber-v0", f"lm.model={tmp_path / 'model'}",
+                                                      "lm.stop=the", "agent.lr=1e-3", "agent.num_generations=2", "agent.max_completion_length=3",
+                                                      "batch_size=1", "steps=1", "eval.every=1", "lm.num_eval_episodes=2", "log.progress=false",
+                                                      "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"])
+        summary = run_train(cfg)
+    # a random model never writes "[n]": TextArena's invalid-move rule ends each game after its second invalid move
+    assert summary["turns"] == 2.0 and summary["success"] == 0.0
