@@ -238,3 +238,16 @@ def test_a_users_own_environment_class_through_orl_train(models, tmp_path):
 
     with pytest.raises(ConfigError, match="no class Nope"):
         make_text_env("text:tests.test_multiturn:Nope")
+
+
+def test_evaluation_in_an_environment_moves_no_rng(models):
+    """Evaluation samples with its own generator: the training sampler and torch's global RNG are where they were, and
+    the same seed gives the same evaluation."""
+    agent = orl.make_agent("alol", SPACE, SPACE, {"model_path": models["llama"]})  # no sampler of its own: used the global RNG
+    agent.set_conversation_env(SayThree, stop="the", max_turn_tokens=3)
+    grpo = _grpo(models["llama"])
+    before, sampler = torch.random.get_rng_state(), grpo.generator.get_state()
+    first = agent.evaluate_conversations(list(range(10**9, 10**9 + 8)), seed=3).returns.tolist()
+    grpo.evaluate_conversations(list(range(10**9, 10**9 + 8)), seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before) and torch.equal(grpo.generator.get_state(), sampler)
+    assert agent.evaluate_conversations(list(range(10**9, 10**9 + 8)), seed=3).returns.tolist() == first

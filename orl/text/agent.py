@@ -118,11 +118,11 @@ class LMAgent(Agent):
         self.conversation_options = {"env_id": env_id, "chat": chat, "stop": stop, "max_turn_tokens": max_turn_tokens}
 
     def play(self, seeds: Sequence[int], greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             model=None) -> list:
-        """One conversation per seed with the policy (or `model`), sampled with the agent's generator."""
+             model=None, generator: torch.Generator | None = None) -> list:
+        """One conversation per seed with the acting model (or `model`), sampled with `generator` (default: the agent's)."""
         from orl.text.conversation import rollout_conversations
 
-        generator = getattr(self, "generator", None)
+        generator = generator if generator is not None else getattr(self, "generator", None)
         return rollout_conversations(model if model is not None else self.acting_model(), self.tokenizer,
                                      [self.conversation_env() for _ in seeds], list(seeds), greedy=greedy, temperature=temperature,
                                      top_k=top_k, top_p=top_p, generator=generator, **self.conversation_options)
@@ -138,22 +138,14 @@ class LMAgent(Agent):
         return self.nets["policy"]
 
     def evaluate_conversations(self, seeds: Sequence[int], seed: int = 0) -> "EvalResult":
-        """Conversations sampled from held-out seeds: returns, turns, success rate (any training sampler is left where it was)."""
+        """Conversations sampled from held-out seeds: returns, turns, success rate."""
         from orl.evaluation import EvalResult
 
-        generator = getattr(self, "generator", None)
-        saved = generator.get_state() if generator is not None else None
-        torch_state = torch.random.get_rng_state()
-        if generator is not None:
-            generator.manual_seed(seed + 12345)
-        else:
-            torch.manual_seed(seed + 12345)
+        # its own generator: evaluation moves neither the training sampler nor torch's global RNG (CPU or CUDA)
+        generator = torch.Generator().manual_seed(seed + 12345)
         convs = []
         for start in range(0, len(seeds), 64):
-            convs.extend(self.play(list(seeds[start : start + 64]), temperature=self.sampling_temperature))
-        if saved is not None:
-            generator.set_state(saved)
-        torch.random.set_rng_state(torch_state)
+            convs.extend(self.play(list(seeds[start : start + 64]), temperature=self.sampling_temperature, generator=generator))
         return EvalResult(np.array([c.episode_return for c in convs]), np.array([float(c.turns) for c in convs]),
                           extra={"success": float(np.mean([bool(c.success) for c in convs])),
                                  "turns": float(np.mean([c.turns for c in convs]))})
