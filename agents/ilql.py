@@ -37,7 +37,6 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,12 +161,12 @@ class ILQL(LMAgent):
         count = mask.sum().clamp(min=1.0)
         masked_mean = lambda values: (values * mask).sum() / count  # noqa: E731  (over action tokens)
         logits, states = self.heads(batch)
+        taken = actions.unsqueeze(0).unsqueeze(-1).expand(2, -1, -1, 1)  # the data token, for each of the twin heads
         q_all = self.nets["q"](states)  # (2, B, T, V)
-        q = q_all.gather(-1, actions.unsqueeze(0).unsqueeze(-1).expand(2, -1, -1, 1)).squeeze(-1)  # (2, B, T)
+        q = q_all.gather(-1, taken).squeeze(-1)  # (2, B, T)
         value = self.nets["value"](states)[0, ..., 0]  # (B, T)
         with torch.no_grad():
-            q_target = self.nets["q_target"](states.detach()).gather(-1, actions.unsqueeze(0).unsqueeze(-1).expand(2, -1, -1, 1))
-            q_bar = q_target.squeeze(-1).min(0).values
+            q_bar = self.nets["q_target"](states).gather(-1, taken).squeeze(-1).min(0).values
         # (1) expectile regression of V toward Qbar over action tokens
         value_loss = expectile_loss((q_bar - value)[mask.bool()], cfg.expectile)
         # (2) TD: r_t + gamma * V(s_t+1) (detached; 0 after the last action), each Q head
@@ -206,15 +205,6 @@ class ILQL(LMAgent):
     def acting_model(self, beta: float | None = None) -> PerturbedPolicy:
         """The LM whose logits are log pi + beta * (Qbar - V): what ILQL generates with (beta: the config's)."""
         return PerturbedPolicy(self.nets["policy"], self.nets["q_target"], self.nets["value"], self.cfg.beta if beta is None else beta)
-
-    def evaluate_run(self, run):
-        from orl.evaluation import EvalResult
-        from orl.text.generation import evaluate_lm
-
-        if self.conversation_env is not None:
-            return self.evaluate_conversations(run.eval_seeds, run.seed)
-        out = evaluate_lm(self.acting_model(), run.tokenizer, run.eval_prompts, run.reward_fn, run.max_new_tokens, seed=run.seed, details=True)
-        return EvalResult(np.asarray(out["rewards"]), np.asarray(out["lengths"]), extra={"distinct_1": out["distinct_1"], "distinct_2": out["distinct_2"]})
 
     def prepare_run(self, run) -> None:
         self.data = run.buffer  # the states the exported policy is distilled on (distill_steps)

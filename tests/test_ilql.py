@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 import orl
 from orl.agents.ilql import ILQL
 from orl.text.data import SequenceBatch
+from tests.resume import resumed_equals_uninterrupted
 from tests.test_multiturn import _train, models  # noqa: F401  (the module-scoped tiny models of two architectures)
 
 
@@ -142,8 +143,6 @@ def _log(models, arch, tmp_path, episodes=24):
 
 
 def test_ilql_resumes_exactly(models, tmp_path):
-    from orl.logger import read_metrics
-
     log = _log(models, "llama", tmp_path)
 
     def run(run_dir, steps, resume=False):
@@ -151,13 +150,8 @@ def test_ilql_resumes_exactly(models, tmp_path):
                        "eval.every=4", "lm.num_eval_episodes=4", "lm.max_new_tokens=3", "lm.stop=the", "log.every=1", "checkpoint.every=2",
                        "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={run_dir}", f"resume={str(resume).lower()}"])
 
-    run(tmp_path / "full", 4)
-    run(tmp_path / "resumed", 2)
-    run(tmp_path / "resumed", 4, resume=True)
-    full = [r for r in read_metrics(tmp_path / "full") if "train/loss" in r]
-    resumed = [r for r in read_metrics(tmp_path / "resumed") if "train/loss" in r]
-    assert [r["step"] for r in full] == [1, 2, 3, 4] and {"train/q_loss", "train/cql_loss", "train/v_mean"} <= set(full[0])
-    assert full == resumed
+    _, full = resumed_equals_uninterrupted(run, tmp_path)
+    assert {"train/q_loss", "train/cql_loss", "train/v_mean"} <= set(full[0])
     assert (tmp_path / "full" / "hf" / "orl_extra.pt").exists()
 
 

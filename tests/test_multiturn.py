@@ -115,7 +115,7 @@ def _train(overrides):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_grpo_in_a_text_env_through_orl_train_resumes_exactly(models, tmp_path, arch):
-    from orl.logger import read_metrics
+    from tests.resume import resumed_equals_uninterrupted
 
     stop = [] if arch == "qwen2" else ["lm.stop=the"]
 
@@ -125,13 +125,8 @@ def test_grpo_in_a_text_env_through_orl_train_resumes_exactly(models, tmp_path, 
                        "log.every=1", "checkpoint.every=2", "log.progress=false", "log.tensorboard=false", "device=cpu",
                        f"run_dir={run_dir}", f"resume={str(resume).lower()}"] + stop)
 
-    summary = run(tmp_path / "full", 4)
-    run(tmp_path / "resumed", 2)
-    run(tmp_path / "resumed", 4, resume=True)
-    full = [r for r in read_metrics(tmp_path / "full") if "train/loss" in r]
-    resumed = [r for r in read_metrics(tmp_path / "resumed") if "train/loss" in r]
-    assert [r["step"] for r in full] == [1, 2, 3, 4] and {"train/episode/success", "train/episode/turns", "train/reward"} <= set(full[0])
-    assert full == resumed
+    summary, full = resumed_equals_uninterrupted(run, tmp_path)
+    assert {"train/episode/success", "train/episode/turns", "train/reward"} <= set(full[0])
     assert {"success", "turns", "return_mean"} <= set(summary)
     provenance = json.loads((tmp_path / "full" / "provenance.json").read_text())
     assert provenance["data"]["eval_seeds"].startswith("1000000000")

@@ -210,11 +210,10 @@ def run_logged_conversations(cfg: DictConfig, device: torch.device, agent_name: 
     """Offline training on logged conversations (orl-collect env=text:<task>): sequence agents (A-LoL; filtered
     behaviour cloning is `agent.variant=nll lm.min_return=<r>`) train on the agent's tokens of whole conversations,
     weighted by the episode's return, and are evaluated by playing the conversations' environment on held-out seeds."""
-    from orl.agent import agent_class, make_agent
+    from orl.agent import agent_class
     from orl.envs.text_games import eval_seeds, make_text_env
     from orl.text.conversation import ConversationFormat, SeedBuffer, conversation_buffer, load_conversations
-    from orl.text.generation import VectorTokenEnv
-    from orl.text.runtime import context_length, eos_token_ids, load_tokenizer
+    from orl.text.runtime import context_length, eos_token_ids
 
     lm = cfg.lm
     if agent_class(agent_name).data_kind != "rewarded":
@@ -230,7 +229,7 @@ def run_logged_conversations(cfg: DictConfig, device: torch.device, agent_name: 
     if env_id is None:
         raise ConfigError(f"{cfg.dataset}: the conversations name {len(env_ids)} environments ({', '.join(env_ids) or 'none'}); "
                           "evaluation plays one: give env=<text:task | textarena:game>")
-    options = OmegaConf.to_container(lm.env_options, resolve=True) if lm.get("env_options") else {}
+    options = _env_options(lm)
     make_text_env(env_id, **options)
     total = len(rows)
     if lm.get("min_return") is not None:  # filtered behaviour cloning: keep the conversations that went well
@@ -238,11 +237,7 @@ def run_logged_conversations(cfg: DictConfig, device: torch.device, agent_name: 
         if not rows:
             raise DataError(f"no conversation of {cfg.dataset} has a return >= lm.min_return={lm.min_return}")
         print(f"[orl] kept {len(rows)} of {total} conversations with return >= {lm.min_return}")
-    model_path = _policy_path(cfg)
-    agent_cfg["model_path"] = model_path
-    tokenizer = load_tokenizer(model_path)
-    probe = VectorTokenEnv(tokenizer, [""], max_new_tokens=1)
-    agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
+    agent, tokenizer, model_path = _conversation_agent(cfg, agent_name, agent_cfg, device)
     policy = agent.nets["policy"]
     chat = _chat_option(lm.get("chat", "auto"))
     stop = str(lm.get("stop", "\n"))
@@ -272,7 +267,7 @@ def log_conversations(cfg: DictConfig) -> Path:
     from orl.text.runtime import load_lm
 
     spec, settings = str(cfg.env), cfg.conversations
-    options = OmegaConf.to_container(settings.env_options, resolve=True) if settings.get("env_options") else {}
+    options = _env_options(settings)
     make_text_env(spec, **options)
     path = str(settings.model)
     if path == "data/tiny-lm":
@@ -312,11 +307,9 @@ def log_conversations(cfg: DictConfig) -> Path:
 def run_conversations(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """Online RL in a multi-turn text environment (`env=text:<task>` or `env=textarena:<game>`) with the GRPO family:
     a batch is `batch_size` episode seeds x num_generations conversations; evaluation plays held-out seeds."""
-    from orl.agent import agent_class, make_agent
+    from orl.agent import agent_class
     from orl.envs.text_games import eval_seeds, make_text_env
     from orl.text.conversation import SeedBuffer
-    from orl.text.generation import VectorTokenEnv
-    from orl.text.runtime import load_tokenizer
 
     lm = cfg.lm
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
@@ -325,24 +318,37 @@ def run_conversations(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     if agent_type.data_kind != "prompts":
         raise ConfigError(f"env={cfg.env} is a multi-turn text environment, trained online by agent=grpo or rloo (got agent={agent_name}); "
                           "to train offline on it, log conversations with `orl-collect env=" + str(cfg.env) + "` and give the file as dataset=")
-    options = OmegaConf.to_container(lm.env_options, resolve=True) if lm.get("env_options") else {}
+    options = _env_options(lm)
     make_text_env(str(cfg.env), **options)  # a bad id or option fails here, before any model loads
-    model_path = _policy_path(cfg)
-    agent_cfg["model_path"] = model_path
-    tokenizer = load_tokenizer(model_path)
-    probe = VectorTokenEnv(tokenizer, [""], max_new_tokens=1)
-    agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
+    agent, tokenizer, model_path = _conversation_agent(cfg, agent_name, agent_cfg, device)
     chat = _chat_option(lm.get("chat", "auto"))
     turn_tokens = int(agent_cfg.get("max_completion_length", lm.max_new_tokens))
     _check_opening_fits(cfg, agent.nets["policy"], tokenizer, options, chat, turn_tokens)
     agent.set_conversation_env(lambda: make_text_env(str(cfg.env), **options), env_id=str(cfg.env), chat=chat, stop=str(lm.get("stop", "\n")),
                                max_turn_tokens=turn_tokens)
     seeds = eval_seeds(int(lm.num_eval_episodes))
-    run = TextRun([], tokenizer, SeedBuffer(device), [], None, int(agent_cfg.get("max_completion_length", lm.max_new_tokens)), {}, 0,
-                  int(cfg.seed), device, eval_seeds=seeds)
+    run = TextRun([], tokenizer, SeedBuffer(device), [], None, turn_tokens, {}, 0, int(cfg.seed), device, eval_seeds=seeds)
     data_record = {"id": str(cfg.env), "source": "environment", "sha256": None, "env_options": options, "model": str(model_path),
                    "train_seeds": f"drawn from [0, {SeedBuffer.HIGH})", "eval_seeds": f"{seeds[0]}..{seeds[-1]}"}
     return _train(cfg, agent, agent_name, run, data_record, f"{cfg.env} (model {model_path}, device {device})")
+
+
+def _env_options(node: DictConfig) -> dict:
+    """`env_options` of lm (orl-train) or conversations (orl-collect): keyword arguments of the text environment."""
+    return OmegaConf.to_container(node.env_options, resolve=True) if node.get("env_options") else {}
+
+
+def _conversation_agent(cfg: DictConfig, agent_name: str, agent_cfg: dict, device: torch.device):
+    """(agent, tokenizer, model path) of an LM run in a text environment: the model of lm.model or init_from."""
+    from orl.agent import make_agent
+    from orl.text.generation import VectorTokenEnv
+    from orl.text.runtime import load_tokenizer
+
+    model_path = _policy_path(cfg)
+    agent_cfg["model_path"] = model_path
+    tokenizer = load_tokenizer(model_path)
+    probe = VectorTokenEnv(tokenizer, [""], max_new_tokens=1)  # the token spaces the agent is built with
+    return make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device), tokenizer, model_path
 
 
 def _check_opening_fits(cfg: DictConfig, model, tokenizer, options: dict, chat: bool | None, turn_tokens: int) -> None:

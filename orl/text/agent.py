@@ -164,7 +164,7 @@ class LMAgent(Agent):
         if self.conversation_env is not None:
             return self.evaluate_conversations(run.eval_seeds, run.seed)
 
-        out = evaluate_lm(self.nets["policy"], run.tokenizer, run.eval_prompts, run.reward_fn, run.max_new_tokens, seed=run.seed, details=True)
+        out = evaluate_lm(self.acting_model(), run.tokenizer, run.eval_prompts, run.reward_fn, run.max_new_tokens, seed=run.seed, details=True)
         return EvalResult(np.asarray(out["rewards"]), np.asarray(out["lengths"]), extra={"distinct_1": out["distinct_1"], "distinct_2": out["distinct_2"]})
 
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:

@@ -180,18 +180,6 @@ def _ids_containing(tokenizer, stop: str) -> set[int]:
     return _STOP_IDS[key]
 
 
-def _pad_block(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (B, W) ids and mask: each row's last real token sits in the last column, where the next logits are read."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequence[int], *, max_turn_tokens: int = 16,
                           greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                           generator: torch.Generator | None = None, eos_ids: Sequence[int] | None = None, chat: bool | None = None,
@@ -202,7 +190,7 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
     conversation ends when its environment says so, at its max_turns, or when its next turn would not fit the model's
     `context` (truncated, info["context_full"]).
     """
-    from orl.text.data import position_ids
+    from orl.text.data import pad_left, position_ids
     from orl.text.generation import cache_argument, filter_logits
     from orl.text.runtime import context_length, eos_token_ids
 
@@ -230,7 +218,8 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
     was_training = model.training
     model.eval()
     cache = None
-    # Feed a (B, W) block of the live rows: extends `mask` and the cache, returns the last column's logits.
+    # Feed a (B, W) block of the live rows: extends `mask` and the cache, returns the last column's logits. `mask` holds
+    # every token in the cache, so its row sums are the live conversations' lengths so far.
     mask = torch.zeros((len(live), 0), dtype=torch.long, device=device)
 
     def feed(block_ids: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
@@ -243,8 +232,7 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         return out.logits[:, -1].float()
 
-    logits = feed(*_pad_block([convs[i].prompt_ids for i in live], pad_id))
-    lengths = torch.tensor([len(convs[i].prompt_ids) for i in live])  # real tokens of each live row
+    logits = feed(*pad_left([convs[i].prompt_ids for i in live], pad_id))
     try:
         while live:
             # --- the agent's turn: every live row generates until an end-of-turn token or max_turn_tokens -------------
@@ -264,9 +252,9 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
                     break  # the last tokens are fed with the replies (no forward pass whose logits nobody reads)
                 # rows that stopped earlier receive padding, masked out, so the batch stays rectangular
                 logits = feed(torch.where(fed, tokens, torch.full_like(tokens, pad_id))[:, None], fed.long()[:, None])
-                lengths += fed.long()
-            # the last tokens sampled are not in the cache yet: they go in with the replies (counted in `lengths` then)
+            # the last tokens sampled are not in the cache yet: they go in with the replies
             pending = [[turn[row][-1]] if fed[row] else [] for row in range(len(live))]
+            lengths = mask.sum(1).tolist()
             # --- the environment's turn ---------------------------------------------------------------------
             keep, blocks = [], []
             for row, index in enumerate(live):
@@ -285,7 +273,7 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
                     truncated = True
                 reply_ids = [] if terminated or truncated else fmt.reply(conv.messages, reply, turn[row])
                 if not (terminated or truncated) and context is not None and \
-                        int(lengths[row]) + len(pending[row]) + len(reply_ids) + max_turn_tokens > context:
+                        lengths[row] + len(pending[row]) + len(reply_ids) + max_turn_tokens > context:
                     truncated, conv.info["context_full"] = True, True
                 conv.messages.append({"role": "user", "content": reply})
                 if terminated or truncated:
@@ -301,10 +289,9 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
                 mask = mask[index]
-                lengths = lengths[torch.tensor(keep)]
                 live = [live[row] for row in keep]
-            block_ids, block_mask = _pad_block(blocks, pad_id)
-            lengths += block_mask.sum(1)
+            # left-padded: each row's last real token sits in the last column, where the next logits are read
+            block_ids, block_mask = pad_left(blocks, pad_id)
             logits = feed(block_ids, block_mask)
     finally:
         model.train(was_training)
@@ -316,17 +303,20 @@ def conversation_tensors(convs: Sequence[Conversation], pad_id: int) -> tuple[to
     agent mask is 1 on the agent's tokens only, so environment tokens are context and never receive a loss)."""
     from orl.text.data import build_sequences
 
-    ids, mask, completion_mask = build_sequences([c.prompt_ids for c in convs], [c.ids for c in convs], pad_id)
-    agent = torch.zeros_like(mask)
-    width = ids.shape[1]
-    for row, conv in enumerate(convs):
-        if conv.ids:
-            agent[row, width - len(conv.ids):] = torch.tensor(conv.agent_mask)
-    return ids, mask, agent
+    ids, mask, _ = build_sequences([c.prompt_ids for c in convs], [c.ids for c in convs], pad_id)
+    return ids, mask, _right_aligned([c.agent_mask for c in convs], ids.shape[1], mask.dtype)
+
+
+def _right_aligned(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, width) zeros with each row's values in its last columns: per-token values of left-padded sequences' ends."""
+    out = torch.zeros((len(rows), width), dtype=dtype)
+    for row, values in enumerate(rows):
+        if len(values):
+            out[row, width - len(values):] = torch.tensor(values, dtype=dtype)
+    return out
 
 
 # --- logged conversations ------------------------------------------------------------------------------------------
-CONVERSATION_FIELDS = ("messages",)
 
 
 def save_conversations(path: str | Path, convs: Sequence[Conversation]) -> Path:
@@ -461,13 +451,7 @@ def conversation_buffer(fmt: ConversationFormat, rows: Sequence[dict], device, c
         warnings.warn(f"{cut} of {len(rows)} conversations are longer than the model's context ({context} tokens): kept their start",
                       stacklevel=2)
     ids, mask, _ = build_sequences(prompts, responses, fmt.tokenizer.pad_token_id)
-    agent_mask = torch.zeros_like(mask)
-    token_rewards = torch.zeros(mask.shape, dtype=torch.float32)
-    for row, (values, rewards) in enumerate(zip(masks, turn_rewards)):
-        if values:
-            agent_mask[row, ids.shape[1] - len(values):] = torch.tensor(values)
-            token_rewards[row, ids.shape[1] - len(values):] = torch.tensor(rewards)
     returns = torch.tensor([float(row["return"]) for row in rows])
-    buffer = SequenceBuffer(ids, mask, agent_mask, returns, device)
-    buffer.token_rewards = token_rewards.to(buffer.device)
+    buffer = SequenceBuffer(ids, mask, _right_aligned(masks, ids.shape[1], mask.dtype), returns, device)
+    buffer.token_rewards = _right_aligned(turn_rewards, ids.shape[1], torch.float32).to(buffer.device)
     return buffer
