@@ -179,3 +179,18 @@ def test_malformed_conversation_files_are_refused(tmp_path):
         path.write_text(json.dumps({"messages": messages}) + "\n")
         with pytest.raises(DataError, match=what):
             load_conversations(path)
+
+
+def test_turn_separator_ids_belong_to_their_tokenizer(tiny_lm, tmp_path):
+    """The ids that end a plain-text turn are cached per tokenizer object, not per id(): another tokenizer never gets
+    the first one's ids, and a tokenizer without the separator is refused."""
+    from orl.errors import DataError
+    from orl.text.conversation import _ids_containing
+
+    tiny = tiny_lm["tokenizer"]
+    newline = _ids_containing(tiny, "\n")
+    assert newline and all("\n" in tiny.decode([i]) for i in newline)
+    words = _model("gpt2", tmp_path)[1]  # whitespace-split words: no token holds a newline
+    with pytest.raises(DataError, match="turn separator"):
+        _ids_containing(words, "\n")
+    assert _ids_containing(words, "the") == {words.convert_tokens_to_ids("the")}

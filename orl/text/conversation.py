@@ -23,9 +23,10 @@ rewards (the turn-level view, and the logged-conversation format of `save_conver
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -165,19 +166,20 @@ class ConversationFormat:
         return text
 
 
-_STOP_IDS: dict[tuple[int, str], set[int]] = {}
+# tokenizer -> {stop: ids}; weak keys, so a tokenizer that is gone (and its id reused) leaves no stale entry behind
+_STOP_IDS: "weakref.WeakKeyDictionary[Any, dict[str, set[int]]]" = weakref.WeakKeyDictionary()
 
 
 def _ids_containing(tokenizer, stop: str) -> set[int]:
-    """Every token id whose text contains `stop` (computed once per tokenizer)."""
-    key = (id(tokenizer), stop)
-    if key not in _STOP_IDS:
-        vocab = len(tokenizer)
-        texts = tokenizer.batch_decode([[i] for i in range(vocab)])
-        _STOP_IDS[key] = {i for i, text in enumerate(texts) if stop in text}
-        if not _STOP_IDS[key]:
+    """Every token id whose text contains `stop` (computed once per tokenizer and stop string)."""
+    known = _STOP_IDS.setdefault(tokenizer, {})
+    if stop not in known:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        ids = {i for i, text in enumerate(texts) if stop in text}
+        if not ids:
             raise DataError(f"no token of the tokenizer contains the turn separator {stop!r}; give the environment another `stop`")
-    return _STOP_IDS[key]
+        known[stop] = ids
+    return known[stop]
 
 
 def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequence[int], *, max_turn_tokens: int = 16,
