@@ -27,6 +27,12 @@ which broadcasts to a (B, B) weight matrix (every action weighted by every sampl
 accident of shapes. orl keeps the paper's per-sample form exp(beta_i A_i), so each beta_i weights
 its own sample.
 
+Where orl's FamO2O-IQL follows family_learner.py / family_actor.py: pi_b is updated every step (balance_every=1;
+orl's earlier default 5 came from third-party locomotion ports and has no official source; the committed
+results/famo2o runs used it); the action a_b ~ pi_u in the balance loss is the unclamped Gaussian sample (the
+official `dist.sample`; clamping it to [-1, 1] would zero dQ/dbeta in every clipped dimension); the universal
+policy's log-std lies in [-5, 2] (family_learner.py's log_std_min=-5), pi_b's in [-10, 2] (policy.py's default).
+
 Acting (collection and evaluation) uses the deterministic balance beta = map(tanh(mean)); collection
 samples the action from pi_u, evaluation takes its mode. The mapping (u+1)/2 is used for every base;
 the official CQL version maps x*(hi-lo)+lo, which leaves the offline range (a known bug), so this
@@ -58,6 +64,11 @@ def sinusoidal_embedding(beta: torch.Tensor, dim: int = 6, base: float = 10000.0
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
+# balance_diagnostics' extra forward passes cost ~10% of an update: run them every 100 updates (every logged step
+# at the trainer's default cadences, 1000 and 100 around the switch) and report the latest in between.
+DIAGNOSTICS_EVERY = 100
+
+
 class BalanceModel(nn.Module):
     """pi_b(beta | s): tanh-squashed Gaussian over a scalar u in (-1, 1), mapped to [lo, hi]."""
 
@@ -73,7 +84,7 @@ class BalanceModel(nn.Module):
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterized beta (B,) and log pi_b(u|s) (B,)."""
         mean = self.mean(obs).squeeze(-1)
-        log_std = self.log_std.clamp(-5.0, 2.0)
+        log_std = self.log_std.clamp(-10.0, 2.0)  # official NormalTanhPolicy default bounds
         pre_tanh = mean + log_std.exp() * torch.randn_like(mean)
         u = torch.tanh(pre_tanh)
         log_prob = (-0.5 * ((pre_tanh - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
@@ -115,7 +126,7 @@ class ConditionedActor(nn.Module):
 
     def reparameterized_action(self, obs: torch.Tensor) -> torch.Tensor:
         if isinstance(self.actor, GaussianActor):
-            return self.actor.distribution(self.condition(obs)).rsample().clamp(-self.actor.max_action, self.actor.max_action)
+            return self.actor.distribution(self.condition(obs)).rsample()  # unclamped, as the official balance loss
         return self.actor.sample(self.condition(obs))[0]
 
 
@@ -134,20 +145,19 @@ class FamO2OConfig:
     init_temperature: float = 1.0
     target_entropy: float = -0.5  # -dim(beta)/2
     balance_entropy: bool = True  # alpha_b log pi_b in the balance loss, alpha_b tuned to target_entropy (official IQL; CQL: none)
-    balance_every: int = 1  # update pi_b every k steps
+    balance_every: int = 1  # update pi_b every k steps (official: every step; results/famo2o's FamO2O-IQL runs used 5)
 
 
 @dataclass
 class FamO2OIQLConfig(FamO2OConfig):
     """FamO2O on IQL (Wang et al., NeurIPS 2023; LeapLabTHU/FamO2O jax_iql).
-    Locomotion values from third-party ports ([unverified]): beta in [1, 5], expectile 0.7, balance every 5.
-    AntMaze (official): beta_lo=8 beta_hi=14 agent.base.expectile=0.9 balance_every=1.
+    The official code has one config (AntMaze: beta_lo=8 beta_hi=14 agent.base.expectile=0.9); for locomotion
+    orl takes the FamilyLearner defaults (beta in [1, 5]) and IQL's locomotion expectile 0.7.
     base.beta is not used: the family's per-sample beta is the advantage weight's inverse temperature."""
 
     base: IQLConfig = field(default_factory=lambda: IQLConfig(cosine_actor_lr=False))  # the family config keeps the actor lr constant
     beta_lo: float = 1.0  # [1, 5]: the official FamilyLearner's default range (its one config, AntMaze, sets [8, 14])
     beta_hi: float = 5.0
-    balance_every: int = 5  # locomotion ports, and the committed runs; the official learner (AntMaze) updates pi_b every step
 
 
 @dataclass
@@ -205,12 +215,14 @@ class FamO2O(Agent):
         self.optimizers["temperature"] = make_optimizer([self.log_temperature], cfg.temperature_lr)
         self.online = False
         self._last_balance_metrics: dict[str, torch.Tensor] = {}
+        self._diagnostics: dict[str, torch.Tensor] = {}
 
     def _universal_policy(self, base_cfg) -> nn.Module:
         in_dim = self.obs_dim + self.cfg.embedding_dim
         if isinstance(self.base, CQL):
             return TanhGaussianActor(in_dim, self.action_dim, base_cfg.actor_hidden, self.max_action, base_cfg.layer_norm)
         return GaussianActor(in_dim, self.action_dim, base_cfg.hidden, self.max_action, getattr(base_cfg, "actor_dropout", 0.0),
+                             log_std_bounds=self.base.nets["actor"].log_std_bounds,  # the base's (IQL: -5, as family_learner.py)
                              init_log_std=getattr(base_cfg, "actor_init_log_std", 0.0))
 
     @property
@@ -232,7 +244,9 @@ class FamO2O(Agent):
         self.step += 1
         beta = self.draw_betas(batch.obs)
         metrics = self.base_update(batch, beta)
-        metrics["beta_mean"] = beta.mean()
+        # The betas the universal policy was trained on this step (uniform offline, pi_b's samples online).
+        quantiles = torch.quantile(beta, beta.new_tensor([0.1, 0.5, 0.9]))
+        metrics.update(beta_mean=beta.mean(), beta_q10=quantiles[0], beta_q50=quantiles[1], beta_q90=quantiles[2])
         if self.online:
             metrics["hist/beta"] = beta
         return metrics
@@ -245,26 +259,33 @@ class FamO2O(Agent):
             self._last_balance_metrics = self.balance_step(batch)
         return {**metrics, **self._last_balance_metrics}
 
-    def balance_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """E[alpha_b log pi_b(u|s) - min_i Q_i(s, a_b)]: reaches pi_b through beta -> pi_u -> Q, updating neither."""
+    def balance_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """E[alpha_b log pi_b(u|s) - min_i Q_i(s, a_b)]: reaches pi_b through beta -> pi_u -> Q, updating neither.
+
+        Also returns the sampled beta (a non-leaf that keeps its gradient: after backward, -B * beta.grad
+        is dQ(s, a_b)/dbeta per sample, the signal that moves pi_b)."""
         beta, log_prob = self.nets["balance"].sample(batch.obs)
+        beta.retain_grad()
         actor = self.nets["actor"]
         actor.beta = beta
         with frozen(actor, self.balance_critic):
             balance_actions = actor.reparameterized_action(batch.obs)
             q = self.balance_critic(batch.obs, balance_actions).min(0).values
         if not self.cfg.balance_entropy:
-            return -q.mean(), log_prob
+            return -q.mean(), log_prob, beta
         temperature = self.log_temperature.exp().detach()
-        return (temperature * log_prob - q).mean(), log_prob
+        return (temperature * log_prob - q).mean(), log_prob, beta
 
     def balance_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        balance_loss, log_prob = self.balance_loss(batch)
+        balance_loss, log_prob, beta = self.balance_loss(batch)
         self.optimizers["balance"].zero_grad(set_to_none=True)
         balance_loss.backward()
         self.optimizers["balance"].step()
         entropy = -log_prob.detach().mean()
-        metrics = {"balance_loss": balance_loss.detach(), "balance_entropy": entropy}
+        if self.step % DIAGNOSTICS_EVERY == 0 or not self._diagnostics:
+            self._diagnostics = self.balance_diagnostics(batch.obs)
+        metrics = {"balance_loss": balance_loss.detach(), "balance_entropy": entropy,
+                   "balance_dq_dbeta": -len(beta) * beta.grad.mean(), **self._diagnostics}
         if self.cfg.balance_entropy:
             temperature_loss = self.log_temperature.exp() * (entropy - self.cfg.target_entropy)
             self.optimizers["temperature"].zero_grad(set_to_none=True)
@@ -272,6 +293,20 @@ class FamO2O(Agent):
             self.optimizers["temperature"].step()
             metrics["balance_temperature"] = self.log_temperature.exp().detach()
         return metrics
+
+    @torch.no_grad()
+    def balance_diagnostics(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What pi_b chooses and what it could gain: the acting beta over the batch's states (mean, and spread
+        across states), pi_b's log-std, and min_i Q(s, mode of pi_u(s, beta_hi)) - min_i Q(s, mode of
+        pi_u(s, beta_lo)): how much the family's two ends differ in value at these states."""
+        balance, actor = self.nets["balance"], self.nets["actor"]
+        acting_beta = balance.deterministic(obs)
+        q_at = {}
+        for end, value in (("hi", self.cfg.beta_hi), ("lo", self.cfg.beta_lo)):
+            actor.beta = torch.full_like(acting_beta, value)
+            q_at[end] = self.balance_critic(obs, actor(obs, True)).min(0).values
+        return {"balance_beta_mean": acting_beta.mean(), "balance_beta_std": acting_beta.std(),
+                "balance_log_std": balance.log_std.detach().squeeze(), "balance_q_gap": (q_at["hi"] - q_at["lo"]).mean()}
 
     @torch.no_grad()
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:

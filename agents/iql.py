@@ -45,6 +45,11 @@ class IQLConfig:
     actor_lr_decay_steps: int = 1_000_000  # horizon of the cosine decay (the official run length), then 0
 
 
+# The official learner's policy: NormalTanhPolicy(..., log_std_min=-5.0, state_dependent_std=False,
+# tanh_squash_distribution=False) (ikostrikov/implicit_q_learning learner.py), not policy.py's default -10.
+ACTOR_LOG_STD_BOUNDS = (-5.0, 2.0)
+
+
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """E |tau - 1[u < 0]| * u^2 for u = target - prediction."""
     weight = torch.where(diff < 0, 1.0 - expectile, expectile)
@@ -63,7 +68,7 @@ class IQL(Agent):
     def __init__(self, obs_space, action_space, cfg: IQLConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device)
         self.nets["actor"] = GaussianActor(self.obs_dim, self.action_dim, cfg.hidden, self.max_action, cfg.actor_dropout,
-                                          init_log_std=cfg.actor_init_log_std).to(self.device)
+                                          log_std_bounds=ACTOR_LOG_STD_BOUNDS, init_log_std=cfg.actor_init_log_std).to(self.device)
         self.nets["critic"] = Critic(self.obs_dim, self.action_dim, 2, cfg.hidden).to(self.device)
         self.nets["critic_target"] = copy.deepcopy(self.nets["critic"]).requires_grad_(False)
         self.nets["value"] = ValueNet(self.obs_dim, cfg.hidden).to(self.device)

@@ -259,9 +259,9 @@ class DeterministicActor(nn.Module):
 class GaussianActor(nn.Module):
     """Unsquashed Gaussian with tanh-bounded mean and a state-independent log-std (IQL, AWAC-style).
 
-    log pi(a|s) is summed over action dimensions. The log-std is clipped to [-10, 2], the official IQL
-    policy's LOG_STD_MIN / LOG_STD_MAX (ikostrikov/implicit_q_learning policy.py), which FamO2O and
-    jaxrl's AWAC share.
+    log pi(a|s) is summed over action dimensions. The log-std is clipped to `log_std_bounds`: by default
+    [-10, 2], policy.py's LOG_STD_MIN / LOG_STD_MAX (ikostrikov/implicit_q_learning; jaxrl's AWAC keeps
+    them); the IQL learners (IQL's learner.py, FamO2O's family_learner.py) pass log_std_min=-5.
     """
 
     def __init__(

@@ -103,7 +103,7 @@ def test_famo2o_balance_step_updates_only_the_balance_model(name):
 
 def test_famo2o_balance_gradient_reaches_balance_model_through_pi_u_and_q():
     agent = famo2o(init_temperature=1e-8)  # isolate the Q term
-    loss, _ = agent.balance_loss(make_batch())
+    loss, _, _ = agent.balance_loss(make_batch())
     grads = torch.autograd.grad(loss, list(agent.nets["balance"].mean.parameters()))
     assert sum(g.abs().sum() for g in grads) > 0
 
@@ -166,3 +166,77 @@ def test_famo2o_cql_refuses_a_calibrated_base():
     space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     with pytest.raises(ConfigError, match="calibrated"):
         orl.make_agent("famo2o_cql", space, space, {"base": {"calibrated": True}})
+
+
+@pytest.mark.parametrize("name", ["iql", "famo2o_iql"])
+def test_iql_policy_log_std_floor_is_the_official_learners(name):
+    """The official learners (IQL's learner.py, FamO2O's family_learner.py) build the policy with log_std_min=-5,
+    not policy.py's default -10: a log-std parameter below -5 acts as -5."""
+    agent = orl.make_agent(name, OBS, ACT)
+    actor = agent.nets["actor"]
+    obs = torch.zeros(3, 4)
+    if name == "famo2o_iql":  # the universal policy: the base's actor class on [s, emb(beta)]
+        actor.beta = torch.full((3,), 2.0)
+        obs, actor = actor.condition(obs), actor.actor
+    with torch.no_grad():
+        actor.log_std.fill_(-8.0)
+    torch.testing.assert_close(actor.distribution(obs).stddev, torch.full((3, 2), float(np.exp(-5.0))))
+
+
+def test_famo2o_iql_updates_the_balance_model_every_step_by_default():
+    """Official FamilyLearner: pi_b and its temperature step with every update (orl's earlier default was 5)."""
+    agent = famo2o()
+    assert agent.cfg.balance_every == 1
+    for seed in range(3):
+        before = [p.clone() for p in agent.nets["balance"].parameters()]
+        agent.update(make_batch(seed=seed))
+        assert not all(torch.equal(a, b) for a, b in zip(before, agent.nets["balance"].parameters()))
+
+
+def test_famo2o_balance_action_is_the_unclamped_sample():
+    """The balance loss's a_b ~ pi_u is the Gaussian sample as drawn (official `dist.sample`): clamping it would
+    stop dQ/dbeta in every dimension outside [-1, 1]."""
+    agent = famo2o()
+    actor = agent.nets["actor"]
+    with torch.no_grad():
+        actor.actor.log_std.fill_(1.0)
+    actor.beta = torch.full((2000,), 3.0)
+    actions = actor.reparameterized_action(torch.zeros(2000, 4))
+    assert actions.abs().max() > 1.5
+
+
+def test_famo2o_dq_dbeta_metric_is_the_derivative_of_q_along_beta(monkeypatch):
+    """balance_dq_dbeta, read from beta's retained gradient, equals the batch mean of dQ(s, a(s, beta))/dbeta by
+    central differences (with pi_u's mode as a_b, so the action is a function of beta alone)."""
+    agent = famo2o(balance_entropy=False)
+    actor, critic = agent.nets["actor"], agent.balance_critic
+    monkeypatch.setattr(type(actor), "reparameterized_action", lambda self, obs: self(obs, True))
+    batch = make_batch(n=16)
+    torch.manual_seed(3)
+    loss, _, beta = agent.balance_loss(batch)
+    loss.backward()
+    measured = -len(beta) * beta.grad.mean()
+
+    def q_at(b):
+        with torch.no_grad():
+            actor.beta = b
+            return critic(batch.obs, actor(batch.obs, True)).min(0).values.double()
+
+    step = 1e-2
+    beta = beta.detach()
+    finite = ((q_at(beta + step) - q_at(beta - step)) / (2 * step)).mean()
+    assert measured.abs() > 1e-4
+    torch.testing.assert_close(measured.double(), finite, rtol=0.05, atol=1e-4)
+
+
+def test_famo2o_logs_the_beta_distribution_and_balance_diagnostics():
+    agent = famo2o()
+    offline = agent.update(make_batch(n=256))
+    assert 1.0 <= offline["beta_q10"] < offline["beta_q50"] < offline["beta_q90"] <= 5.0
+    assert abs(offline["beta_q50"] - 3.0) < 0.6  # uniform on [1, 5] offline
+    for key in ("balance_beta_mean", "balance_beta_std", "balance_log_std", "balance_q_gap", "balance_dq_dbeta"):
+        assert torch.isfinite(offline[key]), key
+    obs = make_batch(n=256).obs
+    with torch.no_grad():
+        agent.nets["balance"].mean[-1].bias.fill_(10.0)  # pi_b's mode at beta_hi everywhere
+    assert torch.allclose(agent.balance_diagnostics(obs)["balance_beta_mean"], torch.tensor(5.0))
