@@ -4,6 +4,9 @@
   pi: A(s,a) = min_i Q_i(s,a) - min_i Q_i(s, a_pi),  a_pi ~ pi(.|s)  (one-sample value estimate)
       L_pi = -E[ min(exp(A / lambda), 100) * log pi(a|s) ]
   soft-update Q_targ every step. Works offline and online (buffer mode `seed`, as in the paper).
+Networks as CORL's algorithms/offline/awac.py: three hidden layers of 256 for actor and critics; the policy is
+N(mu(s), exp(log_std)) with an unbounded mean and a state-independent log-std clamped to [-20, 2]; its samples
+(TD target, value estimate) are clamped to [-1, 1], while log pi scores the dataset's actions as they are.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from orl.nn import Critic, GaussianActor, make_optimizer, soft_update
 class AWACConfig:
     """AWAC (Nair et al. 2020), CORL defaults."""
 
-    hidden: tuple[int, ...] = (256, 256)
+    hidden: tuple[int, ...] = (256, 256, 256)
     actor_lr: float = 3e-4
     critic_lr: float = 3e-4
     discount: float = 0.99
@@ -37,7 +40,8 @@ class AWAC(Agent):
 
     def __init__(self, obs_space, action_space, cfg: AWACConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device)
-        self.nets["actor"] = GaussianActor(self.obs_dim, self.action_dim, cfg.hidden, self.max_action).to(self.device)
+        self.nets["actor"] = GaussianActor(self.obs_dim, self.action_dim, cfg.hidden, self.max_action, log_std_bounds=(-20.0, 2.0),
+                                           tanh_mean=False).to(self.device)
         self.nets["critic"] = Critic(self.obs_dim, self.action_dim, 2, cfg.hidden).to(self.device)
         self.nets["critic_target"] = copy.deepcopy(self.nets["critic"]).requires_grad_(False)
         self.optimizers["actor"] = make_optimizer(self.nets["actor"].parameters(), cfg.actor_lr)

@@ -219,11 +219,12 @@ class FamO2O(Agent):
 
     def _universal_policy(self, base_cfg) -> nn.Module:
         in_dim = self.obs_dim + self.cfg.embedding_dim
+        base_actor = self.base.nets["actor"]
         if isinstance(self.base, CQL):
             return TanhGaussianActor(in_dim, self.action_dim, base_cfg.actor_hidden, self.max_action, base_cfg.layer_norm)
         return GaussianActor(in_dim, self.action_dim, base_cfg.hidden, self.max_action, getattr(base_cfg, "actor_dropout", 0.0),
-                             log_std_bounds=self.base.nets["actor"].log_std_bounds,  # the base's (IQL: -5, as family_learner.py)
-                             init_log_std=getattr(base_cfg, "actor_init_log_std", 0.0))
+                             log_std_bounds=base_actor.log_std_bounds,  # the base's (IQL: -5, as family_learner.py)
+                             init_log_std=getattr(base_cfg, "actor_init_log_std", 0.0), tanh_mean=base_actor.tanh_mean)
 
     @property
     def balance_critic(self) -> nn.Module:

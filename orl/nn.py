@@ -257,7 +257,8 @@ class DeterministicActor(nn.Module):
 
 
 class GaussianActor(nn.Module):
-    """Unsquashed Gaussian with tanh-bounded mean and a state-independent log-std (IQL, AWAC-style).
+    """Unsquashed Gaussian with a tanh-bounded mean (or an unbounded one: tanh_mean=False, CORL's AWAC) and a
+    state-independent log-std (IQL, AWAC).
 
     log pi(a|s) is summed over action dimensions. The log-std is clipped to `log_std_bounds`: by default
     [-10, 2], policy.py's LOG_STD_MIN / LOG_STD_MAX (ikostrikov/implicit_q_learning; jaxrl's AWAC keeps
@@ -273,20 +274,24 @@ class GaussianActor(nn.Module):
         dropout: float = 0.0,
         log_std_bounds: tuple[float, float] = (-10.0, 2.0),
         init_log_std: float = 0.0,
+        tanh_mean: bool = True,
     ):
         super().__init__()
-        self.max_action = max_action
+        self.max_action, self.tanh_mean = max_action, tanh_mean
         self.net = mlp(obs_dim, action_dim, hidden, dropout=dropout)
         self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
         self.log_std_bounds = log_std_bounds
 
+    def mean(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.max_action * torch.tanh(self.net(obs)) if self.tanh_mean else self.net(obs)
+
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        mean = self.max_action * torch.tanh(self.net(obs))
+        mean = self.mean(obs)
         std = self.log_std.clamp(*self.log_std_bounds).exp().expand_as(mean)
         return torch.distributions.Normal(mean, std, validate_args=False)
 
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        mean = self.max_action * torch.tanh(self.net(obs))
+        mean = self.mean(obs)
         log_std = self.log_std.clamp(*self.log_std_bounds)
         return _normal_log_prob(action, mean, log_std).sum(-1)
 

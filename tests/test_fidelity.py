@@ -293,3 +293,20 @@ def test_famo2o_cql_next_actions_use_the_balance_beta(monkeypatch):
     balance_beta = balance_draws[0]  # drawn at s before the base update
     assert all(torch.equal(beta.view(-1)[:8], balance_beta) for beta in next_calls)
     assert all(not torch.equal(beta.view(-1)[:8], balance_beta) for beta in obs_calls)
+
+
+def test_awac_networks_are_corls():
+    """CORL's algorithms/offline/awac.py: three hidden layers of 256 (actor and critics); the policy mean is the MLP's
+    output, not tanh-bounded; the log-std parameter is clamped to [-20, 2]; sampled actions are clamped to [-1, 1]."""
+    agent = orl.make_agent("awac", OBS, ACT)
+    actor = agent.nets["actor"]
+    linear = [m for m in actor.net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linear] == [256, 256, 256, ACT.shape[0]]
+    assert sum(isinstance(m, EnsembleLinear) for m in agent.nets["critic"].modules()) == 4
+    with torch.no_grad():
+        linear[-1].bias.fill_(3.0)
+        actor.log_std.fill_(-30.0)
+    obs = torch.zeros(2, OBS.shape[0])
+    assert torch.all(actor.distribution(obs).mean > 2.5)  # unbounded mean
+    torch.testing.assert_close(actor.distribution(obs).stddev, torch.full((2, ACT.shape[0]), math.exp(-20.0)))
+    assert torch.all(actor(obs, deterministic=False) <= 1.0)
