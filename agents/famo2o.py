@@ -54,7 +54,7 @@ from orl.agents.iql import IQL, IQLConfig
 from orl.errors import ConfigError
 from orl.agent import Agent, build_config, register
 from orl.buffer import Batch
-from orl.nn import GaussianActor, TanhGaussianActor, cosine_to_floor, frozen, make_optimizer, mlp, soft_update
+from orl.nn import GaussianActor, TanhGaussianActor, cosine_to_floor, evaluating, frozen, make_optimizer, mlp, soft_update
 
 
 def sinusoidal_embedding(beta: torch.Tensor, dim: int = 6, base: float = 10000.0) -> torch.Tensor:
@@ -64,13 +64,15 @@ def sinusoidal_embedding(beta: torch.Tensor, dim: int = 6, base: float = 10000.0
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
-# balance_diagnostics' extra forward passes cost ~10% of an update: run them every 100 updates (every logged step
-# at the trainer's default cadences, 1000 and 100 around the switch) and report the latest in between.
+# balance_diagnostics' extra forward passes cost ~10% of an update: run them at most every 100 updates and report the
+# latest in between (at most 100 updates old; the trainer logs every 1000 steps, every 100 around the switch).
 DIAGNOSTICS_EVERY = 100
 
 
 class BalanceModel(nn.Module):
     """pi_b(beta | s): tanh-squashed Gaussian over a scalar u in (-1, 1), mapped to [lo, hi]."""
+
+    LOG_STD_BOUNDS = (-10.0, 2.0)  # official NormalTanhPolicy's defaults (no log_std_min given for pi_b)
 
     def __init__(self, obs_dim: int, hidden: tuple[int, ...], lo: float, hi: float):
         super().__init__()
@@ -84,7 +86,7 @@ class BalanceModel(nn.Module):
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterized beta (B,) and log pi_b(u|s) (B,)."""
         mean = self.mean(obs).squeeze(-1)
-        log_std = self.log_std.clamp(-10.0, 2.0)  # official NormalTanhPolicy default bounds
+        log_std = self.log_std.clamp(*self.LOG_STD_BOUNDS)
         pre_tanh = mean + log_std.exp() * torch.randn_like(mean)
         u = torch.tanh(pre_tanh)
         log_prob = (-0.5 * ((pre_tanh - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
@@ -107,6 +109,14 @@ class ConditionedActor(nn.Module):
         self.actor, self.embedding_dim, self.embedding_base = actor, embedding_dim, embedding_base
         self.beta: torch.Tensor | None = None
 
+    @property
+    def log_std(self) -> torch.Tensor:  # the wrapped Gaussian's, for the base's metrics
+        return self.actor.log_std
+
+    @property
+    def log_std_bounds(self) -> tuple[float, float]:
+        return self.actor.log_std_bounds
+
     def condition(self, obs: torch.Tensor) -> torch.Tensor:
         beta = self.beta
         if beta is None:
@@ -124,9 +134,10 @@ class ConditionedActor(nn.Module):
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.actor.log_prob(self.condition(obs), action)
 
-    def reparameterized_action(self, obs: torch.Tensor) -> torch.Tensor:
+    def reparameterized_action(self, obs: torch.Tensor, clamp: bool = False) -> torch.Tensor:
         if isinstance(self.actor, GaussianActor):
-            return self.actor.distribution(self.condition(obs)).rsample()  # unclamped, as the official balance loss
+            action = self.actor.distribution(self.condition(obs)).rsample()  # unclamped, as the official balance loss
+            return action.clamp(-self.actor.max_action, self.actor.max_action) if clamp else action
         return self.actor.sample(self.condition(obs))[0]
 
 
@@ -189,6 +200,7 @@ class FamO2O(Agent):
 
     Config = FamO2OConfig
     base_class: type[Agent] = IQL
+    clamp_balance_actions = False  # score Q at a_b as sampled (official IQL version) or clamped to the action box
 
     def __init__(self, obs_space, action_space, cfg: FamO2OConfig, device="cpu"):
         super().__init__(obs_space, action_space, cfg, device)
@@ -216,6 +228,7 @@ class FamO2O(Agent):
         self.online = False
         self._last_balance_metrics: dict[str, torch.Tensor] = {}
         self._diagnostics: dict[str, torch.Tensor] = {}
+        self._diagnostics_step = 0
 
     def _universal_policy(self, base_cfg) -> nn.Module:
         in_dim = self.obs_dim + self.cfg.embedding_dim
@@ -269,8 +282,8 @@ class FamO2O(Agent):
         beta.retain_grad()
         actor = self.nets["actor"]
         actor.beta = beta
-        with frozen(actor, self.balance_critic):
-            balance_actions = actor.reparameterized_action(batch.obs)
+        with frozen(actor, self.balance_critic), evaluating(actor):  # official: pi_u applied with training=False
+            balance_actions = actor.reparameterized_action(batch.obs, self.clamp_balance_actions)
             q = self.balance_critic(batch.obs, balance_actions).min(0).values
         if not self.cfg.balance_entropy:
             return -q.mean(), log_prob, beta
@@ -283,8 +296,8 @@ class FamO2O(Agent):
         balance_loss.backward()
         self.optimizers["balance"].step()
         entropy = -log_prob.detach().mean()
-        if self.step % DIAGNOSTICS_EVERY == 0 or not self._diagnostics:
-            self._diagnostics = self.balance_diagnostics(batch.obs)
+        if not self._diagnostics or self.step - self._diagnostics_step >= DIAGNOSTICS_EVERY:
+            self._diagnostics, self._diagnostics_step = self.balance_diagnostics(batch.obs), self.step
         metrics = {"balance_loss": balance_loss.detach(), "balance_entropy": entropy,
                    "balance_dq_dbeta": -len(beta) * beta.grad.mean(), **self._diagnostics}
         if self.cfg.balance_entropy:
@@ -303,11 +316,13 @@ class FamO2O(Agent):
         balance, actor = self.nets["balance"], self.nets["actor"]
         acting_beta = balance.deterministic(obs)
         q_at = {}
-        for end, value in (("hi", self.cfg.beta_hi), ("lo", self.cfg.beta_lo)):
-            actor.beta = torch.full_like(acting_beta, value)
-            q_at[end] = self.balance_critic(obs, actor(obs, True)).min(0).values
+        with evaluating(actor):  # no dropout: the diagnostics draw no random numbers, so training is the same without them
+            for end, value in (("hi", self.cfg.beta_hi), ("lo", self.cfg.beta_lo)):
+                actor.beta = torch.full_like(acting_beta, value)
+                q_at[end] = self.balance_critic(obs, actor(obs, True)).min(0).values
         return {"balance_beta_mean": acting_beta.mean(), "balance_beta_std": acting_beta.std(),
-                "balance_log_std": balance.log_std.detach().squeeze(), "balance_q_gap": (q_at["hi"] - q_at["lo"]).mean()}
+                "balance_log_std": balance.log_std.detach().clamp(*balance.LOG_STD_BOUNDS).squeeze(),
+                "balance_q_gap": (q_at["hi"] - q_at["lo"]).mean()}
 
     @torch.no_grad()
     def _act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
@@ -354,6 +369,7 @@ class FamO2OAWAC(FamO2O):
 
     Config = FamO2OAWACConfig
     base_class = AWAC
+    clamp_balance_actions = True  # no official code; AWAC itself scores Q only at clamped samples
 
     def base_update(self, batch: Batch, beta: torch.Tensor) -> dict[str, torch.Tensor]:
         self.base.beta = beta  # AWAC's weight becomes exp(beta_i * A)

@@ -119,7 +119,13 @@ class IQL(Agent):
             "actor_loss": actor_loss.detach(),
             "advantage_mean": advantage.detach().mean(),
             "weight_clipped_frac": (weights.detach() >= self.cfg.max_weight).float().mean(),
+            # the policy's log-std as used (clamped; the floor binds only when the parameter falls below it)
+            "actor_log_std": self._policy_log_std(),
         }
+
+    def _policy_log_std(self) -> torch.Tensor:
+        actor = self.nets["actor"]
+        return actor.log_std.detach().clamp(*actor.log_std_bounds).mean()
 
     def critic_step(self, batch: Batch, next_value: torch.Tensor) -> dict[str, torch.Tensor]:
         """(3) Q regression onto r + gamma * (1 - d) * V(s')."""

@@ -385,6 +385,20 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(state)
 
 
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Run modules in eval mode (no dropout) and restore each one's mode after (a loss or diagnostic that reads a
+    network the official code applies with training=False)."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
 def cosine_to_floor(optimizer: torch.optim.Optimizer, decay_steps: int, floor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """lr(t) = lr * (floor + (1 - floor) * 0.5 * (1 + cos(pi * min(t, T) / T))): optax's cosine_decay_schedule.
 

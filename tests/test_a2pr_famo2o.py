@@ -181,6 +181,7 @@ def test_iql_policy_log_std_floor_is_the_official_learners(name):
     with torch.no_grad():
         actor.log_std.fill_(-8.0)
     torch.testing.assert_close(actor.distribution(obs).stddev, torch.full((3, 2), float(np.exp(-5.0))))
+    assert agent.update(make_batch())["actor_log_std"] == pytest.approx(-5.0)  # logged as used
 
 
 def test_famo2o_iql_updates_the_balance_model_every_step_by_default():
@@ -206,16 +207,17 @@ def test_famo2o_balance_action_is_the_unclamped_sample():
 
 
 def test_famo2o_dq_dbeta_metric_is_the_derivative_of_q_along_beta(monkeypatch):
-    """balance_dq_dbeta, read from beta's retained gradient, equals the batch mean of dQ(s, a(s, beta))/dbeta by
-    central differences (with pi_u's mode as a_b, so the action is a function of beta alone)."""
-    agent = famo2o(balance_entropy=False)
+    """The logged balance_dq_dbeta (read from beta's retained gradient, entropy term on) equals the batch mean of
+    dQ(s, a(s, beta))/dbeta by central differences (with pi_u's mode as a_b, so the action is a function of beta
+    alone); the betas are pi_b's samples of the same step (same seed)."""
+    agent = famo2o()
     actor, critic = agent.nets["actor"], agent.balance_critic
-    monkeypatch.setattr(type(actor), "reparameterized_action", lambda self, obs: self(obs, True))
+    monkeypatch.setattr(type(actor), "reparameterized_action", lambda self, obs, clamp=False: self(obs, True))
     batch = make_batch(n=16)
     torch.manual_seed(3)
-    loss, _, beta = agent.balance_loss(batch)
-    loss.backward()
-    measured = -len(beta) * beta.grad.mean()
+    beta = agent.nets["balance"].sample(batch.obs)[0].detach()
+    torch.manual_seed(3)
+    logged = agent.balance_step(batch)["balance_dq_dbeta"]
 
     def q_at(b):
         with torch.no_grad():
@@ -223,10 +225,42 @@ def test_famo2o_dq_dbeta_metric_is_the_derivative_of_q_along_beta(monkeypatch):
             return critic(batch.obs, actor(batch.obs, True)).min(0).values.double()
 
     step = 1e-2
-    beta = beta.detach()
     finite = ((q_at(beta + step) - q_at(beta - step)) / (2 * step)).mean()
-    assert measured.abs() > 1e-4
-    torch.testing.assert_close(measured.double(), finite, rtol=0.05, atol=1e-4)
+    assert logged.abs() > 1e-4
+    torch.testing.assert_close(logged.double(), finite, rtol=0.05, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["famo2o_iql", "famo2o_awac", "famo2o_cql"])
+def test_famo2o_diagnostics_leave_training_unchanged(name, monkeypatch):
+    """The diagnostics' extra forward passes (with dropout in the policy) draw no random numbers and touch no
+    weight: a run that computes them every update equals one that computes them once."""
+    import orl.agents.famo2o as famo2o_module
+
+    def run(every):
+        monkeypatch.setattr(famo2o_module, "DIAGNOSTICS_EVERY", every)
+        agent = famo2o(name, **({"base": {"actor_dropout": 0.1}} if name == "famo2o_iql" else {}))
+        for seed in range(4):
+            agent.update(make_batch(seed=seed))
+        agent.on_online_start()
+        for seed in range(4, 8):
+            agent.update(make_batch(seed=seed))
+        return [p.detach().clone() for p in agent.nets.parameters()], torch.rand(3)
+
+    (weights_every, rand_every), (weights_once, rand_once) = run(1), run(10**9)
+    assert all(torch.equal(a, b) for a, b in zip(weights_every, weights_once))
+    assert torch.equal(rand_every, rand_once)
+
+
+def test_famo2o_awac_universal_policy_is_awacs():
+    """The universal policy takes its base's actor form: for AWAC, CORL's unbounded mean and [-20, 2] log-std, and
+    its balance loss scores Q at clamped samples as AWAC does."""
+    agent = famo2o("famo2o_awac")
+    universal = agent.nets["actor"].actor
+    assert not universal.tanh_mean and universal.log_std_bounds == (-20.0, 2.0)
+    with torch.no_grad():
+        universal.log_std.fill_(1.0)
+    agent.nets["actor"].beta = torch.full((500,), 1.0)
+    assert agent.nets["actor"].reparameterized_action(torch.zeros(500, 4), agent.clamp_balance_actions).abs().max() <= 1.0
 
 
 def test_famo2o_logs_the_beta_distribution_and_balance_diagnostics():
@@ -240,3 +274,14 @@ def test_famo2o_logs_the_beta_distribution_and_balance_diagnostics():
     with torch.no_grad():
         agent.nets["balance"].mean[-1].bias.fill_(10.0)  # pi_b's mode at beta_hi everywhere
     assert torch.allclose(agent.balance_diagnostics(obs)["balance_beta_mean"], torch.tensor(5.0))
+
+
+def test_famo2o_balance_loss_applies_the_universal_policy_without_dropout(monkeypatch):
+    """Official family_actor.py applies pi_u with training=False in the balance loss; the AWR step keeps dropout."""
+    agent = famo2o(base={"actor_dropout": 0.1})
+    modes = []
+    original = type(agent.nets["actor"]).reparameterized_action
+    monkeypatch.setattr(type(agent.nets["actor"]), "reparameterized_action",
+                        lambda self, obs, clamp=False: modes.append(self.actor.training) or original(self, obs, clamp))
+    agent.update(make_batch())
+    assert modes == [False] and agent.nets["actor"].training
