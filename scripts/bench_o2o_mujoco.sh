@@ -5,11 +5,12 @@
 # interrupted queue leaves every dataset with the same seeds; re-running skips finished runs and resumes others.
 # Cost on one CPU core (2-core EPYC, 2026-12-02): Cal-QL and WSRL's CQL pre-training do 8.5 GFLOP per update
 # (3.8 updates/s), so one Cal-QL or WSRL run takes 1-2 hours and the grid about 14 core-hours; on a GPU, minutes each.
+# Extra arguments are passed to every run (e.g. device=cuda).
 #   bash scripts/bench_o2o_mujoco.sh && orl-report results/o2o_mujoco --order iql calql wsrl
 set -x
 cd "$(dirname "$0")/.."
 B=${ORL_FINETUNE:-.venv/bin/orl-finetune}
 for seed in 0 1 2; do
   $B -m +experiment=o2o_mujoco/iql,o2o_mujoco/calql,o2o_mujoco/wsrl dataset=orl/hopper/medium-v0,orl/halfcheetah/medium-replay-v0 \
-    seed=$seed log.progress=false hydra.sweep.dir=results/o2o_mujoco
+    seed=$seed log.progress=false hydra.sweep.dir=results/o2o_mujoco "$@"
 done
