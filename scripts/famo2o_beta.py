@@ -25,9 +25,10 @@ COLUMNS = [("balance_beta_mean", "acting β"), ("balance_beta_std", "acting β s
            ("balance_dq_dbeta", "dQ/dβ"), ("balance_q_gap", "Q(β_hi) − Q(β_lo)")]
 
 
-def famo2o_runs(paths: list[Path]) -> dict[str, list[dict[int, dict]]]:
-    """dataset -> one {step: train metrics} per run."""
+def famo2o_runs(paths: list[Path]) -> tuple[dict[str, list[dict[int, dict]]], dict[str, int]]:
+    """dataset -> one {step: train metrics} per run, and dataset -> the step of the switch to online."""
     runs: dict[str, list[dict[int, dict]]] = defaultdict(list)
+    switch: dict[str, int] = {}
     for path in paths:
         for metrics_file in sorted(path.rglob("metrics.jsonl")):
             config = yaml.safe_load((metrics_file.parent / "config.yaml").read_text())
@@ -38,7 +39,8 @@ def famo2o_runs(paths: list[Path]) -> dict[str, list[dict[int, dict]]]:
                     by_step[row["step"]] = {k.removeprefix("train/"): v for k, v in row.items()}
             if by_step:
                 runs[config["dataset"]].append(by_step)
-    return runs
+                switch[config["dataset"]] = config["steps"]
+    return runs, switch
 
 
 def table(runs: dict[str, list[dict[int, dict]]], steps: list[int]) -> str:
@@ -57,7 +59,7 @@ def table(runs: dict[str, list[dict[int, dict]]], steps: list[int]) -> str:
     return "\n".join(lines)
 
 
-def figure(runs: dict[str, list[dict[int, dict]]], out: Path) -> None:
+def figure(runs: dict[str, list[dict[int, dict]]], switch: dict[str, int], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,6 +73,7 @@ def figure(runs: dict[str, list[dict[int, dict]]], out: Path) -> None:
             axis.plot(steps, [run[s].get("balance_beta_mean") for s in steps], color="C0", label="acting β" if label else None)
             axis.fill_between(steps, [run[s]["beta_q10"] for s in steps], [run[s]["beta_q90"] for s in steps], color="C1",
                               alpha=0.15, label="trained-on β, q10-q90" if label else None)
+        axis.axvline(switch[dataset], color="grey", linestyle=":", label="online from here")
         axis.set_title(dataset)
         axis.set_xlabel("step")
         axis.set_ylabel("β")
@@ -85,14 +88,14 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[10000, 11000, 15000, 20000, 30000, 40000, 50000, 60000])
     parser.add_argument("--out", type=Path, help="folder for beta.md and beta.png (default: <first path>/report)")
     args = parser.parse_args()
-    runs = famo2o_runs(args.paths)
+    runs, switch = famo2o_runs(args.paths)
     if not runs:
         raise SystemExit(f"no FamO2O run with beta metrics (train/beta_q50) under {', '.join(map(str, args.paths))}")
     out = args.out or args.paths[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
     text = table(runs, args.steps)
     (out / "beta.md").write_text(text + "\n")
-    figure(runs, out)
+    figure(runs, switch, out)
     print(text)
     print(f"\nwrote {out / 'beta.md'} and {out / 'beta.png'}")
 
