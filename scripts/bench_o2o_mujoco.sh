@@ -4,7 +4,7 @@
 # environment steps for every method, 3 seeds; settings in configs/experiment/o2o_mujoco/. Seed-major, so an
 # interrupted queue leaves every dataset with the same seeds; re-running skips finished runs and resumes others.
 # Cost on one CPU core (2-core EPYC, 2026-12-02): Cal-QL and WSRL's CQL pre-training do 8.5 GFLOP per update
-# (3.8 updates/s), so one Cal-QL or WSRL run takes 1-2 hours and the grid about 14 core-hours; on a GPU, minutes each.
+# (3.8 updates/s), so one Cal-QL or WSRL run takes about 2 hours and the grid about 25 core-hours.
 # Extra arguments are passed to every run (e.g. device=cuda).
 #   bash scripts/bench_o2o_mujoco.sh && orl-report results/o2o_mujoco --order iql calql wsrl
 set -x
