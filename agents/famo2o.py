@@ -80,13 +80,16 @@ class BalanceModel(nn.Module):
         self.mean = mlp(obs_dim, 1, hidden)
         self.log_std = nn.Parameter(torch.zeros(1))  # state-independent, as in the IQL version
 
+    def bounded_log_std(self) -> torch.Tensor:
+        return self.log_std.clamp(*self.LOG_STD_BOUNDS)
+
     def to_beta(self, u: torch.Tensor) -> torch.Tensor:
         return self.lo + (u + 1.0) * 0.5 * (self.hi - self.lo)
 
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterized beta (B,) and log pi_b(u|s) (B,)."""
         mean = self.mean(obs).squeeze(-1)
-        log_std = self.log_std.clamp(*self.LOG_STD_BOUNDS)
+        log_std = self.bounded_log_std()
         pre_tanh = mean + log_std.exp() * torch.randn_like(mean)
         u = torch.tanh(pre_tanh)
         log_prob = (-0.5 * ((pre_tanh - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
@@ -109,13 +112,8 @@ class ConditionedActor(nn.Module):
         self.actor, self.embedding_dim, self.embedding_base = actor, embedding_dim, embedding_base
         self.beta: torch.Tensor | None = None
 
-    @property
-    def log_std(self) -> torch.Tensor:  # the wrapped Gaussian's, for the base's metrics
-        return self.actor.log_std
-
-    @property
-    def log_std_bounds(self) -> tuple[float, float]:
-        return self.actor.log_std_bounds
+    def bounded_log_std(self) -> torch.Tensor:  # the wrapped Gaussian's, for the base's metrics
+        return self.actor.bounded_log_std()
 
     def condition(self, obs: torch.Tensor) -> torch.Tensor:
         beta = self.beta
@@ -321,7 +319,7 @@ class FamO2O(Agent):
                 actor.beta = torch.full_like(acting_beta, value)
                 q_at[end] = self.balance_critic(obs, actor(obs, True)).min(0).values
         return {"balance_beta_mean": acting_beta.mean(), "balance_beta_std": acting_beta.std(),
-                "balance_log_std": balance.log_std.detach().clamp(*balance.LOG_STD_BOUNDS).squeeze(),
+                "balance_log_std": balance.bounded_log_std().squeeze(),
                 "balance_q_gap": (q_at["hi"] - q_at["lo"]).mean()}
 
     @torch.no_grad()

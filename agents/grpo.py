@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from orl.agent import register
 from orl.errors import ConfigError
 from orl.evaluation import EvalResult
+from orl.nn import evaluating
 from orl.text.agent import LMAgent, LMConfig
 from orl.text.data import PromptBatch, build_sequences, distinct_n, position_ids
 from orl.text.generation import KVCachePolicy, VectorTokenEnv, rollout
@@ -261,10 +262,8 @@ class GRPO(LMAgent):
         policy = self.nets["policy"]
         env = VectorTokenEnv(self.tokenizer, prompts, None, self.cfg.max_completion_length, context_length(policy, self.tokenizer),
                              eos_ids=eos_token_ids(self.tokenizer, policy))
-        was_training = policy.training
-        policy.eval()
-        out = rollout(KVCachePolicy(policy), env, greedy, self.cfg.temperature, self.generator, self.cfg.top_k, self.cfg.top_p)
-        policy.train(was_training)
+        with evaluating(policy):
+            out = rollout(KVCachePolicy(policy), env, greedy, self.cfg.temperature, self.generator, self.cfg.top_k, self.cfg.top_p)
         eos = set(eos_token_ids(self.tokenizer, policy))
         sampled = out["sampled_ids"]
         return {"prompt_ids": env.prompt_ids, "completion_ids": sampled, "texts": out["texts"],

@@ -120,12 +120,8 @@ class IQL(Agent):
             "advantage_mean": advantage.detach().mean(),
             "weight_clipped_frac": (weights.detach() >= self.cfg.max_weight).float().mean(),
             # the policy's log-std as used (clamped; the floor binds only when the parameter falls below it)
-            "actor_log_std": self._policy_log_std(),
+            "actor_log_std": self.nets["actor"].bounded_log_std().detach().mean(),
         }
-
-    def _policy_log_std(self) -> torch.Tensor:
-        actor = self.nets["actor"]
-        return actor.log_std.detach().clamp(*actor.log_std_bounds).mean()
 
     def critic_step(self, batch: Batch, next_value: torch.Tensor) -> dict[str, torch.Tensor]:
         """(3) Q regression onto r + gamma * (1 - d) * V(s')."""

@@ -19,6 +19,7 @@ from orl.text.agent import LMAgent, LMConfig
 
 from orl.text.encoding import tokenize_rows
 from orl.agent import register
+from orl.nn import evaluating
 from orl.prefs.losses import preference_loss
 from orl.text.data import PairBatch, SequenceBatch, build_sequences, position_ids
 
@@ -77,8 +78,6 @@ class RewardModel(LMAgent):
     @torch.no_grad()
     def __call__(self, prompt: str, response: str) -> float:
         ids, mask, response_mask = build_sequences(*tokenize_rows(self.tokenizer, [prompt], [response]), self.tokenizer.pad_token_id)
-        was_training = self.nets.training
-        self.nets.eval()
-        value = self.score(SequenceBatch(ids.to(self.device), mask.to(self.device), response_mask.to(self.device)))
-        self.nets.train(was_training)
+        with evaluating(self.nets):
+            value = self.score(SequenceBatch(ids.to(self.device), mask.to(self.device), response_mask.to(self.device)))
         return float(value[0])

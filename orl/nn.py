@@ -285,15 +285,17 @@ class GaussianActor(nn.Module):
     def mean(self, obs: torch.Tensor) -> torch.Tensor:
         return self.max_action * torch.tanh(self.net(obs)) if self.tanh_mean else self.net(obs)
 
+    def bounded_log_std(self) -> torch.Tensor:
+        """The log-std as the policy uses it: the parameter clipped to log_std_bounds."""
+        return self.log_std.clamp(*self.log_std_bounds)
+
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
         mean = self.mean(obs)
-        std = self.log_std.clamp(*self.log_std_bounds).exp().expand_as(mean)
+        std = self.bounded_log_std().exp().expand_as(mean)
         return torch.distributions.Normal(mean, std, validate_args=False)
 
     def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        mean = self.mean(obs)
-        log_std = self.log_std.clamp(*self.log_std_bounds)
-        return _normal_log_prob(action, mean, log_std).sum(-1)
+        return _normal_log_prob(action, self.mean(obs), self.bounded_log_std()).sum(-1)
 
     def forward(self, obs: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
         dist = self.distribution(obs)

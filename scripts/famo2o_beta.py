@@ -12,12 +12,14 @@ acting beta and the trained-on percentiles against the step, one panel per datas
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
+
+from orl.logger import read_metrics
+from orl.report import find_run_dirs
 
 COLUMNS = [("balance_beta_mean", "acting β"), ("balance_beta_std", "acting β spread over states"),
            ("beta_q10", "trained-on β q10"), ("beta_q50", "q50"), ("beta_q90", "q90"),
@@ -29,17 +31,15 @@ def famo2o_runs(paths: list[Path]) -> tuple[dict[str, list[dict[int, dict]]], di
     """dataset -> one {step: train metrics} per run, and dataset -> the step of the switch to online."""
     runs: dict[str, list[dict[int, dict]]] = defaultdict(list)
     switch: dict[str, int] = {}
-    for path in paths:
-        for metrics_file in sorted(path.rglob("metrics.jsonl")):
-            config = yaml.safe_load((metrics_file.parent / "config.yaml").read_text())
-            by_step: dict[int, dict] = {}
-            for line in metrics_file.read_text().splitlines():
-                row = json.loads(line) if line.strip() else {}
-                if "train/beta_q50" in row:
-                    by_step[row["step"]] = {k.removeprefix("train/"): v for k, v in row.items()}
-            if by_step:
-                runs[config["dataset"]].append(by_step)
-                switch[config["dataset"]] = config["steps"]
+    for run_dir in find_run_dirs(paths):
+        if not (run_dir / "metrics.jsonl").exists():
+            continue
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        by_step = {int(row["step"]): {k.removeprefix("train/"): v for k, v in row.items()}
+                   for row in read_metrics(run_dir) if "train/beta_q50" in row}
+        if by_step:
+            runs[config["dataset"]].append(by_step)
+            switch[config["dataset"]] = config["steps"]
     return runs, switch
 
 
