@@ -267,16 +267,20 @@ def build_report(runs: Sequence[Run], order: Sequence[str] = (), compare: Sequen
     # Aggregates over the datasets every label has (rliable needs the same tasks for a comparison).
     common = [d for d in datasets if all((d, l) in groups for l in labels)]
     normalized = all(r.normalized for r in runs)
-    aggregates, improvements = {}, {}
+    aggregates, improvements, aggregate_runs = {}, {}, {}
     # Raw returns (no reference scores, e.g. an LM's mean reward) aggregate over one dataset only: their scales differ
     if common and (normalized or len(common) == 1):
         matrices = score_matrices(runs, labels, common, 100.0 if normalized else 1.0)
+        # how many runs per dataset each label's aggregate uses, and how many of its runs were left out to get there
+        aggregate_runs = {label: {"per_dataset": int(matrix.shape[0]),
+                                  "left_out": sum(len(groups[(d, label)]) for d in common) - matrix.size} for label, matrix in matrices.items()}
         aggregates = interval_estimates(matrices, reps, seed)
         pairs = list(compare) or [(x, y) for i, x in enumerate(labels) for y in labels[i + 1:]]
         improvements = improvement_probabilities(matrices, pairs, reps, seed)
     return {"datasets": datasets, "labels": labels, "aggregate_datasets": common, "normalized": normalized,
             "data_versions": mixed_data(runs),
-            "per_dataset": per_dataset, "online": online, "aggregates": aggregates, "improvements": improvements,
+            "per_dataset": per_dataset, "online": online, "aggregates": aggregates, "aggregate_runs": aggregate_runs,
+            "improvements": improvements,
             "runs": [{"run_dir": str(r.path), "agent": r.label, "dataset": r.dataset, "seed": r.seed, "final": r.final, "best": r.best,
                       "offline": r.offline_score, "worst_drop": r.worst_drop, "regret": r.regret, "switch_step": r.switch_step,
                       "data_sha256": r.data_sha256} for r in runs]}
@@ -315,6 +319,7 @@ def to_markdown(report: dict[str, Any], skipped: Sequence[str] = ()) -> str:
                   "| agent | IQM | median | mean | optimality gap |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {label} | " + " | ".join(_ci(*values[name], scale=scale) for name in AGGREGATES) + " |"
                   for label, values in report["aggregates"].items()]
+        lines += ["", _aggregate_runs_note(report.get("aggregate_runs", {}))]
     if report["improvements"]:
         lines += ["", "| comparison | probability of improvement [95% CI] |", "|---|---:|"]
         lines += [f"| P({key}) | {p:.2f} [{low:.2f}, {high:.2f}] |" for key, (p, low, high) in report["improvements"].items()]
@@ -323,6 +328,22 @@ def to_markdown(report: dict[str, Any], skipped: Sequence[str] = ()) -> str:
     if skipped:
         lines += ["", "Skipped:"] + [f"- {line}" for line in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _aggregate_runs_note(aggregate_runs: dict[str, dict[str, int]]) -> str:
+    """One line saying how many runs per dataset each aggregate rests on, and warning where that makes its CI
+    meaningless (one run: a stratified bootstrap has nothing to resample) or where runs were left out."""
+    counts = ", ".join(f"{label} {value['per_dataset']}" for label, value in aggregate_runs.items())
+    note = f"Runs per dataset in the aggregate: {counts}."
+    left_out = {label: value["left_out"] for label, value in aggregate_runs.items() if value["left_out"]}
+    if left_out:
+        note += (" Each agent keeps its lowest seeds, as many on every dataset as on its sparsest one; left out: "
+                 + ", ".join(f"{label} {count} run(s)" for label, count in left_out.items()) + ".")
+    single = [label for label, value in aggregate_runs.items() if value["per_dataset"] < 2]
+    if single:
+        note += (f" **{', '.join(single)}: one run per dataset, so the CI has nothing to resample and says nothing about "
+                 "seed spread.**")
+    return note
 
 
 def write_csv(report: dict[str, Any], path: Path) -> None:

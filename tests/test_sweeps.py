@@ -158,6 +158,27 @@ def test_report_aggregates_equal_rliable_on_a_fixed_score_matrix(tmp_path):
     assert report["improvements"]["x > y"][0] == pytest.approx(p_expected)
 
 
+def test_report_says_how_many_runs_each_aggregate_rests_on(tmp_path):
+    """Unequal seed counts: the aggregate keeps each agent's lowest seeds, as many per dataset as its sparsest has,
+    and the report says so; one run per dataset is flagged (its bootstrap CI has zero width)."""
+    from orl.report import build_report, load_runs, to_markdown
+
+    for seed in range(3):
+        for task in range(2):
+            fake_run(tmp_path / f"x-{task}-{seed}", "x", f"d{task}", seed, [(1000, 50.0 + seed + task)])
+    for seed, task in ((0, 0), (0, 1), (1, 0)):  # y has 2 seeds on d0, 1 on d1
+        fake_run(tmp_path / f"y-{task}-{seed}", "y", f"d{task}", seed, [(1000, 40.0 + seed * 7)])
+    runs, _ = load_runs([tmp_path])
+    report = build_report(runs, reps=100)
+    assert report["aggregate_runs"] == {"x": {"per_dataset": 3, "left_out": 0}, "y": {"per_dataset": 1, "left_out": 1}}
+    low, high = report["aggregates"]["y"]["IQM"][1:]
+    assert low == high  # the degenerate interval the note warns about
+    text = to_markdown(report)
+    assert "Runs per dataset in the aggregate: x 3, y 1." in text
+    assert "left out: y 1 run(s)" in text
+    assert "**y: one run per dataset" in text
+
+
 def test_report_skips_missing_and_corrupt_metrics_by_name(tmp_path, capsys):
     from orl.report import main
 
