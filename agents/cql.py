@@ -19,6 +19,10 @@ penalty applies to those 2 members only, with the official weighting mean_i TD_i
 subsampled); `cql_penalty_members=all` penalizes every member instead.
 Defaults follow the official Cal-QL (nakamotoo/Cal-QL) and WSRL (zhouzypaul/wsrl) configs:
 max-target-backup on, temperature lr 1e-4 (Cal-QL's alpha optimizer uses the policy lr).
+Networks: Cal-QL builds JaxCQL's (orthogonal(sqrt 2) hidden kernels, orthogonal(1e-2) heads, zero biases; the
+policy's log-std m * raw + b with learnt m, b from 1, -1, clipped to [-20, 2]); the WSRL recipe
+(configs/agent/wsrl.yaml) builds WSRL's (orthogonal, its last hidden layer at 1e-2, std clipped to [1e-5, 10]).
+Plain `cql` keeps PyTorch's default init; `orthogonal_init=true head_scale=0.01` gives JaxCQL's.
 
 Online, `online_cql=False` turns the regularizer off, leaving SAC: WSRL's fine-tuning agent when the
 critic is a 10-member LayerNorm ensemble with a 2-member target subsample.
@@ -71,6 +75,12 @@ class CalQLConfig(CQLConfig):
       data.reward=scale_shift data.reward_scale=10 data.reward_shift=-5 agent.failure_reward=-5."""
 
     calibrated: bool = True  # Cal-QL always calibrates (the agent sets it whatever is given)
+    # JaxCQL's networks, which official Cal-QL runs with (conservative_sac_main.py orthogonal_init=True,
+    # policy_log_std_offset=-1; model.py: log-std clipped to [-20, 2])
+    orthogonal_init: bool = True
+    head_scale: float | None = 1e-2
+    actor_log_std_bounds: tuple[float, float] = (-20.0, 2.0)
+    actor_log_std_offset: float | None = -1.0
 
 
 @register("cql")

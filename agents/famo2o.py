@@ -232,7 +232,8 @@ class FamO2O(Agent):
         in_dim = self.obs_dim + self.cfg.embedding_dim
         base_actor = self.base.nets["actor"]
         if isinstance(self.base, CQL):
-            return TanhGaussianActor(in_dim, self.action_dim, base_cfg.actor_hidden, self.max_action, base_cfg.layer_norm)
+            return TanhGaussianActor(in_dim, self.action_dim, base_cfg.actor_hidden, self.max_action, base_cfg.layer_norm,
+                                     tuple(base_cfg.actor_log_std_bounds), base_cfg.actor_log_std_offset)
         return GaussianActor(in_dim, self.action_dim, base_cfg.hidden, self.max_action, getattr(base_cfg, "actor_dropout", 0.0),
                              log_std_bounds=base_actor.log_std_bounds,  # the base's (IQL: -5, as family_learner.py)
                              init_log_std=getattr(base_cfg, "actor_init_log_std", 0.0), tanh_mean=base_actor.tanh_mean)

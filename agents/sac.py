@@ -24,7 +24,7 @@ from torch import nn
 
 from orl.agent import Agent, register
 from orl.buffer import Batch
-from orl.nn import Critic, TanhGaussianActor, frozen, make_optimizer, scale_last_hidden_layer, soft_update
+from orl.nn import Critic, TanhGaussianActor, frozen, make_optimizer, orthogonal_init, scale_last_hidden_layer, soft_update
 
 
 @dataclass
@@ -45,6 +45,10 @@ class SACConfig:
     actor_q_reduce: str = "min"  # min | mean
     layer_norm: bool = False
     final_layer_scale: float | None = None  # e.g. 1e-2 (WSRL): init scale of the last hidden layer, actor and critic
+    orthogonal_init: bool = False  # official JAX nets (JaxCQL, Cal-QL, WSRL): orthogonal(sqrt 2) kernels, zero biases
+    head_scale: float | None = None  # with orthogonal_init: the output layers' gain (Cal-QL 1e-2; None: sqrt 2, WSRL)
+    actor_log_std_bounds: tuple[float, float] = (-5.0, 2.0)  # Cal-QL (-20, 2); WSRL clips std to [1e-5, 10]
+    actor_log_std_offset: float | None = None  # Cal-QL: log-std = m * raw + b, learnt m (init 1) and b (init this: -1)
     init_alpha: float = 1.0
     target_entropy: float | None = None  # default -action_dim
     backup_entropy: bool = True
@@ -59,11 +63,16 @@ class SAC(Agent):
         super().__init__(obs_space, action_space, cfg, device)
         if cfg.actor_q_reduce not in ("min", "mean"):
             raise ValueError(f"actor_q_reduce must be min or mean, got {cfg.actor_q_reduce!r}")
-        self.nets["actor"] = TanhGaussianActor(self.obs_dim, self.action_dim, cfg.actor_hidden, self.max_action, cfg.layer_norm).to(self.device)
+        if cfg.head_scale is not None and not cfg.orthogonal_init:
+            raise ValueError("head_scale is the gain of an orthogonal init: set orthogonal_init=true with it, or head_scale=null")
+        self.nets["actor"] = TanhGaussianActor(self.obs_dim, self.action_dim, cfg.actor_hidden, self.max_action, cfg.layer_norm,
+                                               tuple(cfg.actor_log_std_bounds), cfg.actor_log_std_offset).to(self.device)
         self.nets["critic"] = Critic(self.obs_dim, self.action_dim, cfg.ensemble_size, cfg.critic_hidden, cfg.layer_norm).to(self.device)
-        if cfg.final_layer_scale is not None:
-            scale_last_hidden_layer(self.nets["actor"], cfg.final_layer_scale)
-            scale_last_hidden_layer(self.nets["critic"], cfg.final_layer_scale)
+        for net in (self.nets["actor"], self.nets["critic"]):
+            if cfg.orthogonal_init:
+                orthogonal_init(net, cfg.head_scale)
+            if cfg.final_layer_scale is not None:
+                scale_last_hidden_layer(net, cfg.final_layer_scale, orthogonal=cfg.orthogonal_init)
         self.nets["critic_target"] = copy.deepcopy(self.nets["critic"]).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.init_alpha), device=self.device))
         self.target_entropy = -float(self.action_dim) if cfg.target_entropy is None else cfg.target_entropy

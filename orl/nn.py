@@ -89,22 +89,58 @@ def mlp(
     return LayerStack(*layers)
 
 
-def scale_last_hidden_layer(net: nn.Module, scale: float) -> None:
-    """WSRL's `kernel_scale_final`: re-initialize the last *hidden* layer (not the output head).
+def _linear_layers(net: nn.Module) -> list[nn.Module]:
+    return [m for m in net.modules() if isinstance(m, (nn.Linear, EnsembleLinear))]
 
-    The official MLP (jaxrl_m) builds that layer with variance_scaling(scale, "fan_avg", "uniform")
-    weights and zero bias, and the output heads keep their default init. So: weights
-    U(-b, b) with b = sqrt(3 * scale / fan_avg), bias 0, on every ensemble member.
+
+def _orthogonal_(layer: nn.Module, gain: float) -> None:
+    """Orthogonal weights (every ensemble member its own draw) and zero bias, as flax's Dense with
+    `orthogonal(gain)`. An nn.Linear stores the transpose of a flax kernel; a Haar-orthogonal matrix and its
+    transpose have the same distribution, so the draw is the official one either way."""
+    with torch.no_grad():
+        weights = [layer.weight] if isinstance(layer, nn.Linear) else list(layer.weight)
+        for weight in weights:
+            nn.init.orthogonal_(weight, gain)
+        layer.bias.zero_()
+
+
+def scale_last_hidden_layer(net: nn.Module, scale: float, orthogonal: bool = False) -> None:
+    """WSRL's `kernel_scale_final`: re-initialize the last *hidden* layer (not the output head) at `scale`.
+
+    WSRL's MLP builds that layer with its initializer at that scale and zero bias. Its locomotion configs
+    leave `kernel_init_type` unset, which is orthogonal (wsrl/common/initialization.py `init_fns[None]`):
+    `orthogonal=True` draws orthogonal(scale). Otherwise jaxrl_m's variance_scaling(scale, "fan_avg",
+    "uniform"), the initializer of WSRL's IQL configs: U(-b, b), b = sqrt(3 * scale / fan_avg).
+    Every ensemble member gets its own draw.
     """
-    linears = [m for m in net.modules() if isinstance(m, (nn.Linear, EnsembleLinear))]
+    linears = _linear_layers(net)
     if len(linears) < 2:
         raise ValueError("final_layer_scale needs a network with at least one hidden layer")
     layer = linears[-2]
+    if orthogonal:
+        _orthogonal_(layer, scale)
+        return
     fan_in, fan_out = (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else layer.weight.shape[-2:]
     bound = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2.0))
     with torch.no_grad():
         layer.weight.uniform_(-bound, bound)
         layer.bias.zero_()
+
+
+def orthogonal_init(net: nn.Module, head_scale: float | None = None, hidden_scale: float = math.sqrt(2.0)) -> None:
+    """The official JAX codes' MLP initialization: orthogonal(sqrt 2) kernels and zero biases on every hidden
+    layer, and the output layer orthogonal(head_scale) (None: sqrt 2 as well).
+
+    JaxCQL / Cal-QL (`orthogonal_init=True`, JaxCQL/model.py FullyConnectedNetwork): heads orthogonal(1e-2).
+    WSRL (wsrl/networks/mlp.py and actor_critic_nets.py, `kernel_init_type=None`): heads orthogonal(sqrt 2).
+    WSRL's policy has separate mean and log-std heads where orl has one layer with both outputs: drawn as one
+    orthogonal matrix, every row has the official distribution (the rows are also mutually orthogonal,
+    which two separate 256-dimensional draws nearly are).
+    """
+    linears = _linear_layers(net)
+    for layer in linears[:-1]:
+        _orthogonal_(layer, hidden_scale)
+    _orthogonal_(linears[-1], hidden_scale if head_scale is None else head_scale)
 
 
 class EnsembleLinear(nn.Module):
@@ -318,15 +354,23 @@ class TanhGaussianActor(nn.Module):
         max_action: float = 1.0,
         layer_norm: bool = False,
         log_std_bounds: tuple[float, float] = (-5.0, 2.0),
+        log_std_offset: float | None = None,
     ):
         super().__init__()
         self.max_action = max_action
         self.action_dim = action_dim
         self.net = mlp(obs_dim, 2 * action_dim, hidden, layer_norm=layer_norm)
-        self.log_std_bounds = log_std_bounds
+        self.log_std_bounds = tuple(log_std_bounds)
+        if log_std_offset is not None:
+            # JaxCQL / Cal-QL's TanhGaussianPolicy: log-std = m * raw + b, m and b learnt scalars (Scalar
+            # modules, init 1 and log_std_offset), then clipped.
+            self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
+            self.log_std_offset = nn.Parameter(torch.tensor(float(log_std_offset)))
 
     def _mean_log_std(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, dim=-1)
+        if hasattr(self, "log_std_offset"):
+            log_std = self.log_std_multiplier * log_std + self.log_std_offset
         return mean, log_std.clamp(*self.log_std_bounds)
 
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

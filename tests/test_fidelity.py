@@ -262,6 +262,72 @@ def test_final_layer_scale_is_on_the_last_hidden_layer():
         assert head.weight.abs().max() > 0.5 / math.sqrt(256)
 
 
+def _assert_orthogonal(weight: torch.Tensor, gain: float) -> None:
+    """Semi-orthogonal times gain: the smaller Gram matrix is gain^2 I."""
+    gram = weight @ weight.T if weight.shape[0] <= weight.shape[1] else weight.T @ weight
+    torch.testing.assert_close(gram, gain**2 * torch.eye(gram.shape[0]), rtol=1e-4, atol=1e-5 * max(gain**2, 1.0))
+
+
+def _kernels(net):
+    """Every layer's weights, each ensemble member on its own."""
+    out = []
+    for layer in net.modules():
+        if isinstance(layer, torch.nn.Linear):
+            out.append([(layer.weight.detach(), layer.bias.detach())])
+        elif isinstance(layer, EnsembleLinear):
+            out.append(list(zip(layer.weight.detach(), layer.bias.detach())))
+    return out
+
+
+# --- 7b. Cal-QL builds JaxCQL's networks; WSRL's recipe builds WSRL's ---------------------------------
+def test_calql_networks_are_the_official_jaxcql_ones():
+    """nakamotoo/Cal-QL runs JaxCQL with orthogonal_init=True: hidden kernels orthogonal(sqrt 2), heads
+    orthogonal(1e-2), zero biases; the policy's log-std is m * raw + b (learnt, init 1 and -1), clipped to [-20, 2]."""
+    torch.manual_seed(0)
+    agent = orl.make_agent("calql", OBS, ACT)
+    for net in (agent.nets["actor"], agent.nets["critic"]):
+        *hidden, head = _kernels(net)
+        for members, gain in [(m, math.sqrt(2)) for m in hidden] + [(head, 1e-2)]:
+            for weight, bias in members:
+                _assert_orthogonal(weight, gain)
+                assert torch.all(bias == 0)
+    actor = agent.nets["actor"]
+    assert actor.log_std_bounds == (-20.0, 2.0)
+    obs = torch.randn(512, 4)
+    _, log_std = actor._mean_log_std(obs)
+    assert (log_std + 1.0).abs().max() < 0.2  # std e^-1 at the start: the offset, with a 1e-2 head
+    # m and b are the actor's parameters (the actor's optimizer steps them) and take the policy loss's gradient
+    assert {id(actor.log_std_multiplier), id(actor.log_std_offset)} <= {id(p) for g in agent.optimizers["actor"].param_groups for p in g["params"]}
+    _, log_prob = actor.sample(obs)
+    log_prob.mean().backward()
+    assert actor.log_std_offset.grad.abs() > 0 and actor.log_std_multiplier.grad.abs() > 0
+    with torch.no_grad():
+        actor.log_std_offset.fill_(-30.0)
+    assert torch.all(actor._mean_log_std(obs)[1] == -20.0)
+    with pytest.raises(ValueError, match="orthogonal_init"):
+        orl.make_agent("sac", OBS, ACT, {"head_scale": 0.01})
+
+
+def test_wsrl_recipe_networks_are_the_official_wsrl_ones():
+    """zhouzypaul/wsrl leaves kernel_init_type unset (orthogonal): hidden orthogonal(sqrt 2), the last hidden
+    layer orthogonal(kernel_scale_final = 1e-2), heads orthogonal(sqrt 2), zero biases; std clipped to [1e-5, 10]."""
+    torch.manual_seed(0)
+    agent_cfg = OmegaConf.to_container(_compose(["agent=wsrl"]).agent)
+    assert agent_cfg.pop("name") == "cql"
+    agent = orl.make_agent("cql", OBS, ACT, agent_cfg)
+    for net in (agent.nets["actor"], agent.nets["critic"]):
+        layers = _kernels(net)
+        gains = [math.sqrt(2)] * (len(layers) - 2) + [1e-2, math.sqrt(2)]
+        for members, gain in zip(layers, gains):
+            assert len(members) == (10 if net is agent.nets["critic"] else 1)
+            for weight, bias in members:
+                _assert_orthogonal(weight, gain)
+                assert torch.all(bias == 0)
+    low, high = agent.nets["actor"].log_std_bounds
+    assert math.exp(low) == pytest.approx(1e-5, rel=1e-5) and math.exp(high) == pytest.approx(10.0, rel=1e-5)
+    assert not hasattr(agent.nets["actor"], "log_std_offset")  # WSRL's "exp" parameterization has no affine
+
+
 # --- 8. FamO2O-CQL: actions at s' are conditioned on the balance model's beta ----------------------
 def test_famo2o_cql_next_actions_use_the_balance_beta(monkeypatch):
     from orl.agents.famo2o import ConditionedActor
