@@ -51,6 +51,7 @@ from torch import nn
 from orl.agents.awac import AWAC, AWACConfig
 from orl.agents.cql import CQL, CQLConfig
 from orl.agents.iql import IQL, IQLConfig
+from orl.agents.sac import initialize
 from orl.errors import ConfigError
 from orl.agent import Agent, build_config, register
 from orl.buffer import Batch
@@ -184,10 +185,13 @@ class FamO2OCQLConfig(FamO2OConfig):
     """FamO2O on CQL, official locomotion settings (LeapLabTHU/FamO2O jax_cql): beta in [0.5, 1.5] multiplies the
     actor's Q term; CQL alpha 1.0 without Lagrange; lr 3e-4 everywhere; no entropy term in the balance loss.
     (LeapLabTHU/FamO2O jax_cql: finetune_configs/family.py over JaxCQL's ConservativeSAC defaults; the temperature's
-    optimizer uses the policy lr, 3e-4, and there is no max-target-backup.)"""
+    optimizer uses the policy lr, 3e-4, and there is no max-target-backup.) The policies' log-std is JaxCQL's
+    m * raw + b (learnt, from 1 and -1) clipped to [-20, 2] (hierarchical_policy.py FamilyTanhGaussianPolicy).
+    Known difference: with its orthogonal_init=False, JaxCQL draws hidden kernels lecun-normal and the heads
+    variance_scaling(1e-2, fan_in, uniform); orl keeps PyTorch's default init here."""
 
     base: CQLConfig = field(default_factory=lambda: CQLConfig(  # official: lr 3e-4 (policy, Q, temperature), alpha 1, no max-backup
-        actor_lr=3e-4, alpha_lr=3e-4, cql_alpha=1.0, max_target_backup=False))
+        actor_lr=3e-4, alpha_lr=3e-4, cql_alpha=1.0, max_target_backup=False, actor_log_std_bounds=(-20.0, 2.0), actor_log_std_offset=-1.0))
     beta_lo: float = 0.5  # official coefficient_range (0.5, 1.5)
     beta_hi: float = 1.5
     balance_entropy: bool = False  # official: the balance loss is -min Q, no entropy term
@@ -232,8 +236,10 @@ class FamO2O(Agent):
         in_dim = self.obs_dim + self.cfg.embedding_dim
         base_actor = self.base.nets["actor"]
         if isinstance(self.base, CQL):
-            return TanhGaussianActor(in_dim, self.action_dim, base_cfg.actor_hidden, self.max_action, base_cfg.layer_norm,
-                                     tuple(base_cfg.actor_log_std_bounds), base_cfg.actor_log_std_offset)
+            actor = TanhGaussianActor(in_dim, self.action_dim, base_cfg.actor_hidden, self.max_action, base_cfg.layer_norm,
+                                      tuple(base_cfg.actor_log_std_bounds), base_cfg.actor_log_std_offset, base_cfg.layer_norm_eps)
+            initialize(actor, base_cfg)
+            return actor
         return GaussianActor(in_dim, self.action_dim, base_cfg.hidden, self.max_action, getattr(base_cfg, "actor_dropout", 0.0),
                              log_std_bounds=base_actor.log_std_bounds,  # the base's (IQL: -5, as family_learner.py)
                              init_log_std=getattr(base_cfg, "actor_init_log_std", 0.0), tanh_mean=base_actor.tanh_mean)

@@ -49,10 +49,21 @@ class SACConfig:
     head_scale: float | None = None  # with orthogonal_init: the output layers' gain (Cal-QL 1e-2; None: sqrt 2, WSRL)
     actor_log_std_bounds: tuple[float, float] = (-5.0, 2.0)  # Cal-QL (-20, 2); WSRL clips std to [1e-5, 10]
     actor_log_std_offset: float | None = None  # Cal-QL: log-std = m * raw + b, learnt m (init 1) and b (init this: -1)
+    critic_shared_head: bool = False  # WSRL: the members share one output layer (official Critic over an ensemblized MLP)
+    layer_norm_eps: float = 1e-5  # PyTorch's; flax's LayerNorm (WSRL) uses 1e-6
     init_alpha: float = 1.0
     target_entropy: float | None = None  # default -action_dim
     backup_entropy: bool = True
     online_critic_minibatches: int = 1  # WSRL fine-tuning: 4 critic minibatches from one batch of 1024
+
+
+def initialize(net: nn.Module, cfg: SACConfig) -> None:
+    """The configured init on top of PyTorch's default: the official JAX codes' orthogonal one, then the last
+    hidden layer's scale (WSRL)."""
+    if cfg.orthogonal_init:
+        orthogonal_init(net, cfg.head_scale)
+    if cfg.final_layer_scale is not None:
+        scale_last_hidden_layer(net, cfg.final_layer_scale, orthogonal=cfg.orthogonal_init)
 
 
 @register("sac")
@@ -66,13 +77,11 @@ class SAC(Agent):
         if cfg.head_scale is not None and not cfg.orthogonal_init:
             raise ValueError("head_scale is the gain of an orthogonal init: set orthogonal_init=true with it, or head_scale=null")
         self.nets["actor"] = TanhGaussianActor(self.obs_dim, self.action_dim, cfg.actor_hidden, self.max_action, cfg.layer_norm,
-                                               tuple(cfg.actor_log_std_bounds), cfg.actor_log_std_offset).to(self.device)
-        self.nets["critic"] = Critic(self.obs_dim, self.action_dim, cfg.ensemble_size, cfg.critic_hidden, cfg.layer_norm).to(self.device)
+                                               tuple(cfg.actor_log_std_bounds), cfg.actor_log_std_offset, cfg.layer_norm_eps).to(self.device)
+        self.nets["critic"] = Critic(self.obs_dim, self.action_dim, cfg.ensemble_size, cfg.critic_hidden, cfg.layer_norm,
+                                     shared_head=cfg.critic_shared_head, layer_norm_eps=cfg.layer_norm_eps).to(self.device)
         for net in (self.nets["actor"], self.nets["critic"]):
-            if cfg.orthogonal_init:
-                orthogonal_init(net, cfg.head_scale)
-            if cfg.final_layer_scale is not None:
-                scale_last_hidden_layer(net, cfg.final_layer_scale, orthogonal=cfg.orthogonal_init)
+            initialize(net, cfg)
         self.nets["critic_target"] = copy.deepcopy(self.nets["critic"]).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.init_alpha), device=self.device))
         self.target_entropy = -float(self.action_dim) if cfg.target_entropy is None else cfg.target_entropy

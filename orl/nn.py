@@ -71,14 +71,16 @@ def mlp(
     layer_norm: bool = False,
     dropout: float = 0.0,
     output_activation: nn.Module | None = None,
+    layer_norm_eps: float = 1e-5,
 ) -> LayerStack:
-    """Plain MLP: Linear -> [LayerNorm] -> act -> [Dropout] per hidden layer, then a Linear head."""
+    """Plain MLP: Linear -> [LayerNorm] -> act -> [Dropout] per hidden layer, then a Linear head.
+    `layer_norm_eps`: PyTorch's 1e-5 by default; flax's LayerNorm (the official JAX codes) uses 1e-6."""
     layers: list[nn.Module] = []
     last = in_dim
     for width in hidden:
         layers.append(nn.Linear(last, width))
         if layer_norm:
-            layers.append(nn.LayerNorm(width))
+            layers.append(nn.LayerNorm(width, eps=layer_norm_eps))
         layers.append(ACTIVATIONS[activation]())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
@@ -178,7 +180,12 @@ class EnsembleLinear(nn.Module):
 
 
 class EnsembleMLP(nn.Module):
-    """N MLPs with identical shapes, vectorized. forward: (B, in) or (E, B, in) -> (E, B, out)."""
+    """N MLPs with identical shapes, vectorized. forward: (B, in) or (E, B, in) -> (E, B, out).
+
+    `shared_head`: the members share one output layer on top of their own hidden layers, as WSRL's critic
+    (zhouzypaul/wsrl: `ensemblize` wraps only the MLP backbone; the Critic's Dense(1) is applied to the
+    stacked (E, B, 256) features, so one kernel and bias serve every member).
+    """
 
     def __init__(
         self,
@@ -188,6 +195,8 @@ class EnsembleMLP(nn.Module):
         hidden: Sequence[int] = (256, 256),
         activation: str = "relu",
         layer_norm: bool = False,
+        shared_head: bool = False,
+        layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.ensemble_size = ensemble_size
@@ -198,10 +207,10 @@ class EnsembleMLP(nn.Module):
             if layer_norm:
                 # LayerNorm normalizes the last dim; its affine params are shared across members,
                 # which matches a per-member LN up to the (identical) initialization.
-                layers.append(_EnsembleLayerNorm(width, ensemble_size))
+                layers.append(_EnsembleLayerNorm(width, ensemble_size, layer_norm_eps))
             layers.append(ACTIVATIONS[activation](inplace=True) if activation in ("relu", "leaky_relu") else ACTIVATIONS[activation]())
             last = width
-        layers.append(EnsembleLinear(last, out_dim, ensemble_size))
+        layers.append(nn.Linear(last, out_dim) if shared_head else EnsembleLinear(last, out_dim, ensemble_size))
         self.net = LayerStack(*layers)
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,20 +229,21 @@ class EnsembleMLP(nn.Module):
 class _EnsembleLayerNorm(nn.Module):
     """LayerNorm with separate affine parameters per ensemble member."""
 
-    def __init__(self, width: int, ensemble_size: int):
+    def __init__(self, width: int, ensemble_size: int, eps: float = 1e-5):
         super().__init__()
         self.width = width
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(ensemble_size, 1, width))
         self.bias = nn.Parameter(torch.zeros(ensemble_size, 1, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.width,)) * self.weight + self.bias
+        return F.layer_norm(x, (self.width,), eps=self.eps) * self.weight + self.bias
 
     def forward_member(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        return F.layer_norm(x, (self.width,), self.weight[member, 0], self.bias[member, 0])
+        return F.layer_norm(x, (self.width,), self.weight[member, 0], self.bias[member, 0], eps=self.eps)
 
     def forward_members(self, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.width,)) * self.weight[members] + self.bias[members]
+        return F.layer_norm(x, (self.width,), eps=self.eps) * self.weight[members] + self.bias[members]
 
 
 class Critic(nn.Module):
@@ -247,10 +257,12 @@ class Critic(nn.Module):
         hidden: Sequence[int] = (256, 256),
         layer_norm: bool = False,
         activation: str = "relu",
+        shared_head: bool = False,
+        layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.ensemble_size = ensemble_size
-        self.net = EnsembleMLP(obs_dim + action_dim, 1, ensemble_size, hidden, activation, layer_norm)
+        self.net = EnsembleMLP(obs_dim + action_dim, 1, ensemble_size, hidden, activation, layer_norm, shared_head, layer_norm_eps)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
         """(E, B) Q-values, or (len(members), B) for a subset of members."""
@@ -355,11 +367,12 @@ class TanhGaussianActor(nn.Module):
         layer_norm: bool = False,
         log_std_bounds: tuple[float, float] = (-5.0, 2.0),
         log_std_offset: float | None = None,
+        layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.max_action = max_action
         self.action_dim = action_dim
-        self.net = mlp(obs_dim, 2 * action_dim, hidden, layer_norm=layer_norm)
+        self.net = mlp(obs_dim, 2 * action_dim, hidden, layer_norm=layer_norm, layer_norm_eps=layer_norm_eps)
         self.log_std_bounds = tuple(log_std_bounds)
         if log_std_offset is not None:
             # JaxCQL / Cal-QL's TanhGaussianPolicy: log-std = m * raw + b, m and b learnt scalars (Scalar

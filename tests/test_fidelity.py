@@ -265,7 +265,7 @@ def test_final_layer_scale_is_on_the_last_hidden_layer():
 def _assert_orthogonal(weight: torch.Tensor, gain: float) -> None:
     """Semi-orthogonal times gain: the smaller Gram matrix is gain^2 I."""
     gram = weight @ weight.T if weight.shape[0] <= weight.shape[1] else weight.T @ weight
-    torch.testing.assert_close(gram, gain**2 * torch.eye(gram.shape[0]), rtol=1e-4, atol=1e-5 * max(gain**2, 1.0))
+    torch.testing.assert_close(gram / gain**2, torch.eye(gram.shape[0]), rtol=0, atol=1e-4)
 
 
 def _kernels(net):
@@ -275,6 +275,7 @@ def _kernels(net):
         if isinstance(layer, torch.nn.Linear):
             out.append([(layer.weight.detach(), layer.bias.detach())])
         elif isinstance(layer, EnsembleLinear):
+            assert not torch.equal(layer.weight[0], layer.weight[1])  # every member its own draw
             out.append(list(zip(layer.weight.detach(), layer.bias.detach())))
     return out
 
@@ -293,6 +294,7 @@ def test_calql_networks_are_the_official_jaxcql_ones():
                 assert torch.all(bias == 0)
     actor = agent.nets["actor"]
     assert actor.log_std_bounds == (-20.0, 2.0)
+    assert actor.log_std_multiplier.item() == 1.0 and actor.log_std_offset.item() == -1.0
     obs = torch.randn(512, 4)
     _, log_std = actor._mean_log_std(obs)
     assert (log_std + 1.0).abs().max() < 0.2  # std e^-1 at the start: the offset, with a 1e-2 head
@@ -310,7 +312,8 @@ def test_calql_networks_are_the_official_jaxcql_ones():
 
 def test_wsrl_recipe_networks_are_the_official_wsrl_ones():
     """zhouzypaul/wsrl leaves kernel_init_type unset (orthogonal): hidden orthogonal(sqrt 2), the last hidden
-    layer orthogonal(kernel_scale_final = 1e-2), heads orthogonal(sqrt 2), zero biases; std clipped to [1e-5, 10]."""
+    layer orthogonal(kernel_scale_final = 1e-2), heads orthogonal(sqrt 2), zero biases; std clipped to [1e-5, 10];
+    the critic's members share one Dense(1) head (only the MLP backbone is ensemblized); flax's LayerNorm eps 1e-6."""
     torch.manual_seed(0)
     agent_cfg = OmegaConf.to_container(_compose(["agent=wsrl"]).agent)
     assert agent_cfg.pop("name") == "cql"
@@ -318,14 +321,38 @@ def test_wsrl_recipe_networks_are_the_official_wsrl_ones():
     for net in (agent.nets["actor"], agent.nets["critic"]):
         layers = _kernels(net)
         gains = [math.sqrt(2)] * (len(layers) - 2) + [1e-2, math.sqrt(2)]
-        for members, gain in zip(layers, gains):
-            assert len(members) == (10 if net is agent.nets["critic"] else 1)
+        for depth, (members, gain) in enumerate(zip(layers, gains)):
+            is_head = depth == len(layers) - 1
+            assert len(members) == (10 if net is agent.nets["critic"] and not is_head else 1)
             for weight, bias in members:
                 _assert_orthogonal(weight, gain)
                 assert torch.all(bias == 0)
     low, high = agent.nets["actor"].log_std_bounds
     assert math.exp(low) == pytest.approx(1e-5, rel=1e-5) and math.exp(high) == pytest.approx(10.0, rel=1e-5)
     assert not hasattr(agent.nets["actor"], "log_std_offset")  # WSRL's "exp" parameterization has no affine
+    # the shared head: every member's Q is the same linear function of its own features
+    critic = agent.nets["critic"]
+    head = critic.net.net[-1]
+    assert isinstance(head, torch.nn.Linear) and head.weight.shape == (1, 256)
+    obs, act = torch.randn(8, 4), torch.rand(8, 2) * 2 - 1
+    features = critic.net.net[:-1](torch.cat([obs, act], -1))  # (10, 8, 256)
+    torch.testing.assert_close(critic(obs, act), (features @ head.weight.T + head.bias).squeeze(-1))
+    torch.testing.assert_close(critic(obs, act, torch.tensor([3, 7])), critic(obs, act)[[3, 7]])
+    torch.testing.assert_close(critic.q_member(obs, act, 5), critic(obs, act)[5])
+    norms = [m for m in list(critic.modules()) + list(agent.nets["actor"].modules()) if "LayerNorm" in type(m).__name__]
+    assert norms and all(m.eps == 1e-6 for m in norms)
+
+
+def test_famo2o_cql_policies_have_jaxcqls_log_std_and_the_bases_init():
+    """FamO2O jax_cql: the universal policy's log-std is m * raw + b from (1, -1), clipped to [-20, 2]
+    (FamilyTanhGaussianPolicy); an orthogonal init asked of the base reaches the universal policy too."""
+    actor = orl.make_agent("famo2o_cql", OBS, ACT).nets["actor"].actor
+    assert actor.log_std_bounds == (-20.0, 2.0) and actor.log_std_offset.item() == -1.0
+    agent = orl.make_agent("famo2o_cql", OBS, ACT, {"base": {"orthogonal_init": True, "head_scale": 0.01}})
+    *hidden, head = _kernels(agent.nets["actor"].actor)
+    for weight, _ in [m for members in hidden for m in members]:
+        _assert_orthogonal(weight, math.sqrt(2))
+    _assert_orthogonal(head[0][0], 1e-2)
 
 
 # --- 8. FamO2O-CQL: actions at s' are conditioned on the balance model's beta ----------------------
