@@ -70,7 +70,8 @@ class CQLConfig(SACConfig):
 @dataclass
 class CalQLConfig(CQLConfig):
     """Cal-QL (Nakamoto et al. 2023): CQL with the MC-return bound on policy-action Q (nakamotoo/Cal-QL).
-    Online: orl-finetune agent=calql online.buffer_mode=mix online.offline_ratio=0.5 (calibration stays on; CORL: calibrate_online=false).
+    Online: orl-finetune agent=calql online.buffer_mode=mix online.offline_ratio=0.5 online.update_schedule=episode
+    (the official loop: a trajectory, then len x utd updates; calibration stays on; CORL: calibrate_online=false).
     AntMaze: cql_lagrange=true target_action_gap=0.8 max_target_backup=true critic_hidden=[256,256,256,256]
       data.reward=scale_shift data.reward_scale=10 data.reward_shift=-5 agent.failure_reward=-5."""
 

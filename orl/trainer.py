@@ -58,6 +58,7 @@ class TrainerConfig:
     warmup_steps: int = 0  # actions from the current (pre-trained) policy, no updates (WSRL)
     learning_starts: int = 0  # no updates before this many online steps
     utd: int = 1  # agent.update calls per environment step
+    update_schedule: str = "step"  # step: utd updates after every env step | episode: len(episode) x utd after each episode (Cal-QL)
     online_batch_size: int | None = None  # e.g. WSRL's 1024 (split into critic minibatches by the agent)
     switch_log_window: int = 5000  # log 10x more often for this many online steps (Q around the switch)
     eval_at_start: bool = False  # evaluate before the first step of a fresh run (online LM runs: the starting policy's score)
@@ -77,6 +78,8 @@ class Trainer:
     ):
         if cfg.buffer_mode not in BUFFER_MODES:
             raise ConfigError(f"online.buffer_mode must be one of {BUFFER_MODES}, got {cfg.buffer_mode!r}")
+        if cfg.update_schedule not in ("step", "episode"):
+            raise ConfigError(f"online.update_schedule must be step or episode, got {cfg.update_schedule!r}")
         if cfg.offline_steps > 0 and offline is None:
             raise ConfigError("offline_steps > 0 needs an offline dataset")
         if cfg.online_steps > 0 and env_fn is None:
@@ -262,14 +265,22 @@ class Trainer:
             self.step += 1
             self._bar.update(1)
             online_step += 1
-            updating = online_step > max(cfg.learning_starts, cfg.warmup_steps) and (not self.needs_returns or self._completed > 0)
-            if updating:
+            quiet_steps = max(cfg.learning_starts, cfg.warmup_steps)
+            updating = online_step > quiet_steps and (not self.needs_returns or self._completed > 0)
+            if updating and cfg.update_schedule == "step":
                 for _ in range(cfg.utd):
                     metrics = self.agent.update(self._online_batch())
                     self._watch(metrics)
             episode_end = terminated or truncated
             if episode_end:
+                episode_length = self._episode_length
                 self._end_episode()
+                if cfg.update_schedule == "episode":
+                    # Official Cal-QL (conservative_sac_main.py): roll out a whole trajectory with the policy fixed,
+                    # then len(trajectory) x utd updates; steps inside the warm-up / learning_starts window don't count.
+                    for _ in range(min(episode_length, max(online_step - quiet_steps, 0)) * cfg.utd):
+                        metrics = self.agent.update(self._online_batch())
+                        self._watch(metrics)
             log_every = max(cfg.log_every // 10, 1) if online_step <= cfg.switch_log_window else cfg.log_every
             if self.step % log_every == 0:
                 self.check_finite()

@@ -120,3 +120,20 @@ def test_metrics_jsonl_and_tensorboard_written(tmp_path):
     assert [r["step"] for r in rows] == [10, 20, 20]
     assert "eval/normalized_mean" in rows[-1] and len(result.returns) == 2
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_episode_update_schedule_updates_after_each_episode_with_a_fixed_policy(tmp_path):
+    """online.update_schedule=episode (official Cal-QL's loop): no update inside an episode; after each one,
+    len(episode) x utd updates, not counting steps inside the learning_starts window."""
+    cfg = TrainerConfig(offline_steps=0, online_steps=500, batch_size=32, seed=0, eval_every=0, progress=False, tensorboard=False,
+                        learning_starts=50, utd=2, update_schedule="episode")
+    agent = build("sac", None)
+    trainer = Trainer(agent, tmp_path, cfg, env_fn=lambda: gym.make("Pendulum-v1"))  # 200-step episodes
+    at_step = []
+    original = agent.update
+    agent.update = lambda batch: at_step.append(trainer.step) or original(batch)
+    trainer.train()
+    # episode 1 ends at step 200: 150 countable steps x 2; episode 2 at 400: 200 x 2; the unfinished third none
+    assert {step: at_step.count(step) for step in set(at_step)} == {200: 300, 400: 400}
+    with pytest.raises(orl.errors.ConfigError, match="update_schedule"):
+        Trainer(build("sac", None), tmp_path / "bad", TrainerConfig(online_steps=10, update_schedule="epoch"), env_fn=lambda: gym.make("Pendulum-v1"))
