@@ -40,6 +40,7 @@ from orl.logger import read_metrics
 from orl.provenance import data_versions, read_provenance
 
 AGGREGATES = ("IQM", "median", "mean", "optimality gap")
+Q_WINDOW = 5000  # online steps after the first online update in which the peak mean Q is read
 
 
 @dataclass
@@ -88,6 +89,19 @@ class Run:
         start = self.offline_score
         online = [score for step, score in self.curve if self.switch_step is not None and step > self.switch_step]
         return None if start is None or not online else start - min(online)
+
+    @property
+    def q_at_switch(self) -> float | None:
+        """Mean Q on the last training batch before the switch."""
+        before = [q for step, q in self.q_mean if self.switch_step is not None and step <= self.switch_step]
+        return before[-1] if before else None
+
+    @property
+    def q_peak_online(self) -> float | None:
+        """Highest mean Q on online training batches in the Q_WINDOW steps from the first online update (a warm-up
+        without updates logs none): overestimation right after the switch shows here."""
+        after = [(step, q) for step, q in self.q_mean if self.switch_step is not None and step > self.switch_step]
+        return max(q for step, q in after if step <= after[0][0] + Q_WINDOW) if after else None
 
     @property
     def regret(self) -> float | None:
@@ -262,7 +276,8 @@ def build_report(runs: Sequence[Run], order: Sequence[str] = (), compare: Sequen
     groups = {k: v for k, v in groups.items() if v}
     per_dataset = [{"dataset": d, "agent": l, "final": [r.final for r in g], "best": [r.best for r in g], "n": len(g)} for (d, l), g in groups.items()]
     online = [{"dataset": d, "agent": l, "offline": [r.offline_score for r in g], "worst_drop": [r.worst_drop for r in g],
-               "final": [r.final for r in g], "regret": [r.regret for r in g], "n": len(g)}
+               "final": [r.final for r in g], "regret": [r.regret for r in g], "q_at_switch": [r.q_at_switch for r in g],
+               "q_peak_online": [r.q_peak_online for r in g], "n": len(g)}
               for (d, l), g in groups.items() if any(r.switch_step is not None for r in g)]
     # Aggregates over the datasets every label has (rliable needs the same tasks for a comparison).
     common = [d for d in datasets if all((d, l) in groups for l in labels)]
@@ -283,6 +298,7 @@ def build_report(runs: Sequence[Run], order: Sequence[str] = (), compare: Sequen
             "improvements": improvements,
             "runs": [{"run_dir": str(r.path), "agent": r.label, "dataset": r.dataset, "seed": r.seed, "final": r.final, "best": r.best,
                       "offline": r.offline_score, "worst_drop": r.worst_drop, "regret": r.regret, "switch_step": r.switch_step,
+                      "q_at_switch": r.q_at_switch, "q_peak_online": r.q_peak_online,
                       "data_sha256": r.data_sha256} for r in runs]}
 
 
@@ -308,10 +324,13 @@ def to_markdown(report: dict[str, Any], skipped: Sequence[str] = ()) -> str:
               for row in report["per_dataset"]]
     if report["online"]:
         lines += ["", "Offline-to-online: worst drop = offline score minus the lowest evaluation after the switch (positive: fell "
-                  "below the pre-trained agent); regret = mean over online episodes of 1 - score/100.", "",
-                  "| dataset | agent | offline score | worst drop online | after online | cumulative regret | n |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "below the pre-trained agent); regret = mean over online episodes of 1 - score/100; mean Q on training batches "
+                  f"at the switch and its peak in the {Q_WINDOW} steps from the first online update.", "",
+                  "| dataset | agent | offline score | worst drop online | after online | cumulative regret | Q at switch | peak Q online | n |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {row['dataset']} | {row['agent']} | {_mean_std(row['offline'])} | {_mean_std(row['worst_drop'])} | {_mean_std(row['final'])} "
-                  f"| {_mean_std(row['regret'], 3)} | {row['n']} |" for row in report["online"]]
+                  f"| {_mean_std(row['regret'], 3)} | {_mean_std(row.get('q_at_switch', []))} | {_mean_std(row.get('q_peak_online', []))} | {row['n']} |"
+                  for row in report["online"]]
     if report["aggregates"]:
         lines += ["", f"Aggregate over {len(report['aggregate_datasets'])} dataset(s) ({', '.join(report['aggregate_datasets'])}) with rliable: "
                   "point estimate [95% stratified-bootstrap CI]; optimality gap = mean shortfall below "

@@ -213,6 +213,21 @@ def test_offline_to_online_columns(tmp_path):
     assert not waiting.finished  # never reached the online phase
 
 
+def test_q_around_the_switch_columns(tmp_path):
+    """Q at the switch is the last offline batch's; the online peak is read in the Q_WINDOW steps from the first online
+    update, so a warm-up without updates (no Q rows) shifts the window instead of eating it."""
+    from orl.report import Q_WINDOW, build_report, load_run, to_markdown
+
+    path = fake_run(tmp_path / "w", "wsrl", "d", 0, [(1000, 40.0), (8000, 50.0)], steps=1000, online_steps=7000, switch=1000)
+    q_rows = [(900, 10.0), (1000, 12.0), (3100, 30.0), (3100 + Q_WINDOW, 25.0), (3101 + Q_WINDOW, 99.0)]  # warm-up: 1001-3099
+    with open(path / "metrics.jsonl", "a") as handle:
+        handle.writelines(json.dumps({"step": step, "train/q_mean": q}) + "\n" for step, q in q_rows)
+    run = load_run(path)
+    assert (run.q_at_switch, run.q_peak_online) == (12.0, 30.0)  # 99 is past the window
+    text = to_markdown(build_report([run], reps=10))
+    assert "| Q at switch | peak Q online |" in text and "| 12.0 ± 0.0 | 30.0 ± 0.0 |" in text
+
+
 def test_a_results_only_run_is_skipped_and_an_unfinished_one_is_not(tmp_path):
     from orl.apps.runs import finished_run
 
