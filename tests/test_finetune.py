@@ -23,7 +23,9 @@ def _penalty(agent, batch, seed=0):
 
 def test_calql_bound_touches_only_policy_actions():
     torch.manual_seed(0)
-    cql = orl.make_agent("cql", OBS, ACT, {"cql_n_actions": 4})
+    # CQL with Cal-QL's networks (JaxCQL's), so the only difference left is the calibration
+    networks = {"orthogonal_init": True, "head_scale": 0.01, "actor_log_std_bounds": (-20.0, 2.0), "actor_log_std_offset": -1.0}
+    cql = orl.make_agent("cql", OBS, ACT, {"cql_n_actions": 4, **networks})
     calql = orl.make_agent("calql", OBS, ACT, {"cql_n_actions": 4})
     calql.nets.load_state_dict(cql.nets.state_dict())
     batch = make_batch(n=8)
