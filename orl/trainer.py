@@ -60,7 +60,7 @@ class TrainerConfig:
     utd: int = 1  # agent.update calls per environment step
     update_schedule: str = "step"  # step: utd updates after every env step | episode: len(episode) x utd after each episode (Cal-QL)
     online_batch_size: int | None = None  # e.g. WSRL's 1024 (split into critic minibatches by the agent)
-    switch_log_window: int = 5000  # log 10x more often for this many online steps (Q around the switch)
+    switch_log_window: int = 5000  # log 10x more often for this many online steps from the first update (Q around the switch)
     eval_at_start: bool = False  # evaluate before the first step of a fresh run (online LM runs: the starting policy's score)
 
 
@@ -272,16 +272,23 @@ class Trainer:
                     metrics = self.agent.update(self._online_batch())
                     self._watch(metrics)
             episode_end = terminated or truncated
+            episode_steps = self._episode_length
             if episode_end:
-                episode_length = self._episode_length
                 self._end_episode()
-                if cfg.update_schedule == "episode":
-                    # Official Cal-QL (conservative_sac_main.py): roll out a whole trajectory with the policy fixed,
-                    # then len(trajectory) x utd updates; steps inside the warm-up / learning_starts window don't count.
-                    for _ in range(min(episode_length, max(online_step - quiet_steps, 0)) * cfg.utd):
+            if cfg.update_schedule == "episode" and (episode_end or self.step == self.total_steps):
+                # Official Cal-QL (conservative_sac_main.py): roll out a whole trajectory with the policy fixed, then
+                # len(trajectory) x utd updates; steps inside the warm-up / learning_starts window don't count. The run's
+                # unfinished last episode gets its updates before the final evaluation (the official loop finishes the
+                # trajectory it is in and trains on it).
+                burst = min(episode_steps, max(online_step - quiet_steps, 0)) * cfg.utd
+                if burst and (not self.needs_returns or self._completed > 0):
+                    for _ in range(burst):
                         metrics = self.agent.update(self._online_batch())
                         self._watch(metrics)
-            log_every = max(cfg.log_every // 10, 1) if online_step <= cfg.switch_log_window else cfg.log_every
+                    self.logger.log(self.step, {**metrics, "updates": burst}, "train/")  # once per burst
+                metrics = {}  # not repeated in the periodic rows below, which a resumed run could not repeat
+            # 10x denser logging for the first switch_log_window steps of updates (after any warm-up)
+            log_every = max(cfg.log_every // 10, 1) if online_step <= quiet_steps + cfg.switch_log_window else cfg.log_every
             if self.step % log_every == 0:
                 self.check_finite()
                 warmup_left = max(cfg.warmup_steps - online_step, 0)

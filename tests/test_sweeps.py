@@ -214,18 +214,24 @@ def test_offline_to_online_columns(tmp_path):
 
 
 def test_q_around_the_switch_columns(tmp_path):
-    """Q at the switch is the last offline batch's; the online peak is read in the Q_WINDOW steps from the first online
-    update, so a warm-up without updates (no Q rows) shifts the window instead of eating it."""
+    """Q at the switch is the last offline batch's; the online peak is the highest 1000-step average in the Q_WINDOW steps
+    from the first online update, so a warm-up without updates (no Q rows) shifts the window instead of eating it, and
+    a densely logged noisy stretch does not beat a steadily higher one."""
     from orl.report import Q_WINDOW, build_report, load_run, to_markdown
 
     path = fake_run(tmp_path / "w", "wsrl", "d", 0, [(1000, 40.0), (8000, 50.0)], steps=1000, online_steps=7000, switch=1000)
-    q_rows = [(900, 10.0), (1000, 12.0), (3100, 30.0), (3100 + Q_WINDOW, 25.0), (3101 + Q_WINDOW, 99.0)]  # warm-up: 1001-3099
+    q_rows = [(900, 10.0), (1000, 12.0), (3100, 30.0), (3200, 36.0), (3300, 0.0),  # warm-up 1001-3099; first bin averages 22
+              (5100, 24.0), (5600, 26.0), (3100 + Q_WINDOW, 27.0), (3101 + Q_WINDOW, 99.0)]  # bin 2: 25; bin 5: 27; 99 is outside
     with open(path / "metrics.jsonl", "a") as handle:
         handle.writelines(json.dumps({"step": step, "train/q_mean": q}) + "\n" for step, q in q_rows)
     run = load_run(path)
-    assert (run.q_at_switch, run.q_peak_online) == (12.0, 30.0)  # 99 is past the window
+    assert (run.q_at_switch, run.q_peak_online) == (12.0, 27.0)
     text = to_markdown(build_report([run], reps=10))
-    assert "| Q at switch | peak Q online |" in text and "| 12.0 ± 0.0 | 30.0 ± 0.0 |" in text
+    assert "| Q at switch | peak Q online |" in text and "| 12.0 ± 0.0 | 27.0 ± 0.0 |" in text
+    scratch = fake_run(tmp_path / "s", "sac", "d", 0, [(1000, 40.0)], steps=0, online_steps=1000, switch=0)
+    with open(scratch / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 500, "train/q_mean": 3.0}) + "\n")
+    assert (load_run(scratch).q_at_switch, load_run(scratch).q_peak_online) == (None, None)  # no switch: no columns
 
 
 def test_a_results_only_run_is_skipped_and_an_unfinished_one_is_not(tmp_path):

@@ -133,7 +133,28 @@ def test_episode_update_schedule_updates_after_each_episode_with_a_fixed_policy(
     original = agent.update
     agent.update = lambda batch: at_step.append(trainer.step) or original(batch)
     trainer.train()
-    # episode 1 ends at step 200: 150 countable steps x 2; episode 2 at 400: 200 x 2; the unfinished third none
-    assert {step: at_step.count(step) for step in set(at_step)} == {200: 300, 400: 400}
+    # episode 1 ends at step 200: 150 countable steps x 2; episode 2 at 400: 200 x 2; the unfinished third's 100
+    # steps get theirs at the last step, before the final evaluation
+    assert {step: at_step.count(step) for step in set(at_step)} == {200: 300, 400: 400, 500: 200}
+    bursts = [row for row in read_metrics(tmp_path) if "train/updates" in row]
+    assert [(row["step"], row["train/updates"]) for row in bursts] == [(200, 300), (400, 400), (500, 200)]
+    assert all("train/q_mean" in row for row in bursts)
+    # the agent's metrics are logged once per burst, not repeated in the periodic rows (a resumed run could not repeat them)
+    assert not any("train/q_mean" in row for row in read_metrics(tmp_path) if "train/updates" not in row)
     with pytest.raises(orl.errors.ConfigError, match="update_schedule"):
         Trainer(build("sac", None), tmp_path / "bad", TrainerConfig(online_steps=10, update_schedule="epoch"), env_fn=lambda: gym.make("Pendulum-v1"))
+
+
+def test_online_resume_equals_uninterrupted_with_episode_updates(tmp_path):
+    cfg = TrainerConfig(offline_steps=0, online_steps=700, batch_size=32, seed=1, eval_every=350, eval_episodes=1, log_every=50,
+                        checkpoint_every=200, progress=False, tensorboard=False, random_steps=150, learning_starts=150,
+                        update_schedule="episode")
+    env_fn = lambda: gym.make("Pendulum-v1")  # noqa: E731
+    Trainer(build("sac", None), tmp_path / "full", cfg, env_fn=env_fn).train()
+    agent = build("sac", None)
+    interrupt_at(agent, 300)  # bursts of 50 (step 200) and 200 (step 400); the third, at step 600, is interrupted
+    with pytest.raises(Interrupt):
+        Trainer(agent, tmp_path / "resumed", cfg, env_fn=env_fn).train()
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 400
+    Trainer(build("sac", None), tmp_path / "resumed", cfg, env_fn=env_fn).train(resume=True)
+    assert read_metrics(tmp_path / "resumed") == read_metrics(tmp_path / "full")
