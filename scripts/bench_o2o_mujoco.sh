@@ -3,8 +3,8 @@
 # (the collected datasets whose offline scores leave the most room), 10k offline gradient steps then the same 20k
 # environment steps for every method, 3 seeds; settings in configs/experiment/o2o_mujoco/. Seed-major, so an
 # interrupted queue leaves every dataset with the same seeds; re-running skips finished runs and resumes others.
-# Cost on one CPU core (2-core EPYC, 2026-12-02): Cal-QL and WSRL's CQL pre-training do 8.5 GFLOP per update
-# (3.8 updates/s), so one Cal-QL or WSRL run takes about 2 hours and the grid about 25 core-hours.
+# Cost, measured 2026-12-02 with two runs sharing a 2-core EPYC: IQL 8-13 min, Cal-QL ~75 min, WSRL ~80 min per run,
+# so the grid is about 16 core-hours (docs/results.md "Offline-to-online on MuJoCo").
 # Extra arguments are passed to every run (e.g. device=cuda).
 #   bash scripts/bench_o2o_mujoco.sh && orl-report results/o2o_mujoco --order iql calql wsrl
 set -x
