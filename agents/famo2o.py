@@ -51,11 +51,11 @@ from torch import nn
 from orl.agents.awac import AWAC, AWACConfig
 from orl.agents.cql import CQL, CQLConfig
 from orl.agents.iql import IQL, IQLConfig
-from orl.agents.sac import initialize
+from orl.agents.sac import initialize, tanh_actor
 from orl.errors import ConfigError
 from orl.agent import Agent, build_config, register
 from orl.buffer import Batch
-from orl.nn import GaussianActor, TanhGaussianActor, cosine_to_floor, evaluating, frozen, make_optimizer, mlp, soft_update
+from orl.nn import GaussianActor, cosine_to_floor, evaluating, frozen, make_optimizer, mlp, soft_update
 
 
 def sinusoidal_embedding(beta: torch.Tensor, dim: int = 6, base: float = 10000.0) -> torch.Tensor:
@@ -236,8 +236,7 @@ class FamO2O(Agent):
         in_dim = self.obs_dim + self.cfg.embedding_dim
         base_actor = self.base.nets["actor"]
         if isinstance(self.base, CQL):
-            actor = TanhGaussianActor(in_dim, self.action_dim, base_cfg.actor_hidden, self.max_action, base_cfg.layer_norm,
-                                      tuple(base_cfg.actor_log_std_bounds), base_cfg.actor_log_std_offset, base_cfg.layer_norm_eps)
+            actor = tanh_actor(in_dim, self.action_dim, self.max_action, base_cfg)
             initialize(actor, base_cfg)
             return actor
         return GaussianActor(in_dim, self.action_dim, base_cfg.hidden, self.max_action, getattr(base_cfg, "actor_dropout", 0.0),

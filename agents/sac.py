@@ -57,6 +57,12 @@ class SACConfig:
     online_critic_minibatches: int = 1  # WSRL fine-tuning: 4 critic minibatches from one batch of 1024
 
 
+def tanh_actor(in_dim: int, action_dim: int, max_action: float, cfg: SACConfig) -> TanhGaussianActor:
+    """The policy network `cfg` describes (SAC's, and FamO2O-CQL's universal policy on [s, emb(beta)]), before `initialize`."""
+    return TanhGaussianActor(in_dim, action_dim, cfg.actor_hidden, max_action, cfg.layer_norm, tuple(cfg.actor_log_std_bounds),
+                             cfg.actor_log_std_offset, cfg.layer_norm_eps)
+
+
 def initialize(net: nn.Module, cfg: SACConfig) -> None:
     """The configured init on top of PyTorch's default: the official JAX codes' orthogonal one, then the last
     hidden layer's scale (WSRL)."""
@@ -76,8 +82,7 @@ class SAC(Agent):
             raise ValueError(f"actor_q_reduce must be min or mean, got {cfg.actor_q_reduce!r}")
         if cfg.head_scale is not None and not cfg.orthogonal_init:
             raise ValueError("head_scale is the gain of an orthogonal init: set orthogonal_init=true with it, or head_scale=null")
-        self.nets["actor"] = TanhGaussianActor(self.obs_dim, self.action_dim, cfg.actor_hidden, self.max_action, cfg.layer_norm,
-                                               tuple(cfg.actor_log_std_bounds), cfg.actor_log_std_offset, cfg.layer_norm_eps).to(self.device)
+        self.nets["actor"] = tanh_actor(self.obs_dim, self.action_dim, self.max_action, cfg).to(self.device)
         self.nets["critic"] = Critic(self.obs_dim, self.action_dim, cfg.ensemble_size, cfg.critic_hidden, cfg.layer_norm,
                                      shared_head=cfg.critic_shared_head, layer_norm_eps=cfg.layer_norm_eps).to(self.device)
         for net in (self.nets["actor"], self.nets["critic"]):

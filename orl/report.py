@@ -338,7 +338,7 @@ def to_markdown(report: dict[str, Any], skipped: Sequence[str] = ()) -> str:
                   "| dataset | agent | offline score | worst drop online | after online | cumulative regret | Q at switch | peak Q online | n |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {row['dataset']} | {row['agent']} | {_mean_std(row['offline'])} | {_mean_std(row['worst_drop'])} | {_mean_std(row['final'])} "
-                  f"| {_mean_std(row['regret'], 3)} | {_mean_std(row.get('q_at_switch', []))} | {_mean_std(row.get('q_peak_online', []))} | {row['n']} |"
+                  f"| {_mean_std(row['regret'], 3)} | {_mean_std(row['q_at_switch'])} | {_mean_std(row['q_peak_online'])} | {row['n']} |"
                   for row in report["online"]]
     if report["aggregates"]:
         lines += ["", f"Aggregate over {len(report['aggregate_datasets'])} dataset(s) ({', '.join(report['aggregate_datasets'])}) with rliable: "
@@ -347,7 +347,7 @@ def to_markdown(report: dict[str, Any], skipped: Sequence[str] = ()) -> str:
                   "| agent | IQM | median | mean | optimality gap |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {label} | " + " | ".join(_ci(*values[name], scale=scale) for name in AGGREGATES) + " |"
                   for label, values in report["aggregates"].items()]
-        lines += ["", _aggregate_runs_note(report.get("aggregate_runs", {}))]
+        lines += ["", _aggregate_runs_note(report["aggregate_runs"])]
     if report["improvements"]:
         lines += ["", "| comparison | probability of improvement [95% CI] |", "|---|---:|"]
         lines += [f"| P({key}) | {p:.2f} [{low:.2f}, {high:.2f}] |" for key, (p, low, high) in report["improvements"].items()]
