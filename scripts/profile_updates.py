@@ -29,13 +29,15 @@ from orl.provenance import software
 
 def fixed_batch(obs_dim: int, action_dim: int, size: int = 256) -> Batch:
     g = torch.Generator().manual_seed(0)
+    # returns_to_go: Cal-QL's bound reads it; the other agents ignore it
     return Batch(obs=torch.randn(size, obs_dim, generator=g), actions=torch.rand(size, action_dim, generator=g) * 2 - 1,
-                 rewards=torch.randn(size, generator=g), next_obs=torch.randn(size, obs_dim, generator=g), terminals=torch.zeros(size))
+                 rewards=torch.randn(size, generator=g), next_obs=torch.randn(size, obs_dim, generator=g), terminals=torch.zeros(size),
+                 returns_to_go=torch.randn(size, generator=g) * 10)
 
 
-def measure(name: str, batch: Batch, updates: int, obs_space, action_space) -> dict:
+def measure(name: str, batch: Batch, updates: int, obs_space, action_space, warmup: int = 20) -> dict:
     agent = orl.make_agent(name, obs_space, action_space)
-    for _ in range(20):  # warm-up
+    for _ in range(warmup):
         agent.update(batch)
     flops = 0
     for _ in range(2):  # agents with a delayed actor step alternate between two kinds of update
@@ -55,10 +57,11 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=300)
     parser.add_argument("--obs-dim", type=int, default=11)  # Hopper
     parser.add_argument("--action-dim", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (orl's runs default to 1)")
     parser.add_argument("--profile", default=None, help="an agent to run under cProfile (100 updates)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     obs_space = gym.spaces.Box(-np.inf, np.inf, (args.obs_dim,), np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (args.action_dim,), np.float32)
     batch = fixed_batch(args.obs_dim, args.action_dim)

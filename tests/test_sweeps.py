@@ -305,3 +305,22 @@ def test_compare_d3rlpy_report_pairs_seeds_gives_a_verdict_and_flags_mixed_data(
     (tmp_path / "orl-bc-0.json").write_text(json.dumps({**record, "data_sha256": "b" * 64}))
     compare.report(tmp_path)
     assert "the runs on d trained on 2 different datasets" in capsys.readouterr().err
+
+
+def test_profile_updates_measures_calql_and_counts_the_cql_work():
+    """scripts/profile_updates.py (docs/speed.md) runs Cal-QL, whose bound needs returns-to-go in the batch, and its
+    flop count is CQL's: 3 x 10 sampled actions per state through the 2 critics make CQL ~20x TD3+BC's work."""
+    import importlib.util
+
+    import gymnasium as gym
+
+    spec = importlib.util.spec_from_file_location("profile_updates", Path(__file__).resolve().parent.parent / "scripts" / "profile_updates.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    obs_space = gym.spaces.Box(-np.inf, np.inf, (11,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    batch = script.fixed_batch(11, 3)
+    rows = {name: script.measure(name, batch, 1, obs_space, action_space, warmup=1) for name in ("td3bc", "cql", "calql")}
+    assert rows["calql"]["gflop_per_update"] == rows["cql"]["gflop_per_update"] == pytest.approx(8.525, abs=1e-3)
+    assert rows["td3bc"]["gflop_per_update"] == pytest.approx(0.404, abs=1e-3)
+    assert all(row["updates_per_s"] > 0 for row in rows.values())
