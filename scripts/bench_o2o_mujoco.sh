@@ -4,9 +4,9 @@
 # environment steps for every method, 3 seeds; settings in configs/experiment/o2o_mujoco/. Seed-major, so an
 # interrupted queue leaves every dataset with the same seeds; re-running skips finished runs and resumes others.
 # Cost, measured 2026-12-02 with two runs sharing a 2-core EPYC of family 26: IQL 8-13 min, Cal-QL ~75 min, WSRL ~80 min
-# per run, so the grid is about 16 core-hours; on family 25 (Zen 3) a Cal-QL run is an estimated ~2.3 h on one core, and WSRL ~105 min
-# with threads=2 (docs/results.md "Offline-to-online on MuJoCo", docs/speed.md). On a fresh machine, collect the datasets
-# first (docs/results.md "Datasets and checksums") and check them with scripts/check_datasets.py.
+# per run, so the grid is about 16 core-hours; on family 25 (Zen 3) a Cal-QL run is an estimated ~2.3 h on one core,
+# and WSRL took 104 min with threads=2 (docs/results.md "Offline-to-online on MuJoCo", docs/speed.md). On a fresh
+# machine, collect the datasets first (docs/results.md "Datasets and checksums"); scripts/check_datasets.py checks them.
 # Extra arguments are passed to every run (e.g. device=cuda).
 #   bash scripts/bench_o2o_mujoco.sh && orl-report results/o2o_mujoco --order iql calql wsrl
 set -x

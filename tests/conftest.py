@@ -1,11 +1,22 @@
+import importlib.util
 import os
 import sys
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+def load_script(name: str) -> ModuleType:
+    """Import scripts/<name>.py (scripts are not a package) so a test can call its functions."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 try:
     # rliable (orl-report) imports absl.logging, whose handler keeps the sys.stderr of the moment (here pytest's

@@ -4,7 +4,6 @@ train the same agent. The only keys that may differ are the generator's wired on
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +13,13 @@ from omegaconf import OmegaConf
 
 from orl.agent import AGENTS, _import_agents, agent_class, build_config
 from orl.apps.cli import CONFIG_DIR  # also registers the ${offline_only:...} resolver
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_DIR = ROOT / "configs" / "agent"
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("gen_agent_configs", ROOT / "scripts" / "gen_agent_configs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-GEN = _load_generator()
+GEN = load_script("gen_agent_configs")
 _import_agents()
 REPO_AGENTS = sorted(name for name, cls in AGENTS.items() if cls.__module__.startswith("orl.agents."))
 WITH_YAML = sorted(name for name in AGENTS if (AGENT_DIR / f"{name}.yaml").exists())

@@ -17,7 +17,7 @@ from orl.apps.cli import CONFIG_DIR, run_train
 from orl.data import OfflineDataset
 from orl.nn import EnsembleLinear
 from orl.trainer import Trainer
-from tests.conftest import random_pendulum_arrays
+from tests.conftest import load_script, random_pendulum_arrays
 from tests.test_nets_and_losses import ACT, OBS, make_batch
 
 
@@ -130,12 +130,7 @@ def test_wsrl_pretraining_does_not_split_batches():
 
 
 def test_bench_updates_times_the_wsrl_recipe():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_updates", Path(__file__).parent.parent / "scripts" / "bench_updates.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_updates")
     cfg = _compose(["agent=wsrl"], "finetune")
     name, options = _agent_options(cfg)
     assert bench.RECIPES["wsrl_pretrain"] == (name, options, 256, False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import random_pendulum_arrays
+from tests.conftest import load_script, random_pendulum_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["env=Pendulum-v1", "ref_min_score=-1500", "ref_max_score=0", "steps=20", "eval.every=10", "eval.episodes=1",
@@ -286,11 +286,7 @@ def test_prefs_table_reads_tagged_sweeps_reward_models_and_bc_at_the_same_step(t
 
 
 def test_compare_d3rlpy_report_pairs_seeds_gives_a_verdict_and_flags_mixed_data(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_d3rlpy", Path(__file__).resolve().parent.parent / "scripts" / "compare_d3rlpy.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = load_script("compare_d3rlpy")
     scores = {("orl", "bc"): [50.0, 52.0], ("d3rlpy", "bc"): [49.0, 51.0], ("orl", "iql"): [40.0, 42.0], ("d3rlpy", "iql"): [60.0, 61.0]}
     for (library, agent), values in scores.items():
         for seed, value in enumerate(values):
@@ -310,13 +306,9 @@ def test_compare_d3rlpy_report_pairs_seeds_gives_a_verdict_and_flags_mixed_data(
 def test_profile_updates_measures_calql_and_counts_the_cql_work():
     """scripts/profile_updates.py (docs/speed.md) runs Cal-QL, whose bound needs returns-to-go in the batch, and its
     flop count is CQL's: 3 x 10 sampled actions per state through the 2 critics make CQL ~20x TD3+BC's work."""
-    import importlib.util
-
     import gymnasium as gym
 
-    spec = importlib.util.spec_from_file_location("profile_updates", Path(__file__).resolve().parent.parent / "scripts" / "profile_updates.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("profile_updates")
     obs_space = gym.spaces.Box(-np.inf, np.inf, (11,), np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
     batch = script.fixed_batch(11, 3)
