@@ -7,6 +7,10 @@ orl collects its MuJoCo datasets itself (`orl-collect`), and a collection made o
 other torch/MuJoCo builds is other data. results/datasets.json holds the sha256 (as orl loads the arrays) of
 every dataset the README's tables use; this script recomputes them here and says, per dataset, MATCH,
 DIFFERENT or MISSING. Exit status 1 when any differs or is missing.
+
+A DIFFERENT dataset may still be a recorded collection: the other `datasets*.json` files beside --file hold the
+checksums of collections made on other processors (e.g. results/datasets_xeon.json, the data of
+results/o2o_mujoco_xeon/), and the script names the one it matches, so its runs can be extended instead.
 """
 from __future__ import annotations
 
@@ -51,6 +55,8 @@ def main() -> int:
         print(f"wrote {args.file}")
         return 0
     recorded = json.loads(Path(args.file).read_text())["datasets"]
+    others = {(path.relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path): json.loads(path.read_text())["datasets"] for path in sorted(Path(args.file).resolve().parent.glob("datasets*.json"))
+              if path.resolve() != Path(args.file).resolve()}
     status = 0
     for name, found in local.items():
         if found is None:
@@ -65,6 +71,9 @@ def main() -> int:
         else:
             print(f"{name}: DIFFERENT (here {found['sha256'][:12]}, {found['transitions']} transitions, expert {found['ref_max_score']:.0f}; "
                   f"README {expected['sha256'][:12]}, {expected['transitions']}, expert {expected['ref_max_score']:.0f})")
+            for path, datasets in others.items():
+                if datasets.get(name, {}).get("sha256") == found["sha256"]:
+                    print(f"  {name} is the collection recorded in {path} (MATCH there)")
             status = 1
     return status
 

@@ -90,6 +90,12 @@ def test_check_datasets_script_says_match_or_different(tmp_path):
     _pendulum_file(data, seed=1)  # collected again elsewhere: other arrays under the same name
     other = subprocess.run(script, cwd=root, capture_output=True, text=True)
     assert other.returncode == 1 and f"{data}: DIFFERENT" in other.stdout
+    assert "is the collection recorded in" not in other.stdout
+    # the other machine's collection, recorded beside the README's: the script names it
+    recorded_elsewhere = tmp_path / "datasets_other.json"
+    assert subprocess.run(script[:3] + [str(recorded_elsewhere)] + script[4:] + ["--record"], cwd=root).returncode == 0
+    named = subprocess.run(script, cwd=root, capture_output=True, text=True)
+    assert named.returncode == 1 and f"{data} is the collection recorded in {recorded_elsewhere} (MATCH there)" in named.stdout
     data.unlink()
     assert "MISSING" in subprocess.run(script, cwd=root, capture_output=True, text=True).stdout
 
