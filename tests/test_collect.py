@@ -170,3 +170,25 @@ def test_overwrite_swaps_in_new_datasets_only_after_success(tmp_path, monkeypatc
     assert not (tmp_path / "work" / ".orl-overwrite").exists()
     assert not any(p.name.endswith(".orl-overwrite") for p in tmp_path.iterdir())
     collect(_tiny(tmp_path, sac_steps=600))  # the new collection is now the one settings are checked against
+
+
+def test_a_misspelt_or_missing_collected_id_names_the_fix(collected_env, monkeypatch):
+    """A hydra sweep's directory spells orl/pendulum/medium-v0 as orl-pendulum-medium-v0; copying it back as
+    dataset= used to end in 'run `minari download`', which cannot fetch an orl/ id: they are collected."""
+    import socket
+
+    from orl.data import DatasetError
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(DatasetError, match=r"Did you mean dataset=orl/pendulum/medium-v0\?"):
+        make_dataset("orl-pendulum-medium-v0")
+    with pytest.raises(DatasetError, match=r"run `orl-collect env=HalfCheetah-v5`") as missing:
+        make_dataset("orl/halfcheetah/medium-v0")
+    assert "minari download" not in str(missing.value)
+    # another namespace is other data: no suggestion of the local orl/ id, the hub's advice instead
+    with pytest.raises(DatasetError, match=r"minari download mujoco/pendulum/medium-v0") as hub:
+        make_dataset("mujoco/pendulum/medium-v0")
+    assert "Did you mean" not in str(hub.value)
