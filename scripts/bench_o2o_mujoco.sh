@@ -9,10 +9,23 @@
 # machine, collect the datasets first (docs/results.md "Datasets and checksums"); scripts/check_datasets.py checks them.
 # Extra arguments are passed to every run (e.g. device=cuda).
 #   bash scripts/bench_o2o_mujoco.sh && orl-report results/o2o_mujoco --order iql calql wsrl
-set -x
+# COLLECTION=xeon runs the grid on the Intel Xeon collection instead (results/datasets_xeon.json), whose two datasets
+# are committed in results/o2o_mujoco_xeon/datasets.tgz: any processor can run it, without collecting. They are
+# unpacked into data/minari-xeon (never ~/.minari) and checked against their checksums; runs go to results/o2o_mujoco_xeon.
+#   COLLECTION=xeon bash scripts/bench_o2o_mujoco.sh && orl-report results/o2o_mujoco_xeon --order iql calql wsrl
+set -ex
 cd "$(dirname "$0")/.."
 B=${ORL_FINETUNE:-.venv/bin/orl-finetune}
+SWEEP=results/o2o_mujoco
+if [ "${COLLECTION:-}" = xeon ]; then
+  mkdir -p data/minari-xeon
+  tar xzf results/o2o_mujoco_xeon/datasets.tgz -C data/minari-xeon
+  export MINARI_DATASETS_PATH=$PWD/data/minari-xeon
+  ${PYTHON:-.venv/bin/python} scripts/check_datasets.py --file results/datasets_xeon.json \
+    --datasets orl/hopper/medium-v0 orl/halfcheetah/medium-replay-v0
+  SWEEP=results/o2o_mujoco_xeon
+fi
 for seed in 0 1 2; do
   $B -m +experiment=o2o_mujoco/iql,o2o_mujoco/calql,o2o_mujoco/wsrl dataset=orl/hopper/medium-v0,orl/halfcheetah/medium-replay-v0 \
-    seed=$seed log.progress=false hydra.sweep.dir=results/o2o_mujoco "$@"
+    seed=$seed log.progress=false hydra.sweep.dir=$SWEEP "$@"
 done

@@ -1,5 +1,8 @@
 """Provenance: every run records the data it trained on, and orl-report says when one dataset name hides two datasets."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +81,6 @@ def test_report_warns_when_runs_of_one_dataset_trained_on_different_data(tmp_pat
 
 
 def test_check_datasets_script_says_match_or_different(tmp_path):
-    import subprocess
-    import sys
-
     data = _pendulum_file(tmp_path / "data.npz", seed=0)
     script = [sys.executable, "scripts/check_datasets.py", "--file", str(tmp_path / "datasets.json"), "--datasets", str(data)]
     root = Path(__file__).resolve().parent.parent
@@ -157,3 +157,29 @@ def test_a_text_run_resumed_with_other_held_out_rows_is_refused(tmp_path):
     write_provenance(tmp_path, data, "cpu", 10)  # same split: fine
     with pytest.raises(DataError, match="held out 2 rows .* other ones"):
         write_provenance(tmp_path, {**data, "held_out_rows": [2, 7, 9]}, "cpu", 20)
+
+
+def test_the_committed_intel_collection_unpacks_to_its_recorded_checksums_and_feeds_the_o2o_grid(tmp_path):
+    """COLLECTION=xeon bash scripts/bench_o2o_mujoco.sh runs the o2o grid on the datasets committed in
+    results/o2o_mujoco_xeon/datasets.tgz: unpacked beside the script (never ~/.minari), checked against
+    results/datasets_xeon.json, and every run reads them and writes to results/o2o_mujoco_xeon."""
+    import shutil
+
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "scripts").mkdir()
+    for name in ("bench_o2o_mujoco.sh", "check_datasets.py"):
+        shutil.copy(repo / "scripts" / name, tmp_path / "scripts" / name)
+    (tmp_path / "results").symlink_to(repo / "results")
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake_finetune"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$MINARI_DATASETS_PATH $*" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "COLLECTION": "xeon", "ORL_FINETUNE": str(fake), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(tmp_path / "scripts" / "bench_o2o_mujoco.sh")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count(": MATCH") == 2, out.stdout
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 3  # one sweep per seed
+    for seed, line in enumerate(lines):
+        assert line.startswith(f"{tmp_path / 'data' / 'minari-xeon'} ")
+        assert f"seed={seed}" in line and "hydra.sweep.dir=results/o2o_mujoco_xeon" in line
