@@ -343,30 +343,32 @@ def minari_hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _how_to_get(dataset_id: str, local: list[str]) -> str:
-    """The fix for a missing Minari id: a near-miss of a local id (a hydra sweep's directory spells
-    `orl/hopper/medium-v0` as `orl-hopper-medium-v0`), orl-collect for the `orl/` ids it makes, else the hub."""
-    import difflib
-
-    # Another namespace is other data (mujoco/hopper/medium-v0 is not orl/hopper/medium-v0): suggest within one.
-    namespace = dataset_id.split("/")[0] + "/" if "/" in dataset_id else ""
-    close = difflib.get_close_matches(dataset_id, [id_ for id_ in local if id_.startswith(namespace)], n=1, cutoff=0.8)
-    if close:
-        return f"Did you mean dataset={close[0]}?"
-    if dataset_id.startswith("orl/"):
-        return (f"orl/ datasets are collected on this machine, not downloaded: run `orl-collect env={_env_of(dataset_id)}` "
-                "(docs/results.md, \"Datasets and checksums\"), or give a path ending in .npz/.hdf5.")
+    """The fix for a missing Minari id: the local id it respells (a hydra sweep's directory writes
+    `orl/hopper/medium-v0` as `orl-hopper-medium-v0`), orl-collect for the `orl` ids it makes, else the hub.
+    Only an exact respelling is suggested: a near-miss is usually another level of the same env, i.e. other data."""
+    respelt = [id_ for id_ in local if id_.replace("/", "-") == dataset_id.replace("/", "-")]
+    if respelt:
+        return f"Did you mean dataset={respelt[0]}?"
+    if dataset_id.startswith(("orl/", "orl-")):
+        return (f"orl datasets (spelled orl/<env>/<level>-v0) are collected on this machine, not downloaded: run "
+                f"`orl-collect env={_env_of(dataset_id)}` (docs/results.md, \"Datasets and checksums\"), or give a path "
+                "ending in .npz/.hdf5.")
     return (f"Run `minari download {dataset_id}` on a machine with internet (and copy ~/.minari/datasets), or give a path "
             "ending in .npz/.hdf5.")
 
 
 def _env_of(dataset_id: str) -> str:
-    """The newest gymnasium id whose lower-cased name is the id's middle part (`orl/halfcheetah/...` -> HalfCheetah-v5)."""
+    """The newest registered gymnasium env whose lower-cased name is the id's env part
+    (`orl/halfcheetah/medium-v0` -> HalfCheetah-v5), as orl-collect names its datasets."""
     import gymnasium
 
-    parts = dataset_id.split("/")
-    slug = parts[1] if len(parts) == 3 else ""
-    matches = [env_id for env_id in gymnasium.registry if re.sub(r"-v\d+$", "", env_id).lower().replace("/", "-") == slug]
-    return max(matches, key=lambda env_id: int(env_id.rsplit("-v", 1)[-1])) if matches else "<gymnasium env id>"
+    parts = dataset_id.split("/") if "/" in dataset_id else dataset_id.split("-")
+    slug = parts[1] if len(parts) >= 3 else ""
+    matches = [spec for spec in gymnasium.registry.values()
+               if (f"{spec.namespace}-{spec.name}" if spec.namespace else spec.name).lower() == slug]
+    if not matches:
+        return "<gymnasium env id>"
+    return max(matches, key=lambda spec: -1 if spec.version is None else spec.version).id
 
 
 def _load_minari(dataset_id: str, download: bool) -> OfflineDataset:

@@ -177,6 +177,8 @@ def test_a_misspelt_or_missing_collected_id_names_the_fix(collected_env, monkeyp
     dataset= used to end in 'run `minari download`', which cannot fetch an orl/ id: they are collected."""
     import socket
 
+    import gymnasium
+
     from orl.data import DatasetError
 
     def unreachable(*args, **kwargs):
@@ -185,9 +187,21 @@ def test_a_misspelt_or_missing_collected_id_names_the_fix(collected_env, monkeyp
     monkeypatch.setattr(socket, "create_connection", unreachable)
     with pytest.raises(DatasetError, match=r"Did you mean dataset=orl/pendulum/medium-v0\?"):
         make_dataset("orl-pendulum-medium-v0")
-    with pytest.raises(DatasetError, match=r"run `orl-collect env=HalfCheetah-v5`") as missing:
-        make_dataset("orl/halfcheetah/medium-v0")
-    assert "minari download" not in str(missing.value)
+    # another level is other data, however close its name: no suggestion, the collection's advice instead
+    with pytest.raises(DatasetError, match=r"run `orl-collect env=Pendulum-v1`") as other_level:
+        make_dataset("orl/pendulum/medium-v1")
+    assert "Did you mean" not in str(other_level.value)
+    for missing_id in ("orl/halfcheetah/medium-v0", "orl-halfcheetah-medium-v0"):  # the sweep spelling too
+        with pytest.raises(DatasetError, match=r"run `orl-collect env=HalfCheetah-v5`") as missing:
+            make_dataset(missing_id)
+        assert "minari download" not in str(missing.value)
+    # an unversioned registration (a plugin's) has no -vN to parse: still one message, naming it
+    gymnasium.register(id="OrlProbe", entry_point="gymnasium.envs.classic_control:PendulumEnv")
+    try:
+        with pytest.raises(DatasetError, match=r"run `orl-collect env=OrlProbe`"):
+            make_dataset("orl/orlprobe/medium-v0")
+    finally:
+        del gymnasium.registry["OrlProbe"]
     # another namespace is other data: no suggestion of the local orl/ id, the hub's advice instead
     with pytest.raises(DatasetError, match=r"minari download mujoco/pendulum/medium-v0") as hub:
         make_dataset("mujoco/pendulum/medium-v0")

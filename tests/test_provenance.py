@@ -159,21 +159,32 @@ def test_a_text_run_resumed_with_other_held_out_rows_is_refused(tmp_path):
         write_provenance(tmp_path, {**data, "held_out_rows": [2, 7, 9]}, "cpu", 20)
 
 
-def test_the_committed_intel_collection_unpacks_to_its_recorded_checksums_and_feeds_the_o2o_grid(tmp_path):
-    """COLLECTION=xeon bash scripts/bench_o2o_mujoco.sh runs the o2o grid on the datasets committed in
-    results/o2o_mujoco_xeon/datasets.tgz: unpacked beside the script (never ~/.minari), checked against
-    results/datasets_xeon.json, and every run reads them and writes to results/o2o_mujoco_xeon."""
+def _bench_o2o_tree(tmp_path: Path, recorded: dict) -> tuple[Path, Path]:
+    """A copy of the repository's o2o bench (script, checker, the committed tarball, `recorded` as
+    results/datasets_xeon.json) whose orl-finetune only writes down how it was called."""
     import shutil
 
     repo = Path(__file__).resolve().parent.parent
     (tmp_path / "scripts").mkdir()
     for name in ("bench_o2o_mujoco.sh", "check_datasets.py"):
         shutil.copy(repo / "scripts" / name, tmp_path / "scripts" / name)
-    (tmp_path / "results").symlink_to(repo / "results")
+    (tmp_path / "results" / "o2o_mujoco_xeon").mkdir(parents=True)
+    (tmp_path / "results" / "o2o_mujoco_xeon" / "datasets.tgz").symlink_to(repo / "results" / "o2o_mujoco_xeon" / "datasets.tgz")
+    (tmp_path / "results" / "datasets.json").write_text((repo / "results" / "datasets.json").read_text())
+    (tmp_path / "results" / "datasets_xeon.json").write_text(json.dumps(recorded))
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "fake_finetune"
     fake.write_text(f'#!/usr/bin/env bash\necho "$MINARI_DATASETS_PATH $*" >> {calls}\n')
     fake.chmod(0o755)
+    return fake, calls
+
+
+def test_the_committed_intel_collection_unpacks_to_its_recorded_checksums_and_feeds_the_o2o_grid(tmp_path):
+    """COLLECTION=xeon bash scripts/bench_o2o_mujoco.sh runs the o2o grid on the datasets committed in
+    results/o2o_mujoco_xeon/datasets.tgz: unpacked beside the script (never ~/.minari), checked against
+    results/datasets_xeon.json, and every run reads them and writes to results/o2o_mujoco_xeon."""
+    recorded = json.loads((Path(__file__).resolve().parent.parent / "results" / "datasets_xeon.json").read_text())
+    fake, calls = _bench_o2o_tree(tmp_path, recorded)
     env = {**os.environ, "COLLECTION": "xeon", "ORL_FINETUNE": str(fake), "PYTHON": sys.executable}
     out = subprocess.run(["bash", str(tmp_path / "scripts" / "bench_o2o_mujoco.sh")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -183,3 +194,13 @@ def test_the_committed_intel_collection_unpacks_to_its_recorded_checksums_and_fe
     for seed, line in enumerate(lines):
         assert line.startswith(f"{tmp_path / 'data' / 'minari-xeon'} ")
         assert f"seed={seed}" in line and "hydra.sweep.dir=results/o2o_mujoco_xeon" in line
+
+    # data that is not the recorded collection stops the grid before any run
+    recorded["datasets"]["orl/hopper/medium-v0"]["sha256"] = "0" * 64
+    other = tmp_path / "other"
+    other.mkdir()
+    fake, calls = _bench_o2o_tree(other, recorded)
+    out = subprocess.run(["bash", str(other / "scripts" / "bench_o2o_mujoco.sh")], env={**env, "ORL_FINETUNE": str(fake)},
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "orl/hopper/medium-v0: DIFFERENT" in out.stdout
+    assert not calls.exists()
