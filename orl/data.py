@@ -357,6 +357,11 @@ def _how_to_get(dataset_id: str, local: list[str]) -> str:
             "ending in .npz/.hdf5.")
 
 
+def env_slug(env_id: str) -> str:
+    """`HalfCheetah-v5` -> `halfcheetah`: the env part of the Minari-style ids orl-collect writes."""
+    return re.sub(r"-v\d+$", "", env_id).lower().replace("/", "-")
+
+
 def _env_of(dataset_id: str) -> str:
     """The newest registered gymnasium env whose lower-cased name is the id's env part
     (`orl/halfcheetah/medium-v0` -> HalfCheetah-v5), as orl-collect names its datasets."""
@@ -364,8 +369,7 @@ def _env_of(dataset_id: str) -> str:
 
     parts = dataset_id.split("/") if "/" in dataset_id else dataset_id.split("-")
     slug = parts[1] if len(parts) >= 3 else ""
-    matches = [spec for spec in gymnasium.registry.values()
-               if (f"{spec.namespace}-{spec.name}" if spec.namespace else spec.name).lower() == slug]
+    matches = [spec for spec in gymnasium.registry.values() if env_slug(spec.id) == slug]
     if not matches:
         return "<gymnasium env id>"
     return max(matches, key=lambda spec: -1 if spec.version is None else spec.version).id

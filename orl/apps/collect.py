@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from orl.agent import Agent, make_agent
 from orl.checkpoint import seed_everything
+from orl.data import env_slug
 from orl.errors import ConfigError
 from orl.io import atomic_path, atomic_write_json
 from orl.evaluation import evaluate
@@ -54,11 +54,6 @@ class CollectConfig:
     overwrite: bool = False
     progress: bool = True
     sac: dict[str, Any] = field(default_factory=dict)  # overrides of agents/sac.py's SACConfig
-
-
-def env_slug(env_id: str) -> str:
-    """`HalfCheetah-v5` -> `halfcheetah` (the middle part of Minari-style ids)."""
-    return re.sub(r"-v\d+$", "", env_id).lower().replace("/", "-")
 
 
 def dataset_id(namespace: str, env_id: str, level: str) -> str:
