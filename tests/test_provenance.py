@@ -166,7 +166,7 @@ def _bench_o2o_tree(tmp_path: Path, recorded: dict) -> tuple[Path, Path]:
 
     repo = Path(__file__).resolve().parent.parent
     (tmp_path / "scripts").mkdir()
-    for name in ("bench_o2o_mujoco.sh", "check_datasets.py"):
+    for name in ("bench_o2o_mujoco.sh", "bench_o2o_ablation.sh", "check_datasets.py"):
         shutil.copy(repo / "scripts" / name, tmp_path / "scripts" / name)
     (tmp_path / "results" / "o2o_mujoco_xeon").mkdir(parents=True)
     (tmp_path / "results" / "o2o_mujoco_xeon" / "datasets.tgz").symlink_to(repo / "results" / "o2o_mujoco_xeon" / "datasets.tgz")
@@ -204,3 +204,34 @@ def test_the_committed_intel_collection_unpacks_to_its_recorded_checksums_and_fe
                          capture_output=True, text=True)
     assert out.returncode != 0 and "orl/hopper/medium-v0: DIFFERENT" in out.stdout
     assert not calls.exists()
+
+
+def test_the_o2o_ablations_start_from_the_matching_pretrained_run_and_skip_the_others(tmp_path):
+    """scripts/bench_o2o_ablation.sh fine-tunes calql_no_retention / wsrl_no_warmup from the offline.pt of the
+    Cal-QL / WSRL run with the same dataset and seed, writes to results/o2o_mujoco_xeon_ablation, and skips
+    (saying so) every pair whose pre-trained run is missing. Its quoted init_from and run_dir (the paths hold
+    '=', '+' and ',') parse as whole paths in Hydra's override grammar."""
+    recorded = json.loads((Path(__file__).resolve().parent.parent / "results" / "datasets_xeon.json").read_text())
+    fake, calls = _bench_o2o_tree(tmp_path, recorded)
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" "--" >> {calls}\n')  # one argument per line, as received
+    pretrained = tmp_path / "results" / "o2o_mujoco_xeon" / "+experiment=o2o_mujoco-calql,dataset=orl-hopper-medium-v0,seed=1"
+    pretrained.mkdir(parents=True)
+    (pretrained / "offline.pt").write_bytes(b"")
+    env = {**os.environ, "ORL_FINETUNE": str(fake), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(tmp_path / "scripts" / "bench_o2o_ablation.sh")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count(": MATCH") == 2
+    assert out.stdout.count("skip ") == 11  # 3 seeds x 2 datasets x 2 ablations, one of them has its pre-trained run
+    runs = calls.read_text().split("--\n")[:-1]
+    assert len(runs) == 1
+    args = runs[0].splitlines()
+    assert "+experiment=o2o_mujoco/calql_no_retention" in args and "seed=1" in args and "dataset=orl/hopper/medium-v0" in args
+    overrides = [a for a in args if a.startswith(("init_from=", "run_dir="))]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="finetune", overrides=["+experiment=o2o_mujoco/calql_no_retention", *overrides])
+    assert cfg.init_from == "results/o2o_mujoco_xeon/+experiment=o2o_mujoco-calql,dataset=orl-hopper-medium-v0,seed=1"
+    assert cfg.run_dir == "results/o2o_mujoco_xeon_ablation/calql_no_retention,dataset=orl-hopper-medium-v0,seed=1"
+    assert cfg.online.buffer_mode == "none" and cfg.tag == "calql_no_retention" and cfg.online.update_schedule == "episode"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="finetune", overrides=["+experiment=o2o_mujoco/wsrl_no_warmup"])
+    assert cfg.online.warmup_steps == 0 and cfg.online.buffer_mode == "none" and cfg.agent.name == "cql"
