@@ -207,8 +207,8 @@ def test_the_committed_intel_collection_unpacks_to_its_recorded_checksums_and_fe
 
 
 def test_the_o2o_ablations_start_from_the_matching_pretrained_run_and_skip_the_others(tmp_path):
-    """scripts/bench_o2o_ablation.sh fine-tunes calql_no_retention / wsrl_no_warmup from the offline.pt of the
-    Cal-QL / WSRL run with the same dataset and seed, writes to results/o2o_mujoco_xeon_ablation, and skips
+    """scripts/bench_o2o_ablation.sh fine-tunes iql_no_retention / calql_no_retention / wsrl_no_warmup from the
+    offline.pt of the IQL / Cal-QL / WSRL run with the same dataset and seed, writes to results/o2o_mujoco_xeon_ablation, and skips
     (saying so) every pair whose pre-trained run is missing. Its quoted init_from and run_dir (the paths hold
     '=', '+' and ',') parse as whole paths in Hydra's override grammar."""
     recorded = json.loads((Path(__file__).resolve().parent.parent / "results" / "datasets_xeon.json").read_text())
@@ -221,7 +221,7 @@ def test_the_o2o_ablations_start_from_the_matching_pretrained_run_and_skip_the_o
     out = subprocess.run(["bash", str(tmp_path / "scripts" / "bench_o2o_ablation.sh")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count(": MATCH") == 2
-    assert out.stdout.count("skip ") == 11  # 3 seeds x 2 datasets x 2 ablations, one of them has its pre-trained run
+    assert out.stdout.count("skip ") == 17  # 3 seeds x 2 datasets x 3 ablations, one of them has its pre-trained run
     runs = calls.read_text().split("--\n")[:-1]
     assert len(runs) == 1
     args = runs[0].splitlines()
