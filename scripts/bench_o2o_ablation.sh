@@ -12,10 +12,7 @@
 set -x
 cd "$(dirname "$0")/.."
 B=${ORL_FINETUNE:-.venv/bin/orl-finetune}
-mkdir -p data/minari-xeon && tar xzf results/o2o_mujoco_xeon/datasets.tgz -C data/minari-xeon || exit 1
-export MINARI_DATASETS_PATH=$PWD/data/minari-xeon
-${PYTHON:-.venv/bin/python} scripts/check_datasets.py --file results/datasets_xeon.json \
-  --datasets orl/hopper/medium-v0 orl/halfcheetah/medium-replay-v0 || exit 1
+. scripts/use_xeon_collection.sh || exit 1  # the committed datasets, unpacked and checked
 SOURCE=results/o2o_mujoco_xeon
 OUT=results/o2o_mujoco_xeon_ablation
 for seed in 0 1 2; do

@@ -18,10 +18,7 @@ cd "$(dirname "$0")/.."
 B=${ORL_FINETUNE:-.venv/bin/orl-finetune}
 SWEEP=results/o2o_mujoco
 if [ "${COLLECTION:-}" = xeon ]; then
-  mkdir -p data/minari-xeon && tar xzf results/o2o_mujoco_xeon/datasets.tgz -C data/minari-xeon || exit 1
-  export MINARI_DATASETS_PATH=$PWD/data/minari-xeon
-  ${PYTHON:-.venv/bin/python} scripts/check_datasets.py --file results/datasets_xeon.json \
-    --datasets orl/hopper/medium-v0 orl/halfcheetah/medium-replay-v0 || exit 1
+  . scripts/use_xeon_collection.sh || exit 1
   SWEEP=results/o2o_mujoco_xeon
 fi
 for seed in 0 1 2; do

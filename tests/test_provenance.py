@@ -166,7 +166,7 @@ def _bench_o2o_tree(tmp_path: Path, recorded: dict) -> tuple[Path, Path]:
 
     repo = Path(__file__).resolve().parent.parent
     (tmp_path / "scripts").mkdir()
-    for name in ("bench_o2o_mujoco.sh", "bench_o2o_ablation.sh", "check_datasets.py"):
+    for name in ("bench_o2o_mujoco.sh", "bench_o2o_ablation.sh", "use_xeon_collection.sh", "check_datasets.py"):
         shutil.copy(repo / "scripts" / name, tmp_path / "scripts" / name)
     (tmp_path / "results" / "o2o_mujoco_xeon").mkdir(parents=True)
     (tmp_path / "results" / "o2o_mujoco_xeon" / "datasets.tgz").symlink_to(repo / "results" / "o2o_mujoco_xeon" / "datasets.tgz")
@@ -235,3 +235,15 @@ def test_the_o2o_ablations_start_from_the_matching_pretrained_run_and_skip_the_o
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="finetune", overrides=["+experiment=o2o_mujoco/wsrl_no_warmup"])
     assert cfg.online.warmup_steps == 0 and cfg.online.buffer_mode == "none" and cfg.agent.name == "cql"
+
+    # the shared helper (scripts/use_xeon_collection.sh) stops the ablations too when the data is not the recorded collection
+    recorded["datasets"]["orl/halfcheetah/medium-replay-v0"]["sha256"] = "0" * 64
+    other = tmp_path / "other"
+    other.mkdir()
+    fake, calls = _bench_o2o_tree(other, recorded)
+    (other / pretrained.relative_to(tmp_path)).mkdir(parents=True)
+    (other / pretrained.relative_to(tmp_path) / "offline.pt").write_bytes(b"")
+    out = subprocess.run(["bash", str(other / "scripts" / "bench_o2o_ablation.sh")], env={**env, "ORL_FINETUNE": str(fake)},
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "orl/halfcheetah/medium-replay-v0: DIFFERENT" in out.stdout
+    assert not calls.exists()
