@@ -57,7 +57,7 @@ from orl.nn import evaluating
 from orl.text.agent import LMAgent, LMConfig
 from orl.text.data import PromptBatch, build_sequences, distinct_n, position_ids
 from orl.text.generation import KVCachePolicy, VectorTokenEnv, rollout
-from orl.text.rewards import RewardFunc, as_reward_func, reward_name
+from orl.text.rewards import RewardFunc, as_reward_func, call_reward, reward_name
 from orl.text.runtime import context_length, eos_token_ids
 
 ADVANTAGES = ("grpo", "rloo", "remax", "reinforce_pp")
@@ -237,17 +237,8 @@ class GRPO(LMAgent):
             raise RuntimeError("set the reward functions (agent.reward_fn or set_rewards) before training GRPO; orl-train does it "
                                "from lm.reward")
         out = torch.full((len(prompts), len(self.reward_funcs)), float("nan"))
-        columns = columns or {}
-        # Chat rows: as TRL, a reward function gets the prompt's messages and each completion as an assistant message
-        # (functions that read text, orl's built-ins and reward models, set `orl_text_only` and get the rendered text)
-        messages = columns.get("prompt_messages")
-        chat_completions = [[{"role": "assistant", "content": c}] for c in completions] if messages is not None else None
-        for k, fn in enumerate(self.reward_funcs):
-            chat = messages is not None and not getattr(fn, "orl_text_only", False)
-            values = list(fn(prompts=messages if chat else prompts, completions=chat_completions if chat else completions,
-                             completion_ids=completion_ids, **columns))
-            if len(values) != len(prompts):
-                raise ValueError(f"reward function {reward_name(fn)} returned {len(values)} values for {len(prompts)} completions")
+        for k, fn in enumerate(self.reward_funcs):  # chat rows reach each function as messages, as in TRL (call_reward)
+            values = call_reward(fn, prompts, completions, completion_ids, columns)
             out[:, k] = torch.tensor([float("nan") if v is None else float(v) for v in values])
         return out
 

@@ -409,6 +409,51 @@ def test_chat_rows_render_with_the_template_and_train(models, tmp_path):
     assert math.isfinite(summary["return_mean"])
 
 
+@pytest.mark.parametrize("agent", ["dpo", "alol"])
+def test_chat_rows_reach_a_trl_reward_as_messages_in_evaluation(models, tmp_path, monkeypatch, agent):
+    """A TRL reward function written for conversational data reads `completion[0]["content"]`; the evaluation of
+    the sequence agents (DPO, A-LoL) handed it the rendered text and it failed there, while GRPO passed messages."""
+    import importlib
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from orl.apps.cli import CONFIG_DIR, run_train
+
+    model, tokenizer = load_lm(models["qwen2"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    chat_dir = tmp_path / "chat-qwen2"
+    model.save_pretrained(chat_dir)
+    tokenizer.save_pretrained(chat_dir)
+    (tmp_path / "chat_reward_module.py").write_text(
+        "SEEN = []\n"
+        "def assistant_chars(prompts, completions, **columns):\n"
+        "    SEEN.append((prompts, completions, sorted(columns)))\n"
+        "    return [float(len(c[0]['content'])) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if agent == "dpo":
+        rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+                 "rejected": [{"role": "assistant", "content": r}], "topic": "counting"} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    else:
+        rows = [{"prompt": [{"role": "user", "content": p}], "response": [{"role": "assistant", "content": c}], "reward": 1.0,
+                 "topic": "counting"} for p, c in zip(PROMPTS, CHOSEN)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [f"agent={agent}", "agent.lr=3e-4", f"dataset={path}", f"lm.model={chat_dir}", "lm.reward=chat_reward_module:assistant_chars",
+                 "lm.holdout=0", "lm.num_eval_prompts=3", "lm.max_new_tokens=3", "steps=2", "eval.every=2", "batch_size=2",
+                 "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        summary = run_train(compose(config_name="train", overrides=overrides))
+    seen = importlib.import_module("chat_reward_module").SEEN
+    assert seen, "the reward function was never called"
+    users = [[{"role": "user", "content": p}] for p in PROMPTS]
+    for prompts, completions, columns in seen:
+        assert all(prompt in users for prompt in prompts)  # the row's messages, not the rendered text
+        assert all(len(c) == 1 and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in completions)
+        assert "topic" in columns  # the row's other columns, as TRL passes them
+    assert summary["return_mean"] >= 0.0 and math.isfinite(summary["return_mean"])
+
+
 def test_hugging_face_datasets_directory(tmp_path):
     datasets = pytest.importorskip("datasets")
     from orl.errors import DataError
@@ -532,3 +577,6 @@ def test_sequence_classifier_reward_renders_with_its_own_template_and_one_bos(mo
     values = reward(prompts=[policy_rendered], completions=["5 6"], prompt_messages=[messages])  # TRL's signature
     assert len(values) == 1 and 0.0 < values[0] < 1.0
     assert per_sample_reward([reward])(policy_rendered, "5 6") == pytest.approx(reward(policy_rendered, "5 6"))
+    # evaluation (per_sample_reward with the rows' columns) scores a chat row with the reward model's template too
+    in_eval = per_sample_reward([reward], contexts={policy_rendered: {"prompt_messages": messages}})(policy_rendered, "5 6")
+    assert in_eval == pytest.approx(values[0]) and in_eval != pytest.approx(reward(policy_rendered, "5 6"))

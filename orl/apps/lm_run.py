@@ -109,11 +109,16 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     specs = [] if spec is None else (list(spec) if OmegaConf.is_list(spec) else [spec])
     reward_funcs = [make_text_reward(str(spec), device) for spec in specs]
     reward_weights = list(lm.reward_weights) if lm.get("reward_weights") is not None else None
-    reward_fn = per_sample_reward(reward_funcs, reward_weights) if reward_funcs else None  # R(prompt, response): evaluation, A-LoL
     tokenizer = load_tokenizer(model_path)
     rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[kind] if f != "reward"])
     dataset_rows = len(rows)
     rows, held_out, held_out_index = _hold_out(cfg, rows)
+    # R(prompt, response) for evaluation and A-LoL: a reward function sees a prompt's row as in GRPO (its other columns;
+    # on chat rows, the messages), the held-out row first where a prompt is in both
+    contexts: dict[str, dict] = {}
+    for row in held_out + rows:
+        contexts.setdefault(row["prompt"], {k: v for k, v in row.items() if k not in (*JSONL_FIELDS[kind], CHAT_ROW)})
+    reward_fn = per_sample_reward(reward_funcs, reward_weights, contexts) if reward_funcs else None
     eval_prompts = _eval_prompts(cfg, held_out or rows)
     probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)

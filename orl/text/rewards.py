@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 RewardFunc = Callable[..., Sequence[float | None]]
 
@@ -35,18 +35,38 @@ def reward_name(fn: Callable) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
-def per_sample_reward(funcs: Sequence[Callable], weights: Sequence[float] | None = None) -> Callable[[str, str], float]:
+def call_reward(fn: RewardFunc, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]],
+                columns: Mapping[str, Sequence[Any]] | None = None) -> list[float | None]:
+    """One reward function on a batch, as TRL's GRPOTrainer calls it (`_calculate_rewards`): the rows' other columns as
+    keywords and, on chat rows (a `prompt_messages` column), each prompt as its message list and each completion as one
+    assistant message. Functions that read the rendered text (orl's built-ins, R(prompt, response), reward models
+    that apply their own template: marked `orl_text_only`) get the text."""
+    columns = dict(columns or {})
+    messages = columns.get("prompt_messages")
+    if messages is not None and not getattr(fn, "orl_text_only", False):
+        prompts, completions = list(messages), [[{"role": "assistant", "content": c}] for c in completions]
+    values = list(fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
+    if len(values) != len(prompts):
+        raise ValueError(f"reward function {reward_name(fn)} returned {len(values)} values for {len(prompts)} completions")
+    return values
+
+
+def per_sample_reward(funcs: Sequence[Callable], weights: Sequence[float] | None = None,
+                      contexts: Mapping[str, Mapping[str, Any]] | None = None) -> Callable[[str, str], float]:
     """R(prompt, response) = sum_k w_k f_k(...) for one completion (None counts as 0): what evaluation and the
-    sequence-level agents (A-LoL's value targets) call."""
+    sequence-level agents (A-LoL's value targets) call. `contexts` maps a (rendered) prompt to its row's other
+    columns, so a function there sees what it sees in GRPO: the row's columns and, on chat rows, messages."""
     batched = [as_reward_func(f) for f in funcs]
     weights = list(weights) if weights is not None else [1.0] * len(batched)
     if len(batched) == 1 and weights == [1.0] and batched[0] is not funcs[0]:
-        return funcs[0]  # already per-sample
+        return funcs[0]  # already per-sample (and reads the rendered text)
+    contexts = contexts or {}
 
     def reward(prompt: str, response: str) -> float:
+        columns = {key: [value] for key, value in contexts.get(prompt, {}).items()}
         total = 0.0
         for weight, fn in zip(weights, batched):
-            value = list(fn(prompts=[prompt], completions=[response], completion_ids=[[]]))[0]
+            value = call_reward(fn, [prompt], [response], [[]], columns)[0]
             total += 0.0 if value is None or (isinstance(value, float) and math.isnan(value)) else weight * float(value)
         return total
 
