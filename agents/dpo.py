@@ -72,9 +72,11 @@ class DPO(LMAgent):
                 raise RuntimeError("call prepare(buffer) first: DPO precomputes the reference log-probs")
             ref_chosen, ref_rejected = self.ref_chosen[batch.chosen.index], self.ref_rejected[batch.chosen.index]
         loss, chosen_reward, rejected_reward = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.cfg.beta)
-        return loss, {
-            "reward_chosen": chosen_reward.mean(), "reward_rejected": rejected_reward.mean(),
-            "accuracy": (chosen_reward > rejected_reward).float().mean(), "margin": (chosen_reward - rejected_reward).mean(),
+        return loss, {  # TRL DPOTrainer's metric names
+            "rewards/chosen": chosen_reward.mean(), "rewards/rejected": rejected_reward.mean(),
+            "rewards/accuracies": (chosen_reward > rejected_reward).float().mean(),
+            "rewards/margins": (chosen_reward - rejected_reward).mean(),
+            "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean(),
         }
 
     def update(self, batch: PairBatch) -> dict[str, torch.Tensor]:

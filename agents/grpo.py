@@ -210,6 +210,7 @@ class GRPO(LMAgent):
         self.generator = torch.Generator().manual_seed(cfg.seed + self.data_parallel.rank)
         self.reward_funcs: list[RewardFunc] = []
         self.reward_weights: list[float] = []
+        self.reward_logs: dict[str, list[float]] = {}  # what reward functions report through TRL's log_metric this step
 
     # --- rewards --------------------------------------------------------------------------
     @property
@@ -238,7 +239,8 @@ class GRPO(LMAgent):
                                "from lm.reward")
         out = torch.full((len(prompts), len(self.reward_funcs)), float("nan"))
         for k, fn in enumerate(self.reward_funcs):  # chat rows reach each function as messages, as in TRL (call_reward)
-            values = call_reward(fn, prompts, completions, completion_ids, columns)
+            values = call_reward(fn, prompts, completions, completion_ids, columns, self.step,
+                                 lambda name, value: self.reward_logs.setdefault(name, []).append(float(value)))
             out[:, k] = torch.tensor([float("nan") if v is None else float(v) for v in values])
         return out
 
@@ -402,6 +404,10 @@ class GRPO(LMAgent):
             metrics["kl"] = (kl_sequence.sum() / max(num_items, 1.0)).to(torch.float32)
         for k, fn in enumerate([] if multi_turn else self.reward_funcs):
             metrics[f"rewards/{reward_name(fn)}/mean"] = torch.nanmean(rewards_per_func[:, k])
+            scored = int((~torch.isnan(rewards_per_func[:, k])).sum())
+            metrics[f"rewards/{reward_name(fn)}/std"] = nanstd(rewards_per_func[:, k]) if scored > 1 else torch.tensor(0.0)
+        metrics.update({name: torch.tensor(sum(values) / len(values)) for name, values in self.reward_logs.items()})
+        self.reward_logs = {}
         return self.data_parallel.average({k: torch.as_tensor(v, dtype=torch.float32).detach().cpu() for k, v in metrics.items()})
 
     def train_step(self, prompts: Sequence[str], reward_fn: Callable | None = None) -> dict[str, float]:

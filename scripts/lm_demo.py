@@ -137,7 +137,7 @@ def run_dpo(args, model_path, tokenizer, pair_rows, test_prompts, seed, generato
     for _ in range(args.steps):
         metrics = dpo.update(pbuffer.sample(args.batch_size, generator))
     return {**evaluate_lm(dpo.nets["policy"], tokenizer, test_prompts, increasing_numbers, args.max_new_tokens, seed=seed),
-            "train_accuracy": float(metrics["accuracy"])}
+            "train_accuracy": float(metrics["rewards/accuracies"])}
 
 
 def run_rloo(args, model_path, tokenizer, train_prompts, test_prompts, seed, agent: str = "rloo") -> dict:

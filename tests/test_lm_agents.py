@@ -73,7 +73,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference(tiny_lm):
     agent.prepare(buffer)
     loss, metrics = agent.losses(buffer.sample(8, torch.Generator().manual_seed(0)))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
-    assert metrics["margin"].item() == pytest.approx(0.0, abs=1e-5)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.0, abs=1e-5)
     agent.update(buffer.sample(8))
     loss_after, _ = agent.losses(buffer.sample(8))
     assert loss_after.item() != pytest.approx(math.log(2), abs=1e-6)

@@ -58,8 +58,8 @@ def test_dpo_loss_and_rewards_equal_trl(tmp_path, arch):
     everything = torch.arange(len(ROWS))
     loss, metrics = agent.losses(PairBatch(buffer.chosen.gather(everything), buffer.rejected.gather(everything)))
     assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
-    assert metrics["reward_chosen"].item() == pytest.approx(trl_chosen, abs=1e-5)
-    assert metrics["reward_rejected"].item() == pytest.approx(trl_rejected, abs=1e-5)
+    assert metrics["rewards/chosen"].item() == pytest.approx(trl_chosen, abs=1e-5)
+    assert metrics["rewards/rejected"].item() == pytest.approx(trl_rejected, abs=1e-5)
     assert not math.isclose(loss.item(), math.log(2), abs_tol=1e-4)
 
 

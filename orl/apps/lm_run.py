@@ -118,7 +118,7 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     contexts: dict[str, dict] = {}
     for row in held_out + rows:
         contexts.setdefault(row["prompt"], {k: v for k, v in row.items() if k not in (*JSONL_FIELDS[kind], CHAT_ROW)})
-    reward_fn = per_sample_reward(reward_funcs, reward_weights, contexts) if reward_funcs else None
+    reward_fn = per_sample_reward(reward_funcs, reward_weights, contexts, tokenizer) if reward_funcs else None
     eval_prompts = _eval_prompts(cfg, held_out or rows)
     probe = VectorTokenEnv(tokenizer, eval_prompts[:1], max_new_tokens=int(lm.max_new_tokens))
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)

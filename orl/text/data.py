@@ -233,6 +233,25 @@ def load_text_rows(spec, kind: str) -> list[dict]:
     return rows
 
 
+def _extract_prompt(chosen, rejected, where: str) -> dict:
+    """TRL's `extract_prompt` (trl/data_utils.py) for preference rows without a prompt field (e.g.
+    trl-lib/ultrafeedback_binarized): the prompt is the longest shared prefix of chosen and rejected, messages or
+    characters; on text a space before the first difference starts the completions, and each side keeps at least its
+    last element, as in TRL. A conversation whose first messages already differ has no prompt: one error."""
+    both_text = isinstance(chosen, str) and isinstance(rejected, str)
+    if not both_text and not (_is_messages(chosen) and _is_messages(rejected)):
+        raise DataError(f"{where}: no prompt field, and chosen/rejected are not both strings or both chat message lists, so the "
+                        "prompt cannot be taken from their shared start; add a prompt field")
+    shortest = min(len(chosen), len(rejected))
+    shared = next((i for i in range(shortest) if chosen[i] != rejected[i]), max(shortest - 1, 0))
+    if both_text and shared > 0 and chosen[shared - 1] == " ":
+        shared -= 1
+    if not both_text and shared == 0:
+        raise DataError(f"{where}: no prompt field, and chosen and rejected differ from their first message, so they share no prompt; "
+                        "add a prompt field or start both conversations with the same user message")
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
 def _validated_row(row, kind: str, where: str) -> dict:
     import math
 
@@ -240,6 +259,8 @@ def _validated_row(row, kind: str, where: str) -> dict:
         raise DataError(f"{where}: each row must be a JSON object with fields {list(JSONL_FIELDS[kind])}, got {type(row).__name__}")
     if kind == "rewarded" and "response" not in row and "completion" in row:
         row["response"] = row.pop("completion")  # TRL's prompt/completion naming
+    if kind == "pairs" and "prompt" not in row and "chosen" in row and "rejected" in row:
+        row.update(_extract_prompt(row["chosen"], row["rejected"], where))  # TRL's implicit-prompt preference rows
     missing = [k for k in JSONL_FIELDS[kind] if k not in row]
     if missing:
         raise DataError(f"{where}: missing field(s) {missing}; {kind} rows need {list(JSONL_FIELDS[kind])}")

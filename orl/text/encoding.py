@@ -83,9 +83,12 @@ def tokenize_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], a
 
     Prompts go through `encode_prompt` (BOS once, as the env encodes them), responses carry
     no special tokens of their own. `add_eos` False for a row rendered from chat messages: its response already
-    ends with the template's end-of-turn, and TRL adds EOS to non-conversational rows only.
+    ends with the template's end-of-turn, and TRL adds EOS to non-conversational rows only, and only to those that do
+    not end with the EOS text already.
     """
     flags = [add_eos] * len(responses) if isinstance(add_eos, bool) else list(add_eos)
+    eos_text = tokenizer.eos_token
+    flags = [flag and not (eos_text and r.endswith(eos_text)) for flag, r in zip(flags, responses)]  # TRL: not twice
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     response_ids = [encode_response(tokenizer, r) + ([tokenizer.eos_token_id] if eos else []) for r, eos in zip(responses, flags)]
     return prompt_ids, response_ids

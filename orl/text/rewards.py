@@ -3,21 +3,27 @@ list[float | None] (None: this function does not score that completion), so a TR
 unchanged. orl's per-sample rewards R(prompt, response) (built-ins, reward models) are adapted to it, and back."""
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 RewardFunc = Callable[..., Sequence[float | None]]
 
 
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what TRL names every reward function's inputs
+
+
 def as_reward_func(fn: Callable) -> RewardFunc:
-    """`fn` in TRL's signature: a function that takes `completions` is used as it is; a per-sample R(prompt,
-    response) is called once per completion."""
+    """`fn` in TRL's signature: a function that takes any of `prompts`, `completions`, `completion_ids` (TRL's own
+    `get_soft_overlong_punishment` takes only `completion_ids`) is used as it is; a per-sample R(prompt, response) is
+    called once per completion."""
     try:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         parameters = {}
-    if "completions" in parameters or (any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    if any(name in parameters for name in TRL_ARGUMENTS) or (any(p.kind is p.VAR_KEYWORD for p in parameters.values())
                                          and not any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
                                                      for p in parameters.values())):
         return fn  # TRL's signature (or f(**kwargs), which TRL also calls with keywords)
@@ -35,27 +41,56 @@ def reward_name(fn: Callable) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+@dataclass
+class RewardState:
+    """What a reward function gets as `trainer_state` (TRL passes transformers' TrainerState, for reward shaping by
+    training progress): the number of updates so far."""
+
+    global_step: int = 0
+
+
+def _discard(*_: Any, **__: Any) -> None:
+    """`log_extra` (TRL: a column of its completions table, which orl does not keep) and `log_metric` where nothing logs."""
+
+
 def call_reward(fn: RewardFunc, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]],
-                columns: Mapping[str, Sequence[Any]] | None = None) -> list[float | None]:
+                columns: Mapping[str, Sequence[Any]] | None = None, step: int = 0,
+                log_metric: Callable[[str, float], None] | None = None) -> list[float | None]:
     """One reward function on a batch, as TRL's GRPOTrainer calls it (`_calculate_rewards`): the rows' other columns as
     keywords and, on chat rows (a `prompt_messages` column), each prompt as its message list and each completion as one
     assistant message. Functions that read the rendered text (orl's built-ins, R(prompt, response), reward models
-    that apply their own template: marked `orl_text_only`) get the text."""
+    that apply their own template: marked `orl_text_only`) get the text. TRL's `trainer_state`, `log_metric` and
+    `log_extra` keywords go to a function that accepts them; an `async def` function is run to completion."""
     columns = dict(columns or {})
     messages = columns.get("prompt_messages")
     if messages is not None and not getattr(fn, "orl_text_only", False):
         prompts, completions = list(messages), [[{"role": "assistant", "content": c}] for c in completions]
-    values = list(fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
+    trl_keywords = {"trainer_state": RewardState(step), "log_metric": log_metric or _discard, "log_extra": _discard}
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    extra = {name: value for name, value in trl_keywords.items() if any_keyword or name in parameters}
+    values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **extra)
+    if inspect.isawaitable(values):
+        values = asyncio.run(_awaited(values))
+    values = list(values)
     if len(values) != len(prompts):
         raise ValueError(f"reward function {reward_name(fn)} returned {len(values)} values for {len(prompts)} completions")
     return values
 
 
+async def _awaited(awaitable):
+    return await awaitable
+
+
 def per_sample_reward(funcs: Sequence[Callable], weights: Sequence[float] | None = None,
-                      contexts: Mapping[str, Mapping[str, Any]] | None = None) -> Callable[[str, str], float]:
+                      contexts: Mapping[str, Mapping[str, Any]] | None = None, tokenizer=None) -> Callable[[str, str], float]:
     """R(prompt, response) = sum_k w_k f_k(...) for one completion (None counts as 0): what evaluation and the
     sequence-level agents (A-LoL's value targets) call. `contexts` maps a (rendered) prompt to its row's other
-    columns, so a function there sees what it sees in GRPO: the row's columns and, on chat rows, messages."""
+    columns, so a function there sees what it sees in GRPO: the row's columns and, on chat rows, messages; with
+    `tokenizer`, `completion_ids` are the response's tokens (without it, empty)."""
     batched = [as_reward_func(f) for f in funcs]
     weights = list(weights) if weights is not None else [1.0] * len(batched)
     if len(batched) == 1 and weights == [1.0] and batched[0] is not funcs[0]:
@@ -64,9 +99,10 @@ def per_sample_reward(funcs: Sequence[Callable], weights: Sequence[float] | None
 
     def reward(prompt: str, response: str) -> float:
         columns = {key: [value] for key, value in contexts.get(prompt, {}).items()}
+        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if tokenizer is not None else []
         total = 0.0
         for weight, fn in zip(weights, batched):
-            value = call_reward(fn, [prompt], [response], [[]], columns)[0]
+            value = call_reward(fn, [prompt], [response], [ids], columns)[0]
             total += 0.0 if value is None or (isinstance(value, float) and math.isnan(value)) else weight * float(value)
         return total
 

@@ -1,0 +1,145 @@
+"""What a TRL user brings works as in TRL: implicit-prompt preference rows, TRL's own reward helpers, reward functions
+that use `trainer_state` / `log_metric` or are `async`, completions that already end with EOS, TRL's DPO metric names.
+Each test failed before its fix."""
+import json
+import tempfile
+import warnings
+
+import gymnasium as gym
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="TRL is a test-only dependency (pip install -e .[dev])")
+datasets = pytest.importorskip("datasets")
+
+import orl  # noqa: E402
+from orl.errors import DataError  # noqa: E402
+from orl.text.data import PromptBatch, load_text_rows  # noqa: E402
+from orl.text.encoding import tokenize_rows  # noqa: E402
+from orl.text.rewards import as_reward_func, call_reward, per_sample_reward  # noqa: E402
+from tests.lm_archs import build_tiny_causal_lm  # noqa: E402
+
+SPACE = gym.spaces.Discrete(2)
+USER = {"role": "user", "content": "What color is the sky?"}
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+IMPLICIT = [  # TRL's implicit-prompt preference rows: the prompt is the shared start of chosen and rejected
+    {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+    {"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"},
+    {"chosen": "abc", "rejected": "abcd"},
+    {"chosen": [USER, {"role": "assistant", "content": "Blue."}], "rejected": [USER, {"role": "assistant", "content": "Green."}]},
+    {"chosen": [SYSTEM, USER, {"role": "assistant", "content": "Blue."}],
+     "rejected": [SYSTEM, USER, {"role": "assistant", "content": "Green."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return str(build_tiny_causal_lm("llama", tmp_path_factory.mktemp("trl_conventions") / "llama"))
+
+
+def test_implicit_prompt_preference_rows_split_as_trl_extract_prompt(tmp_path):
+    """Rows of chosen/rejected only (trl-lib/ultrafeedback_binarized) were refused: 'missing field(s) ['prompt']'."""
+    from trl.data_utils import extract_prompt
+
+    path = tmp_path / "implicit.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in IMPLICIT))
+    rows = load_text_rows(path, "pairs")
+    for row, source in zip(rows, IMPLICIT):
+        assert {k: row[k] for k in ("prompt", "chosen", "rejected")} == extract_prompt(dict(source))
+    assert rows[3]["prompt"] == [USER] and rows[0]["prompt"] == "The sky is" and rows[0]["chosen"] == " blue."
+
+    bad = tmp_path / "no_shared_start.jsonl"
+    bad.write_text(json.dumps({"chosen": [USER], "rejected": [SYSTEM]}) + "\n")
+    with pytest.raises(DataError, match="share no prompt"):
+        load_text_rows(bad, "pairs")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"chosen": "text", "rejected": [USER]}) + "\n")
+    with pytest.raises(DataError, match="add a prompt field"):
+        load_text_rows(mixed, "pairs")
+
+
+def test_trl_reward_helpers_that_take_only_completion_ids():
+    """TRL's get_soft_overlong_punishment is `__call__(self, completion_ids, **kwargs)`; orl took it for R(prompt,
+    response), called it positionally and failed with a TypeError."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    punish = get_soft_overlong_punishment(max_completion_len=8, soft_punish_cache=4)
+    ids = [[1] * 3, [1] * 6, [1] * 9]
+    expected = punish(completion_ids=ids)
+    assert call_reward(as_reward_func(punish), ["p"] * 3, ["c"] * 3, ids, {}) == expected
+    assert expected[0] == 0.0 and -1.0 <= expected[1] < 0.0 and expected[2] == -1.0  # a case that tells them apart
+
+
+def test_reward_functions_get_trainer_state_log_metric_and_may_be_async(llama):
+    """TRL passes trainer_state, log_metric and log_extra and runs async reward functions; orl passed none of them
+    (TypeError: missing 'trainer_state') and returned an un-awaited coroutine."""
+    seen = {}
+
+    def by_progress(completions, trainer_state, log_metric, log_extra, **kwargs):
+        seen["step"] = trainer_state.global_step
+        log_metric("shaping/weight", 0.25)
+        log_extra("note", ["x"] * len(completions))
+        return [1.0] * len(completions)
+
+    async def judged(prompts, completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    assert call_reward(judged, ["p", "q"], ["ab", "abc"], [[], []]) == [2.0, 3.0]
+    agent = orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "num_generations": 2, "max_completion_length": 3, "lr": 0.0})
+    agent.set_rewards([by_progress, judged])
+    agent.update(PromptBatch(["count: 1", "count: 2"], torch.arange(2)))
+    metrics = agent.update(PromptBatch(["count: 1", "count: 2"], torch.arange(2)))
+    assert seen["step"] == 1  # the update count before this step's update
+    assert float(metrics["shaping/weight"]) == 0.25
+    assert float(metrics["rewards/by_progress/std"]) == 0.0 and float(metrics["rewards/judged/mean"]) >= 0.0
+    assert "rewards/judged/std" in metrics
+
+
+def test_evaluation_rewards_get_the_completion_ids(llama):
+    """Evaluation and A-LoL score through R(prompt, response); a TRL reward reading completion_ids got [] there."""
+    from orl.text.runtime import load_tokenizer
+
+    tokenizer = load_tokenizer(llama)
+
+    def token_count(completions, completion_ids, **kwargs):
+        return [float(len(ids)) for ids in completion_ids]
+
+    response = " 5 6 7"
+    assert per_sample_reward([token_count], tokenizer=tokenizer)("count: 4", response) == len(
+        tokenizer(response, add_special_tokens=False)["input_ids"]) > 0
+
+
+def test_completions_that_end_with_eos_get_no_second_eos_as_in_trl(llama, tmp_path):
+    """TRL appends EOS only to a completion that does not end with it; orl appended it always (two EOS, both trained)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    eos = tokenizer.eos_token
+    rows = [{"prompt": "count: 3 4", "chosen": " 5 6" + eos, "rejected": " 2 1"},
+            {"prompt": "count: 10", "chosen": " 11 12", "rejected": " 3" + eos}]
+    agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": llama})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = trl.DPOConfig(output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             precompute_ref_log_probs=False, bf16=False)
+        trainer = trl.DPOTrainer(model=agent.nets["policy"], ref_model=agent.nets["reference"], args=args,
+                                 train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    by_prompt = {row["prompt"]: row for row in trainer.train_dataset}
+    for row, p, c, r in zip(rows, prompt_ids, chosen_ids, rejected_ids):
+        trl_row = by_prompt[row["prompt"]]
+        assert (trl_row["prompt_ids"], trl_row["chosen_ids"], trl_row["rejected_ids"]) == (p, c, r)
+        assert c.count(tokenizer.eos_token_id) == 1 and r.count(tokenizer.eos_token_id) == 1
+
+
+def test_dpo_logs_under_trl_metric_names(llama):
+    """Dashboards keyed on TRL's names (rewards/chosen, rewards/margins, ...) found reward_chosen, margin, ..."""
+    from orl.text.encoding import pair_buffer
+
+    agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": llama, "lr": 1e-4})
+    buffer = pair_buffer(agent.tokenizer, ["count: 3 4", "count: 10"], [" 5 6", " 11 12"], [" 2 1", " 3"], device="cpu")
+    agent.prepare(buffer)
+    metrics = agent.update(buffer.sample(2, torch.Generator().manual_seed(0)))
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(metrics)
+    assert float(metrics["rewards/margins"]) == pytest.approx(float(metrics["rewards/chosen"]) - float(metrics["rewards/rejected"]), abs=1e-6)
