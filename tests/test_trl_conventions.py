@@ -2,8 +2,6 @@
 that use `trainer_state` / `log_metric` or are `async`, completions that already end with EOS, TRL's DPO metric names.
 Each test failed before its fix."""
 import json
-import tempfile
-import warnings
 
 import gymnasium as gym
 import pytest
@@ -18,6 +16,7 @@ from orl.text.data import PromptBatch, load_text_rows  # noqa: E402
 from orl.text.encoding import tokenize_rows  # noqa: E402
 from orl.text.rewards import as_reward_func, call_reward, per_sample_reward  # noqa: E402
 from tests.lm_archs import build_tiny_causal_lm  # noqa: E402
+from tests.test_trl_parity import trl_dpo_trainer  # noqa: E402
 
 SPACE = gym.spaces.Discrete(2)
 USER = {"role": "user", "content": "What color is the sky?"}
@@ -118,12 +117,7 @@ def test_completions_that_end_with_eos_get_no_second_eos_as_in_trl(llama, tmp_pa
     rows = [{"prompt": "count: 3 4", "chosen": " 5 6" + eos, "rejected": " 2 1"},
             {"prompt": "count: 10", "chosen": " 11 12", "rejected": " 3" + eos}]
     agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": llama})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args = trl.DPOConfig(output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True,
-                             precompute_ref_log_probs=False, bf16=False)
-        trainer = trl.DPOTrainer(model=agent.nets["policy"], ref_model=agent.nets["reference"], args=args,
-                                 train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = trl_dpo_trainer(agent, tokenizer, rows, tmp_path)
     prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
     _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
     by_prompt = {row["prompt"]: row for row in trainer.train_dataset}

@@ -22,6 +22,16 @@ ROWS = [{"prompt": "count: 3 4", "chosen": " 5 6", "rejected": " 2 1"},
         {"prompt": "count: 7 8 9", "chosen": " 10 11", "rejected": " 1 0"}]
 
 
+def trl_dpo_trainer(agent, tokenizer, rows, tmp_path, **config):
+    """TRL's DPOTrainer on `rows` around orl's policy and reference, fp32 (TRL defaults to bf16 autocast), one batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = trl.DPOConfig(output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
+                             precompute_ref_log_probs=False, bf16=False, **config)
+        return trl.DPOTrainer(model=agent.nets["policy"], ref_model=agent.nets["reference"], args=args,
+                              train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_dpo_loss_and_rewards_equal_trl(tmp_path, arch):
     path = str(build_tiny_causal_lm(arch, tmp_path / arch))
@@ -33,12 +43,7 @@ def test_dpo_loss_and_rewards_equal_trl(tmp_path, arch):
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     tokenizer = agent.tokenizer
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args = trl.DPOConfig(output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=len(ROWS), beta=beta, report_to=[],
-                             use_cpu=True, precompute_ref_log_probs=False, bf16=False)  # TRL defaults to bf16 autocast: compare fp32 to fp32
-        trainer = trl.DPOTrainer(model=agent.nets["policy"], ref_model=agent.nets["reference"], args=args,
-                                 train_dataset=datasets.Dataset.from_list(ROWS), processing_class=tokenizer)
+    trainer = trl_dpo_trainer(agent, tokenizer, ROWS, tmp_path, beta=beta)
     # The same token ids: BOS once on the prompt (Llama), none on the completion, EOS at its end.
     prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in ROWS], [r["chosen"] for r in ROWS])
     _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in ROWS], [r["rejected"] for r in ROWS])
@@ -100,12 +105,7 @@ def test_chat_rows_tokenize_as_trl_does_no_eos_after_the_end_of_turn(tmp_path):
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in ROWS]
     agent = orl.make_agent("dpo", gym.spaces.Discrete(2), gym.spaces.Discrete(2), {"model_path": str(path)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args = trl.DPOConfig(output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=len(ROWS), report_to=[], use_cpu=True,
-                             precompute_ref_log_probs=False, bf16=False)
-        trainer = trl.DPOTrainer(model=agent.nets["policy"], ref_model=agent.nets["reference"], args=args,
-                                 train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = trl_dpo_trainer(agent, tokenizer, rows, tmp_path)
     rendered = render_chat(rows, tokenizer, ["prompt", "chosen", "rejected"])
     assert all(r[CHAT_ROW] for r in rendered)
     prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["chosen"] for r in rendered],
