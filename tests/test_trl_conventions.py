@@ -137,3 +137,28 @@ def test_dpo_logs_under_trl_metric_names(llama):
     metrics = agent.update(buffer.sample(2, torch.Generator().manual_seed(0)))
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(metrics)
     assert float(metrics["rewards/margins"]) == pytest.approx(float(metrics["rewards/chosen"]) - float(metrics["rewards/rejected"]), abs=1e-6)
+
+
+def test_a_template_whose_generation_prompt_the_answer_does_not_repeat_splits_as_trl(llama, tmp_path):
+    """DeepSeek-R1-style templates open the answer with a think tag that the rendered conversation drops; orl refused
+    every such row ('cannot split prompt from completion'), TRL splits where the two renderings diverge and warns."""
+    from transformers import AutoTokenizer
+
+    from orl.text.encoding import CHAT_ROW, render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: <think>\n{% endif %}")
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for p, c, r in (("count: 3 4", "5 6", "2 1"), ("count: 10", "11 12", "3"))]
+    with pytest.warns(UserWarning, match="'<think>\\\\n' is not in the rendered answer"):
+        rendered = render_chat(rows, tokenizer, ["prompt", "chosen", "rejected"])
+    assert rendered[0]["prompt"] == "<s>user: count: 3 4\nassistant: " and rendered[0]["chosen"] == "5 6\n"
+    agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": llama})
+    trainer = trl_dpo_trainer(agent, tokenizer, rows, tmp_path)
+    prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["chosen"] for r in rendered],
+                                           [not r[CHAT_ROW] for r in rendered])
+    _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["rejected"] for r in rendered], False)
+    for trl_row, p, c, r in zip(trainer.train_dataset, prompt_ids, chosen_ids, rejected_ids):
+        assert (trl_row["prompt_ids"], trl_row["chosen_ids"], trl_row["rejected_ids"]) == (p, c, r)

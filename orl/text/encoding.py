@@ -58,24 +58,39 @@ def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict
         return rows
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the data holds chat messages but the tokenizer has no chat_template; give plain-text rows or a chat model")
-    out = []
+    out, dropped = [], None
     for number, row in enumerate(rows, 1):
         row = dict(row)
         row[CHAT_ROW] = True
         prompt_messages = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
         row["prompt_messages"] = prompt_messages  # for rewards that render the conversation themselves (a reward model's template)
-        row["prompt"] = _apply_template(tokenizer, prompt_messages, number, add_generation_prompt=True)
+        prompt = _apply_template(tokenizer, prompt_messages, number, add_generation_prompt=True)
+        completed = {}
         for field in fields:
             if field == "prompt":
                 continue
             messages = row[field] if isinstance(row[field], list) else [{"role": "assistant", "content": row[field]}]
-            full = _apply_template(tokenizer, prompt_messages + messages, number)
-            if not full.startswith(row["prompt"]):
-                raise DataError(f"row {number}: the chat template renders the prompt differently alone and with its {field}; "
-                                "orl cannot split prompt from completion for this template")
-            row[field] = full[len(row["prompt"]):]
+            completed[field] = _apply_template(tokenizer, prompt_messages + messages, number)
+        # Templates whose generation prompt the rendered answer does not repeat (DeepSeek-R1's "<think>\n", Qwen3's empty
+        # think block): as TRL, the completion starts where prompt and prompt + completion diverge, and the rest of the
+        # prompt is left out of the training rows
+        shared = min([_common_prefix(prompt, full) for full in completed.values()] or [len(prompt)])
+        if shared < len(prompt) and dropped is None:
+            dropped = (number, prompt[shared:])
+        row["prompt"] = prompt[:shared]
+        for field, full in completed.items():
+            row[field] = full[shared:]
         out.append(row)
+    if dropped is not None:
+        warnings.warn(f"the chat template renders the prompt alone differently from the prompt with its answer (first in row "
+                      f"{dropped[0]}: {dropped[1]!r} is not in the rendered answer); as in TRL, the completion starts where they "
+                      "diverge and that end of the prompt is left out of training rows, so the model is trained on a context "
+                      "that differs from the one it sees at inference", stacklevel=2)
     return out
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def tokenize_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], add_eos: Sequence[bool] | bool = True):
