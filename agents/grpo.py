@@ -95,6 +95,10 @@ class GRPOConfig(LMConfig):
     turn_returns: str = "episode"  # multi-turn envs: every agent token gets the episode's advantage | to_go: its turn's return-to-go
     seed: int = 0  # the sampler's seed (orl-train passes the run's seed)
 
+    def __post_init__(self):
+        if isinstance(self.scale_rewards, bool):  # TRL's older boolean form (GRPOConfig maps it the same way)
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, advantage: str, scale_rewards: str = "group",
                      greedy_rewards: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

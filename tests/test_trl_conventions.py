@@ -162,3 +162,11 @@ def test_a_template_whose_generation_prompt_the_answer_does_not_repeat_splits_as
     _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["rejected"] for r in rendered], False)
     for trl_row, p, c, r in zip(trainer.train_dataset, prompt_ids, chosen_ids, rejected_ids):
         assert (trl_row["prompt_ids"], trl_row["chosen_ids"], trl_row["rejected_ids"]) == (p, c, r)
+
+
+@pytest.mark.parametrize("value, expected", [(True, "group"), (False, "none")])
+def test_scale_rewards_takes_trl_booleans(llama, value, expected):
+    """TRL's GRPOConfig maps scale_rewards=True/False to group/none; orl refused the booleans."""
+    assert trl.GRPOConfig(output_dir="unused", scale_rewards=value, report_to=[], use_cpu=True, bf16=False).scale_rewards == expected
+    agent = orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "scale_rewards": value, "num_generations": 2})
+    assert agent.cfg.scale_rewards == expected
