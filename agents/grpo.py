@@ -43,6 +43,7 @@ reached turn k (a per-turn variant in the spirit of GiGPO's step-level groups, F
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -57,7 +58,7 @@ from orl.nn import evaluating
 from orl.text.agent import LMAgent, LMConfig
 from orl.text.data import PromptBatch, build_sequences, distinct_n, position_ids
 from orl.text.generation import KVCachePolicy, VectorTokenEnv, rollout
-from orl.text.rewards import RewardFunc, as_reward_func, call_reward, reward_name
+from orl.text.rewards import RewardFunc, RewardState, as_reward_func, call_reward, reward_name
 from orl.text.runtime import context_length, eos_token_ids
 
 ADVANTAGES = ("grpo", "rloo", "remax", "reinforce_pp")
@@ -215,6 +216,7 @@ class GRPO(LMAgent):
         self.reward_funcs: list[RewardFunc] = []
         self.reward_weights: list[float] = []
         self.reward_logs: dict[str, list[float]] = {}  # what reward functions report through TRL's log_metric this step
+        self.max_steps = 0  # the run's length, for reward functions' trainer_state (orl-train sets it)
 
     # --- rewards --------------------------------------------------------------------------
     @property
@@ -236,15 +238,17 @@ class GRPO(LMAgent):
         self.reward_weights = [float(w) for w in weights] if weights is not None else [1.0] * len(funcs)
 
     def score(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
-              columns: dict[str, list] | None = None) -> torch.Tensor:
-        """(N, K) rewards of N completions under the K reward functions; None -> NaN (TRL)."""
+              columns: dict[str, list] | None = None, log_metrics: bool = False) -> torch.Tensor:
+        """(N, K) rewards of N completions under the K reward functions; None -> NaN (TRL). `log_metrics`: what the
+        functions report through log_metric is logged with this step (training samples only, not evaluation)."""
         if not self.reward_funcs:
             raise RuntimeError("set the reward functions (agent.reward_fn or set_rewards) before training GRPO; orl-train does it "
                                "from lm.reward")
         out = torch.full((len(prompts), len(self.reward_funcs)), float("nan"))
+        state = RewardState(self.step, self.max_steps)
+        log_metric = (lambda name, value: self.reward_logs.setdefault(name, []).append(float(value))) if log_metrics else None
         for k, fn in enumerate(self.reward_funcs):  # chat rows reach each function as messages, as in TRL (call_reward)
-            values = call_reward(fn, prompts, completions, completion_ids, columns, self.step,
-                                 lambda name, value: self.reward_logs.setdefault(name, []).append(float(value)))
+            values = call_reward(fn, prompts, completions, completion_ids, columns, state, log_metric)
             out[:, k] = torch.tensor([float("nan") if v is None else float(v) for v in values])
         return out
 
@@ -321,7 +325,7 @@ class GRPO(LMAgent):
         prompts = [p for p in local.prompts for _ in range(G)]
         columns = {key: [v for v in values for _ in range(G)] for key, values in local.columns.items()}
         gen = self.generate(prompts)
-        rewards_per_func = self.score(prompts, gen["texts"], gen["completion_ids"], columns)
+        rewards_per_func = self.score(prompts, gen["texts"], gen["completion_ids"], columns, log_metrics=True)
         ids, mask, completion_mask = build_sequences(gen["prompt_ids"], gen["completion_ids"], self.tokenizer.pad_token_id)
         return {"ids": ids, "mask": mask, "token_mask": completion_mask[:, 1:].float(), "rewards_per_func": rewards_per_func,
                 "rewards": self.combine(rewards_per_func), "truncated": gen["truncated"],
@@ -396,8 +400,9 @@ class GRPO(LMAgent):
         self.step += 1
         lengths = sample["lengths"]
         finite = task_rewards[~torch.isnan(task_rewards)]
-        metrics.update({"reward": finite.mean() if len(finite) else torch.tensor(float("nan")),
-                        "reward_std": nanstd(task_rewards) if len(finite) > 1 else torch.tensor(0.0),
+        if len(finite):  # a batch no function scored logs no mean (a NaN metric would stop the run as diverged)
+            metrics["reward"] = finite.mean()
+        metrics.update({"reward_std": nanstd(task_rewards) if len(finite) > 1 else torch.tensor(0.0),
                         "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean(),
                         "completions/mean_length": lengths.mean(), "completions/clipped_ratio": sample["truncated"].float().mean()})
         if multi_turn:
@@ -407,12 +412,15 @@ class GRPO(LMAgent):
         if kl_sequence is not None:
             metrics["kl"] = (kl_sequence.sum() / max(num_items, 1.0)).to(torch.float32)
         for k, fn in enumerate([] if multi_turn else self.reward_funcs):
-            metrics[f"rewards/{reward_name(fn)}/mean"] = torch.nanmean(rewards_per_func[:, k])
             scored = int((~torch.isnan(rewards_per_func[:, k])).sum())
-            metrics[f"rewards/{reward_name(fn)}/std"] = nanstd(rewards_per_func[:, k]) if scored > 1 else torch.tensor(0.0)
-        metrics.update({name: torch.tensor(sum(values) / len(values)) for name, values in self.reward_logs.items()})
+            if scored:  # TRL logs NaN for a function that scored nothing (a task's rows absent from the batch); orl omits it
+                metrics[f"rewards/{reward_name(fn)}/mean"] = torch.nanmean(rewards_per_func[:, k])
+                metrics[f"rewards/{reward_name(fn)}/std"] = nanstd(rewards_per_func[:, k]) if scored > 1 else torch.tensor(0.0)
+        averaged = self.data_parallel.average({k: torch.as_tensor(v, dtype=torch.float32).detach().cpu() for k, v in metrics.items()})
+        # log_metric values are each process's own (processes may log different names: no collective over them)
+        logged = {name: [v for v in values if math.isfinite(v)] for name, values in self.reward_logs.items()}
         self.reward_logs = {}
-        return self.data_parallel.average({k: torch.as_tensor(v, dtype=torch.float32).detach().cpu() for k, v in metrics.items()})
+        return {**averaged, **{name: torch.tensor(sum(values) / len(values)) for name, values in logged.items() if values}}
 
     def train_step(self, prompts: Sequence[str], reward_fn: Callable | None = None) -> dict[str, float]:
         """One step on these prompts outside the Trainer (scripts, notebooks): `reward_fn` replaces the rewards if given."""

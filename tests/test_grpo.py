@@ -193,7 +193,7 @@ def test_reward_functions_get_trls_keyword_arguments_and_columns(llama):
                 "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                 "entropy", "grad_norm", "lr", "loss"):
         assert key in metrics, key
-    assert math.isnan(float(metrics["rewards/unscored/mean"]))
+    assert "rewards/unscored/mean" not in metrics  # was NaN, which stops a Trainer run as diverged
 
 
 def test_num_iterations_reuses_one_generation_batch_and_clips(llama):

@@ -440,13 +440,15 @@ def test_chat_rows_reach_a_trl_reward_as_messages_in_evaluation(models, tmp_path
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = [f"agent={agent}", "agent.lr=3e-4", f"dataset={path}", f"lm.model={chat_dir}", "lm.reward=chat_reward_module:assistant_chars",
-                 "lm.holdout=0", "lm.num_eval_prompts=3", "lm.max_new_tokens=3", "steps=2", "eval.every=2", "batch_size=2",
+                 "lm.holdout=0.34", "lm.num_eval_prompts=3", "lm.max_new_tokens=3", "steps=2", "eval.every=2", "batch_size=2",
                  "log.progress=false", "log.tensorboard=false", "device=cpu", f"run_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         summary = run_train(compose(config_name="train", overrides=overrides))
     seen = importlib.import_module("chat_reward_module").SEEN
     assert seen, "the reward function was never called"
     users = [[{"role": "user", "content": p}] for p in PROMPTS]
+    held_out = json.loads((tmp_path / "run" / "provenance.json").read_text())["data"]["held_out_rows"]
+    assert len(held_out) == 1  # evaluation scores the held-out prompt: its row is found through the held-out rows
     for prompts, completions, columns in seen:
         assert all(prompt in users for prompt in prompts)  # the row's messages, not the rendered text
         assert all(len(c) == 1 and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in completions)

@@ -74,9 +74,13 @@ def test_reward_functions_get_trainer_state_log_metric_and_may_be_async(llama):
     (TypeError: missing 'trainer_state') and returned an un-awaited coroutine."""
     seen = {}
 
+    import asyncio
+
+    seen = {}
+
     def by_progress(completions, trainer_state, log_metric, log_extra, **kwargs):
-        seen["step"] = trainer_state.global_step
-        log_metric("shaping/weight", 0.25)
+        seen["step"], seen["max_steps"] = trainer_state.global_step, trainer_state.max_steps
+        log_metric("shaping/weight", seen.get("weight", 0.25))
         log_extra("note", ["x"] * len(completions))
         return [1.0] * len(completions)
 
@@ -84,14 +88,37 @@ def test_reward_functions_get_trainer_state_log_metric_and_may_be_async(llama):
         return [float(len(c)) for c in completions]
 
     assert call_reward(judged, ["p", "q"], ["ab", "abc"], [[], []]) == [2.0, 3.0]
+
+    async def inside_a_running_loop():  # a notebook: asyncio.run would refuse to start a second loop here
+        return call_reward(judged, ["p"], ["abcd"], [[]])
+
+    assert asyncio.run(inside_a_running_loop()) == [4.0]
     agent = orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "num_generations": 2, "max_completion_length": 3, "lr": 0.0})
     agent.set_rewards([by_progress, judged])
+    agent.max_steps = 7  # orl-train sets the run's steps
     agent.update(PromptBatch(["count: 1", "count: 2"], torch.arange(2)))
+    seen["weight"] = 99.0
+    agent.score(["count: 3"], [" 4"], [[9]])  # as evaluation scores: what it logs is not this step's training metric
+    seen["weight"] = 0.25
     metrics = agent.update(PromptBatch(["count: 1", "count: 2"], torch.arange(2)))
-    assert seen["step"] == 1  # the update count before this step's update
+    assert seen["step"] == 1 and seen["max_steps"] == 7  # the update count before this step's update
     assert float(metrics["shaping/weight"]) == 0.25
-    assert float(metrics["rewards/by_progress/std"]) == 0.0 and float(metrics["rewards/judged/mean"]) >= 0.0
-    assert "rewards/judged/std" in metrics
+    assert float(metrics["rewards/judged/mean"]) >= 0.0 and "rewards/judged/std" in metrics
+
+
+def test_a_function_that_scores_no_completion_of_a_batch_logs_no_nan(llama):
+    """TRL's multi-task pattern: a function returns None for rows it does not score. A batch where it scores none
+    logged rewards/<f>/mean = NaN, which orl's Trainer takes for divergence and stops the run."""
+    def math_only(completions, task, **kwargs):
+        return [float(len(c)) if t == "math" else None for c, t in zip(completions, task)]
+
+    agent = orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "num_generations": 2, "max_completion_length": 3, "lr": 0.0})
+    agent.set_rewards([math_only])
+    metrics = agent.update(PromptBatch(["count: 1", "count: 2"], torch.arange(2), {"task": ["text", "text"]}))
+    assert all(bool(torch.isfinite(v)) for v in metrics.values()), metrics
+    assert "rewards/math_only/mean" not in metrics and "reward" not in metrics
+    metrics = agent.update(PromptBatch(["count: 1", "count: 2"], torch.arange(2), {"task": ["math", "text"]}))
+    assert float(metrics["rewards/math_only/mean"]) >= 0.0 and "rewards/math_only/std" in metrics and "reward" in metrics
 
 
 def test_evaluation_rewards_get_the_completion_ids(llama):
@@ -147,14 +174,17 @@ def test_a_template_whose_generation_prompt_the_answer_does_not_repeat_splits_as
     from orl.text.encoding import CHAT_ROW, render_chat
 
     tokenizer = AutoTokenizer.from_pretrained(llama)
+    # the generation prompt ends with a token the rendered answer lacks ("1", a think tag's stand-in in this word-level
+    # vocabulary); the third answer begins with the same character, where a split by characters would cut a token
     tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant: <think>\n{% endif %}")
+                               "{% if add_generation_prompt %}assistant: 1\n{% endif %}")
     rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
              "rejected": [{"role": "assistant", "content": r}]}
-            for p, c, r in (("count: 3 4", "5 6", "2 1"), ("count: 10", "11 12", "3"))]
-    with pytest.warns(UserWarning, match="'<think>\\\\n' is not in the rendered answer"):
+            for p, c, r in (("count: 3 4", "5 6", "2 1"), ("count: 10", "11 12", "3"), ("count: 7", "12 13", "14 1"))]
+    with pytest.warns(UserWarning, match="'1\\\\n' is not in the rendered answer"):
         rendered = render_chat(rows, tokenizer, ["prompt", "chosen", "rejected"])
     assert rendered[0]["prompt"] == "<s>user: count: 3 4\nassistant: " and rendered[0]["chosen"] == "5 6\n"
+    assert rendered[2]["prompt"] == "<s>user: count: 7\nassistant: " and rendered[2]["chosen"] == "12 13\n"  # not "2 13"
     agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": llama})
     trainer = trl_dpo_trainer(agent, tokenizer, rows, tmp_path)
     prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["chosen"] for r in rendered],

@@ -124,6 +124,7 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     agent = make_agent(agent_name, probe.single_observation_space, probe.single_action_space, agent_cfg, device)
     if hasattr(agent, "set_rewards"):  # the GRPO family: every reward function in TRL's signature, with its weights
         agent.set_rewards(reward_funcs, reward_weights)
+        agent.max_steps = int(cfg.steps)  # trainer_state.max_steps of the reward functions
     else:
         agent.reward_fn = reward_fn
 
@@ -432,7 +433,12 @@ def _hold_out(cfg: DictConfig, rows: list[dict]) -> tuple[list[dict], list[dict]
     fraction = float(cfg.lm.get("holdout", 0.0))
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"lm.holdout={fraction}: the fraction of distinct prompts held out for evaluation must be in [0, 1)")
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    # chat rows by their messages: a template that drops part of its generation prompt may split one conversation's
+    # rendering at different points in different rows (orl.text.encoding.render_chat)
+    def key(row: dict) -> str:
+        return json.dumps(row["prompt_messages"], sort_keys=True) if "prompt_messages" in row else row["prompt"]
+
+    prompts = list(dict.fromkeys(key(r) for r in rows))
     count = max(1, round(fraction * len(prompts))) if fraction > 0 else 0
     if count == 0 or count >= len(prompts):
         if count:
@@ -441,11 +447,11 @@ def _hold_out(cfg: DictConfig, rows: list[dict]) -> tuple[list[dict], list[dict]
         print(f"[orl] no row held out (lm.holdout={fraction}): evaluation uses training rows")
         return rows, [], []
     held = {prompts[i] for i in np.random.default_rng(int(cfg.seed)).permutation(len(prompts))[:count]}
-    index = [i for i, row in enumerate(rows) if row["prompt"] in held]
+    index = [i for i, row in enumerate(rows) if key(row) in held]
     shown = ", ".join(map(str, index[:10])) + (", ..." if len(index) > 10 else "")
     print(f"[orl] held out {count} of {len(prompts)} distinct prompts ({len(index)} rows: {shown}; every index in provenance.json) "
           f"for evaluation, never trained on (lm.holdout={fraction}, seed {cfg.seed}; lm.holdout=0 trains on every row)")
-    return [row for row in rows if row["prompt"] not in held], [rows[i] for i in index], index
+    return [row for row in rows if key(row) not in held], [rows[i] for i in index], index
 
 
 def _prompt_file(spec, option: str) -> list[str]:

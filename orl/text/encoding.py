@@ -75,6 +75,8 @@ def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict
         # think block): as TRL, the completion starts where prompt and prompt + completion diverge, and the rest of the
         # prompt is left out of the training rows
         shared = min([_common_prefix(prompt, full) for full in completed.values()] or [len(prompt)])
+        if shared < len(prompt):
+            shared = _token_split(tokenizer, prompt, list(completed.values()), shared)
         if shared < len(prompt) and dropped is None:
             dropped = (number, prompt[shared:])
         row["prompt"] = prompt[:shared]
@@ -91,6 +93,22 @@ def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict
 
 def _common_prefix(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _token_split(tokenizer, prompt: str, renderings: list[str], position: int) -> int:
+    """Where TRL splits: after the longest run of tokens the prompt shares with every prompt + answer rendering, as a
+    character offset of the prompt (an answer that begins like the dropped generation prompt, "<answer>" after
+    "<think>", must not cut a token). `position`, the shared characters, where the tokenizer gives no offsets."""
+    if not getattr(tokenizer, "is_fast", False):
+        return position
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    shared = min(next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
+                 for other in (tokenizer(text, add_special_tokens=False)["input_ids"] for text in renderings))
+    # never past the first prompt token that holds a differing character (ids can agree on different text: <unk>)
+    within = next((i for i, (start, end) in enumerate(offsets) if end > position), len(ids))
+    shared = min(shared, within)
+    return offsets[shared][0] if shared < len(ids) else len(prompt)
 
 
 def tokenize_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], add_eos: Sequence[bool] | bool = True):

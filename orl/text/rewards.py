@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -44,9 +45,14 @@ def reward_name(fn: Callable) -> str:
 @dataclass
 class RewardState:
     """What a reward function gets as `trainer_state` (TRL passes transformers' TrainerState, for reward shaping by
-    training progress): the number of updates so far."""
+    training progress): the number of updates so far and the run's total (0 where unknown: outside orl-train)."""
 
     global_step: int = 0
+    max_steps: int = 0
+
+
+TRL_KEYWORDS = ("trainer_state", "log_metric", "log_extra")
+NOT_COLUMNS = ("prompt", "completion", "completion_ids", *TRL_KEYWORDS)  # TRL passes every other column of the rows
 
 
 def _discard(*_: Any, **__: Any) -> None:
@@ -54,52 +60,73 @@ def _discard(*_: Any, **__: Any) -> None:
 
 
 def call_reward(fn: RewardFunc, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]],
-                columns: Mapping[str, Sequence[Any]] | None = None, step: int = 0,
+                columns: Mapping[str, Sequence[Any]] | None = None, state: RewardState | None = None,
                 log_metric: Callable[[str, float], None] | None = None) -> list[float | None]:
     """One reward function on a batch, as TRL's GRPOTrainer calls it (`_calculate_rewards`): the rows' other columns as
     keywords and, on chat rows (a `prompt_messages` column), each prompt as its message list and each completion as one
     assistant message. Functions that read the rendered text (orl's built-ins, R(prompt, response), reward models
     that apply their own template: marked `orl_text_only`) get the text. TRL's `trainer_state`, `log_metric` and
-    `log_extra` keywords go to a function that accepts them; an `async def` function is run to completion."""
-    columns = dict(columns or {})
+    `log_extra` keywords go to a function that accepts them; an `async def` function runs on one background event
+    loop (TRL's way: it also works where a loop is already running, as in a notebook)."""
+    columns = {key: values for key, values in (columns or {}).items() if key not in NOT_COLUMNS}
     messages = columns.get("prompt_messages")
-    if messages is not None and not getattr(fn, "orl_text_only", False):
+    if messages is not None and all(m is not None for m in messages) and not getattr(fn, "orl_text_only", False):
         prompts, completions = list(messages), [[{"role": "assistant", "content": c}] for c in completions]
-    trl_keywords = {"trainer_state": RewardState(step), "log_metric": log_metric or _discard, "log_extra": _discard}
-    try:
-        parameters = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    extra = {name: value for name, value in trl_keywords.items() if any_keyword or name in parameters}
+    trl_keywords = {"trainer_state": state or RewardState(), "log_metric": log_metric or _discard, "log_extra": _discard}
+    extra = {name: value for name, value in trl_keywords.items() if _accepts(fn, name)}
     values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **extra)
     if inspect.isawaitable(values):
-        values = asyncio.run(_awaited(values))
+        values = asyncio.run_coroutine_threadsafe(_awaited(values), _event_loop()).result()
     values = list(values)
     if len(values) != len(prompts):
         raise ValueError(f"reward function {reward_name(fn)} returned {len(values)} values for {len(prompts)} completions")
     return values
 
 
+def _accepts(fn: Callable, name: str) -> bool:
+    """Whether fn takes the keyword `name` (by name or through **kwargs)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 async def _awaited(awaitable):
     return await awaitable
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """One event loop in a daemon thread for every async reward call (TRL: start_event_loop_in_daemon), so clients a
+    reward function keeps between calls stay on the loop they were made on."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, daemon=True, name="orl-async-rewards").start()
+    return _LOOP
 
 
 def per_sample_reward(funcs: Sequence[Callable], weights: Sequence[float] | None = None,
                       contexts: Mapping[str, Mapping[str, Any]] | None = None, tokenizer=None) -> Callable[[str, str], float]:
     """R(prompt, response) = sum_k w_k f_k(...) for one completion (None counts as 0): what evaluation and the
     sequence-level agents (A-LoL's value targets) call. `contexts` maps a (rendered) prompt to its row's other
-    columns, so a function there sees what it sees in GRPO: the row's columns and, on chat rows, messages; with
-    `tokenizer`, `completion_ids` are the response's tokens (without it, empty)."""
+    columns, so a function there gets the row's columns and, on chat rows, messages, as in GRPO; with `tokenizer`,
+    `completion_ids` are the response text re-tokenized (GRPO passes the sampled ids), else empty."""
     batched = [as_reward_func(f) for f in funcs]
     weights = list(weights) if weights is not None else [1.0] * len(batched)
     if len(batched) == 1 and weights == [1.0] and batched[0] is not funcs[0]:
         return funcs[0]  # already per-sample (and reads the rendered text)
     contexts = contexts or {}
+    read_ids = tokenizer is not None and any(_accepts(fn, "completion_ids") and not getattr(fn, "orl_text_only", False) for fn in batched)
 
     def reward(prompt: str, response: str) -> float:
         columns = {key: [value] for key, value in contexts.get(prompt, {}).items()}
-        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if tokenizer is not None else []
+        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) if read_ids else []
         total = 0.0
         for weight, fn in zip(weights, batched):
             value = call_reward(fn, [prompt], [response], [ids], columns)[0]
