@@ -200,3 +200,14 @@ def test_scale_rewards_takes_trl_booleans(llama, value, expected):
     assert trl.GRPOConfig(output_dir="unused", scale_rewards=value, report_to=[], use_cpu=True, bf16=False).scale_rewards == expected
     agent = orl.make_agent("grpo", SPACE, SPACE, {"model_path": llama, "scale_rewards": value, "num_generations": 2})
     assert agent.cfg.scale_rewards == expected
+
+
+def test_columns_named_like_trl_keywords_and_partly_chat_batches():
+    """A dataset column called completion_ids or trainer_state reached the function twice (TypeError: multiple values);
+    a batch where only some prompts have messages handed a chat function None as a prompt."""
+    def both(prompts, completions, completion_ids, trainer_state, **columns):
+        return [float(len(ids)) + (0.5 if isinstance(p, str) else 0.0) for p, ids in zip(prompts, completion_ids)]
+
+    columns = {"completion_ids": [["stale"], ["stale"]], "trainer_state": ["x", "y"], "completion": ["c", "d"],
+               "prompt_messages": [[{"role": "user", "content": "hi"}], None]}
+    assert call_reward(both, ["p", "q"], ["a", "b"], [[1, 2], [3]], columns) == [2.5, 1.5]  # real ids, text prompts
