@@ -2,6 +2,7 @@
 that use `trainer_state` / `log_metric` or are `async`, completions that already end with EOS, TRL's DPO metric names.
 Each test failed before its fix."""
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -211,3 +212,37 @@ def test_columns_named_like_trl_keywords_and_partly_chat_batches():
     columns = {"completion_ids": [["stale"], ["stale"]], "trainer_state": ["x", "y"], "completion": ["c", "d"],
                "prompt_messages": [[{"role": "user", "content": "hi"}], None]}
     assert call_reward(both, ["p", "q"], ["a", "b"], [[1, 2], [3]], columns) == [2.5, 1.5]  # real ids, text prompts
+
+
+def test_chat_template_kwargs_reach_every_rendering(llama, tmp_path):
+    """Qwen3-style templates take variables (enable_thinking); orl had no way to pass them (TRL: chat_template_kwargs)."""
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoTokenizer
+
+    from orl.apps.cli import CONFIG_DIR, run_train
+    from orl.text.conversation import ConversationFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    tokenizer.chat_template = ("{% if enable_thinking is not defined or enable_thinking %}{{ raise_exception('thinking is on') }}"
+                               "{% endif %}{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant {% endif %}")
+    chat_dir = tmp_path / "chat-llama"
+    chat_dir.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (Path(llama) / name).exists():
+            (chat_dir / name).write_bytes((Path(llama) / name).read_bytes())
+    tokenizer.save_pretrained(chat_dir)
+    _, ids = ConversationFormat(tokenizer, [tokenizer.eos_token_id], template_kwargs={"enable_thinking": False}).opening(None, "count: 3")
+    assert ids[0] == tokenizer.bos_token_id
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in (("count: 3 4", "5 6", "2 1"), ("count: 10", "11 12", "3"))]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = ["agent=dpo", "agent.lr=3e-4", f"dataset={path}", f"lm.model={chat_dir}", "lm.holdout=0", "lm.num_eval_prompts=2",
+                 "lm.max_new_tokens=2", "steps=1", "eval.every=1", "batch_size=2", "log.progress=false", "log.tensorboard=false",
+                 "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        with pytest.raises(DataError, match="thinking is on"):
+            run_train(compose(config_name="train", overrides=overrides))
+        summary = run_train(compose(config_name="train", overrides=overrides + ["lm.chat_template_kwargs={enable_thinking: false}"]))
+    assert summary["return_mean"] == summary["return_mean"]  # ran to its evaluation

@@ -110,7 +110,7 @@ def run_text(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     reward_funcs = [make_text_reward(str(spec), device) for spec in specs]
     reward_weights = list(lm.reward_weights) if lm.get("reward_weights") is not None else None
     tokenizer = load_tokenizer(model_path)
-    rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[kind] if f != "reward"])
+    rows = render_chat(rows, tokenizer, [f for f in JSONL_FIELDS[kind] if f != "reward"], _template_kwargs(lm))
     dataset_rows = len(rows)
     rows, held_out, held_out_index = _hold_out(cfg, rows)
     # R(prompt, response) for evaluation and A-LoL: a reward function sees a prompt's row as in GRPO (its other columns;
@@ -247,10 +247,10 @@ def run_logged_conversations(cfg: DictConfig, device: torch.device, agent_name: 
     policy = agent.nets["policy"]
     chat = _chat_option(lm.get("chat", "auto"))
     stop = str(lm.get("stop", "\n"))
-    fmt = ConversationFormat(tokenizer, eos_token_ids(tokenizer, policy), chat, stop)
+    fmt = ConversationFormat(tokenizer, eos_token_ids(tokenizer, policy), chat, stop, _template_kwargs(lm))
     buffer = conversation_buffer(fmt, rows, device, context_length(policy, tokenizer))
     agent.set_conversation_env(lambda: make_text_env(env_id, **options), env_id=env_id, chat=chat, stop=stop,
-                               max_turn_tokens=int(lm.max_new_tokens))
+                               max_turn_tokens=int(lm.max_new_tokens), chat_template_kwargs=_template_kwargs(lm))
     # evaluation seeds, then value-fitting seeds: both above every training seed, and disjoint from each other
     seeds = eval_seeds(int(lm.num_eval_episodes) + int(lm.num_value_prompts))
     run = TextRun(rows, tokenizer, buffer, [], None, int(lm.max_new_tokens), {}, int(lm.num_value_prompts), int(cfg.seed), device,
@@ -331,7 +331,7 @@ def run_conversations(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     turn_tokens = int(agent_cfg.get("max_completion_length", lm.max_new_tokens))
     _check_opening_fits(cfg, agent.nets["policy"], tokenizer, options, chat, turn_tokens)
     agent.set_conversation_env(lambda: make_text_env(str(cfg.env), **options), env_id=str(cfg.env), chat=chat, stop=str(lm.get("stop", "\n")),
-                               max_turn_tokens=turn_tokens)
+                               max_turn_tokens=turn_tokens, chat_template_kwargs=_template_kwargs(lm))
     seeds = eval_seeds(int(lm.num_eval_episodes))
     run = TextRun([], tokenizer, SeedBuffer(device), [], None, turn_tokens, {}, 0, int(cfg.seed), device, eval_seeds=seeds)
     data_record = {"id": str(cfg.env), "source": "environment", "sha256": None, "env_options": options, "model": str(model_path),
@@ -367,12 +367,23 @@ def _check_opening_fits(cfg: DictConfig, model, tokenizer, options: dict, chat: 
     context = context_length(model, tokenizer)
     env = make_text_env(str(cfg.env), **options)
     opening, _ = env.reset(eval_seeds(1)[0])
-    fmt = ConversationFormat(tokenizer, eos_token_ids(tokenizer, model), chat, str(cfg.lm.get("stop", "\n")))
+    fmt = ConversationFormat(tokenizer, eos_token_ids(tokenizer, model), chat, str(cfg.lm.get("stop", "\n")), _template_kwargs(cfg.lm))
     _, ids = fmt.opening(getattr(env, "system_prompt", None), opening)
     if context is not None and len(ids) + turn_tokens > context:
         raise ConfigError(f"env={cfg.env} opens with {len(ids)} tokens of this model; a turn of up to {turn_tokens} tokens "
                           f"(agent.max_completion_length) after it needs {len(ids) + turn_tokens} positions, but the model's context is "
                           f"{context}: use a model with a longer context (lm.model=<path or hub id>)")
+
+
+def _template_kwargs(lm: DictConfig) -> dict:
+    """lm.chat_template_kwargs: variables of the chat template (TRL's chat_template_kwargs), e.g. {enable_thinking: false}."""
+    value = lm.get("chat_template_kwargs")
+    if value is None:
+        return {}
+    if not OmegaConf.is_dict(value):
+        raise ConfigError(f"lm.chat_template_kwargs must be a mapping of the template's variables, e.g. "
+                          f"'lm.chat_template_kwargs={{enable_thinking: false}}', got {value!r}")
+    return OmegaConf.to_container(value, resolve=True)
 
 
 def _chat_option(value) -> bool | None:

@@ -112,10 +112,11 @@ class LMAgent(Agent):
     conversation_options: dict = {}
 
     def set_conversation_env(self, make_env: Callable[[], Any] | None, env_id: str | None = None, chat: bool | None = None,
-                             stop: str = "\n", max_turn_tokens: int = 16) -> None:
+                             stop: str = "\n", max_turn_tokens: int = 16, chat_template_kwargs: dict | None = None) -> None:
         """Play (GRPO: train) and evaluate in a multi-turn text environment: `make_env()` builds one TextEnv."""
         self.conversation_env = make_env
-        self.conversation_options = {"env_id": env_id, "chat": chat, "stop": stop, "max_turn_tokens": max_turn_tokens}
+        self.conversation_options = {"env_id": env_id, "chat": chat, "stop": stop, "max_turn_tokens": max_turn_tokens,
+                                     "chat_template_kwargs": chat_template_kwargs}
 
     def play(self, seeds: Sequence[int], greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              model=None, generator: torch.Generator | None = None) -> list:

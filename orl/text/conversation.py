@@ -26,7 +26,7 @@ import json
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
@@ -93,8 +93,10 @@ class ConversationFormat:
     agent's turn ends at a token containing `stop`.
     """
 
-    def __init__(self, tokenizer, eos_ids: Sequence[int], chat: bool | None = None, stop: str = "\n"):
+    def __init__(self, tokenizer, eos_ids: Sequence[int], chat: bool | None = None, stop: str = "\n",
+                 template_kwargs: Mapping[str, Any] | None = None):
         self.tokenizer, self.stop = tokenizer, stop
+        self.template_kwargs = dict(template_kwargs or {})  # the template's own variables (lm.chat_template_kwargs)
         self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
         if self.chat and not getattr(tokenizer, "chat_template", None):
             raise DataError("chat=True but the tokenizer has no chat_template")
@@ -104,7 +106,8 @@ class ConversationFormat:
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                      **self.template_kwargs)
         except Exception as exc:  # a template that rejects a role or a field: one message
             raise DataError(f"the chat template failed on a conversation ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
@@ -185,7 +188,8 @@ def _ids_containing(tokenizer, stop: str) -> set[int]:
 def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequence[int], *, max_turn_tokens: int = 16,
                           greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                           generator: torch.Generator | None = None, eos_ids: Sequence[int] | None = None, chat: bool | None = None,
-                          stop: str = "\n", env_id: str | None = None, context: int | None = None) -> list[Conversation]:
+                          stop: str = "\n", env_id: str | None = None, context: int | None = None,
+                          chat_template_kwargs: Mapping[str, Any] | None = None) -> list[Conversation]:
     """Play one conversation per env (env i reset with seeds[i]) with `model`, all in one batch and one KV cache.
 
     Sampling as `orl.text.generation.rollout` (temperature, then top-k and top-p; `greedy` takes the argmax). A
@@ -201,7 +205,8 @@ def rollout_conversations(model, tokenizer, envs: Sequence[TextEnv], seeds: Sequ
     if max_turn_tokens < 1 or (not greedy and temperature <= 0):
         raise ValueError(f"max_turn_tokens must be >= 1 and temperature > 0, got {max_turn_tokens} and {temperature}")
     device = next(model.parameters()).device
-    fmt = ConversationFormat(tokenizer, eos_ids if eos_ids is not None else eos_token_ids(tokenizer, model), chat, stop)
+    fmt = ConversationFormat(tokenizer, eos_ids if eos_ids is not None else eos_token_ids(tokenizer, model), chat, stop,
+                             chat_template_kwargs)
     context = context if context is not None else context_length(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cache_arg = cache_argument(model)

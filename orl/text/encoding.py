@@ -39,7 +39,7 @@ def encode_response(tokenizer, response: str) -> list[int]:
 CHAT_ROW = "_chat"  # set on rows rendered from chat messages: their completions end with the template's end-of-turn
 
 
-def _apply_template(tokenizer, messages: list[dict], number: int, **kwargs) -> str:
+def _apply_template(tokenizer, messages: list[dict], number: int, **kwargs) -> str:  # kwargs: the template's variables too
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except Exception as exc:  # a user's Jinja template raising (unknown role, missing field): one message, not a traceback
@@ -47,13 +47,15 @@ def _apply_template(tokenizer, messages: list[dict], number: int, **kwargs) -> s
                         f"{str(exc)[:200]}); check the roles and fields the template expects") from exc
 
 
-def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict]:
+def render_chat(rows: list[dict], tokenizer, fields: Sequence[str], template_kwargs: dict | None = None) -> list[dict]:
     """TRL's conversational format: message lists rendered to text with the tokenizer's chat template.
 
     The prompt gets the generation prompt; each completion field is the rendering of prompt +
     completion messages minus the rendered prompt (so prompt and completion meet exactly where the
     model starts answering). Rendered rows carry `CHAT_ROW`, so no EOS is appended after their end-of-turn.
+    `template_kwargs` go to the template as its variables (TRL's chat_template_kwargs, e.g. enable_thinking=False).
     """
+    template_kwargs = dict(template_kwargs or {})
     if not any(isinstance(row[f], list) for row in rows for f in fields):
         return rows
     if not getattr(tokenizer, "chat_template", None):
@@ -64,13 +66,13 @@ def render_chat(rows: list[dict], tokenizer, fields: Sequence[str]) -> list[dict
         row[CHAT_ROW] = True
         prompt_messages = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
         row["prompt_messages"] = prompt_messages  # for rewards that render the conversation themselves (a reward model's template)
-        prompt = _apply_template(tokenizer, prompt_messages, number, add_generation_prompt=True)
+        prompt = _apply_template(tokenizer, prompt_messages, number, add_generation_prompt=True, **template_kwargs)
         completed = {}
         for field in fields:
             if field == "prompt":
                 continue
             messages = row[field] if isinstance(row[field], list) else [{"role": "assistant", "content": row[field]}]
-            completed[field] = _apply_template(tokenizer, prompt_messages + messages, number)
+            completed[field] = _apply_template(tokenizer, prompt_messages + messages, number, **template_kwargs)
         # Templates whose generation prompt the rendered answer does not repeat (DeepSeek-R1's "<think>\n", Qwen3's empty
         # think block): as TRL, the completion starts where prompt and prompt + completion diverge, and the rest of the
         # prompt is left out of the training rows
