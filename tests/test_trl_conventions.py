@@ -14,10 +14,9 @@ datasets = pytest.importorskip("datasets")
 import orl  # noqa: E402
 from orl.errors import DataError  # noqa: E402
 from orl.text.data import PromptBatch, load_text_rows  # noqa: E402
-from orl.text.encoding import tokenize_rows  # noqa: E402
 from orl.text.rewards import as_reward_func, call_reward, per_sample_reward  # noqa: E402
 from tests.lm_archs import build_tiny_causal_lm  # noqa: E402
-from tests.test_trl_parity import trl_dpo_trainer  # noqa: E402
+from tests.test_trl_parity import assert_pair_ids_equal_trl, trl_dpo_trainer  # noqa: E402
 
 SPACE = gym.spaces.Discrete(2)
 USER = {"role": "user", "content": "What color is the sky?"}
@@ -146,13 +145,8 @@ def test_completions_that_end_with_eos_get_no_second_eos_as_in_trl(llama, tmp_pa
             {"prompt": "count: 10", "chosen": " 11 12", "rejected": " 3" + eos}]
     agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": llama})
     trainer = trl_dpo_trainer(agent, tokenizer, rows, tmp_path)
-    prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
-    _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
-    by_prompt = {row["prompt"]: row for row in trainer.train_dataset}
-    for row, p, c, r in zip(rows, prompt_ids, chosen_ids, rejected_ids):
-        trl_row = by_prompt[row["prompt"]]
-        assert (trl_row["prompt_ids"], trl_row["chosen_ids"], trl_row["rejected_ids"]) == (p, c, r)
-        assert c.count(tokenizer.eos_token_id) == 1 and r.count(tokenizer.eos_token_id) == 1
+    for _, chosen_ids, rejected_ids in assert_pair_ids_equal_trl(trainer, tokenizer, rows):
+        assert chosen_ids.count(tokenizer.eos_token_id) == 1 and rejected_ids.count(tokenizer.eos_token_id) == 1
 
 
 def test_dpo_logs_under_trl_metric_names(llama):
@@ -172,7 +166,7 @@ def test_a_template_whose_generation_prompt_the_answer_does_not_repeat_splits_as
     every such row ('cannot split prompt from completion'), TRL splits where the two renderings diverge and warns."""
     from transformers import AutoTokenizer
 
-    from orl.text.encoding import CHAT_ROW, render_chat
+    from orl.text.encoding import render_chat
 
     tokenizer = AutoTokenizer.from_pretrained(llama)
     # the generation prompt ends with a token the rendered answer lacks ("1", a think tag's stand-in in this word-level
@@ -188,11 +182,7 @@ def test_a_template_whose_generation_prompt_the_answer_does_not_repeat_splits_as
     assert rendered[2]["prompt"] == "<s>user: count: 7\nassistant: " and rendered[2]["chosen"] == "12 13\n"  # not "2 13"
     agent = orl.make_agent("dpo", SPACE, SPACE, {"model_path": llama})
     trainer = trl_dpo_trainer(agent, tokenizer, rows, tmp_path)
-    prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["chosen"] for r in rendered],
-                                           [not r[CHAT_ROW] for r in rendered])
-    _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["rejected"] for r in rendered], False)
-    for trl_row, p, c, r in zip(trainer.train_dataset, prompt_ids, chosen_ids, rejected_ids):
-        assert (trl_row["prompt_ids"], trl_row["chosen_ids"], trl_row["rejected_ids"]) == (p, c, r)
+    assert_pair_ids_equal_trl(trainer, tokenizer, rendered)
 
 
 @pytest.mark.parametrize("value, expected", [(True, "group"), (False, "none")])

@@ -13,7 +13,7 @@ datasets = pytest.importorskip("datasets")
 
 import orl  # noqa: E402
 from orl.agents.dpo import DPO  # noqa: E402
-from orl.text.encoding import tokenize_rows, pair_buffer  # noqa: E402
+from orl.text.encoding import CHAT_ROW, tokenize_rows, pair_buffer  # noqa: E402
 from orl.text.data import PairBatch  # noqa: E402
 from tests.lm_archs import build_tiny_causal_lm  # noqa: E402
 
@@ -32,6 +32,18 @@ def trl_dpo_trainer(agent, tokenizer, rows, tmp_path, **config):
                               train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
 
 
+def assert_pair_ids_equal_trl(trainer, tokenizer, rows) -> list[tuple[list[int], list[int], list[int]]]:
+    """orl's (prompt, chosen, rejected) ids of `rows` (EOS after plain-text completions only, as the pair buffer
+    adds it) equal those of TRL's tokenized dataset, row by row; returns orl's."""
+    add_eos = [not row.get(CHAT_ROW, False) for row in rows]
+    prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows], add_eos)
+    _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rows], [r["rejected"] for r in rows], add_eos)
+    ours = list(zip(prompt_ids, chosen_ids, rejected_ids))
+    theirs = [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in trainer.train_dataset]
+    assert theirs == ours
+    return ours
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_dpo_loss_and_rewards_equal_trl(tmp_path, arch):
     path = str(build_tiny_causal_lm(arch, tmp_path / arch))
@@ -45,12 +57,7 @@ def test_dpo_loss_and_rewards_equal_trl(tmp_path, arch):
 
     trainer = trl_dpo_trainer(agent, tokenizer, ROWS, tmp_path, beta=beta)
     # The same token ids: BOS once on the prompt (Llama), none on the completion, EOS at its end.
-    prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in ROWS], [r["chosen"] for r in ROWS])
-    _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in ROWS], [r["rejected"] for r in ROWS])
-    by_prompt = {row["prompt"]: row for row in trainer.train_dataset}
-    for row, p, c, r in zip(ROWS, prompt_ids, chosen_ids, rejected_ids):
-        trl_row = by_prompt[row["prompt"]]
-        assert (trl_row["prompt_ids"], trl_row["chosen_ids"], trl_row["rejected_ids"]) == (p, c, r)
+    assert_pair_ids_equal_trl(trainer, tokenizer, ROWS)
 
     batch = next(iter(trainer.get_train_dataloader()))
     agent.nets["policy"].train()
@@ -93,7 +100,7 @@ def test_bradley_terry_loss_equals_trl_reward_trainer(margin, center):
 def test_chat_rows_tokenize_as_trl_does_no_eos_after_the_end_of_turn(tmp_path):
     """TRL adds EOS to non-conversational rows only: a chat completion ends where the template's rendering ends (its
     end-of-turn), and orl appended the tokenizer's EOS after it (`<|im_end|></s>`-style ids on every chat row)."""
-    from orl.text.encoding import CHAT_ROW, render_chat
+    from orl.text.encoding import render_chat
 
     path = build_tiny_causal_lm("qwen2", tmp_path / "qwen2")
     from transformers import AutoTokenizer
@@ -108,12 +115,8 @@ def test_chat_rows_tokenize_as_trl_does_no_eos_after_the_end_of_turn(tmp_path):
     trainer = trl_dpo_trainer(agent, tokenizer, rows, tmp_path)
     rendered = render_chat(rows, tokenizer, ["prompt", "chosen", "rejected"])
     assert all(r[CHAT_ROW] for r in rendered)
-    prompt_ids, chosen_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["chosen"] for r in rendered],
-                                           [not r[CHAT_ROW] for r in rendered])
-    _, rejected_ids = tokenize_rows(tokenizer, [r["prompt"] for r in rendered], [r["rejected"] for r in rendered], False)
-    for trl_row, p, c, r in zip(trainer.train_dataset, prompt_ids, chosen_ids, rejected_ids):
-        assert (trl_row["prompt_ids"], trl_row["chosen_ids"], trl_row["rejected_ids"]) == (p, c, r)  # before: c + [EOS]
-        assert c[-1] != tokenizer.eos_token_id
+    for _, chosen_ids, _ in assert_pair_ids_equal_trl(trainer, tokenizer, rendered):  # before: chosen + [EOS]
+        assert chosen_ids[-1] != tokenizer.eos_token_id
 
 
 def test_a_chat_template_that_raises_is_one_data_error(tmp_path):

@@ -93,7 +93,8 @@ def render_chat(rows: list[dict], tokenizer, fields: Sequence[str], template_kwa
     return out
 
 
-def _common_prefix(a: str, b: str) -> int:
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading items (characters, token ids) a and b share."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
@@ -105,8 +106,7 @@ def _token_split(tokenizer, prompt: str, renderings: list[str], position: int) -
         return position
     encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    shared = min(next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
-                 for other in (tokenizer(text, add_special_tokens=False)["input_ids"] for text in renderings))
+    shared = min(_common_prefix(ids, tokenizer(text, add_special_tokens=False)["input_ids"]) for text in renderings)
     # never past the first prompt token that holds a differing character (ids can agree on different text: <unk>)
     within = next((i for i, (start, end) in enumerate(offsets) if end > position), len(ids))
     shared = min(shared, within)
